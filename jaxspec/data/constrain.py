@@ -1,0 +1,96 @@
+"""Domain constraining: the specialist's data D_S = {(x, y) : y in S}.
+
+The filter is built from precomputed indices over the random-access source
+rather than with grain's element-wise `filter`, which leaves empty slots in a
+`MapDataset` (and warns) when most examples are dropped. Labels are remapped
+to 0..|S|-1 in the order S was given, which is the order `extract` keeps the
+head's rows in. `constrain_tf` is the same step for tf.data users.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxspec.data.sources import DatasetInfo, Source
+
+
+def label_map(num_classes: int, subset: Sequence[int]) -> np.ndarray:
+    """`m[y]` is y's index within S, or -1 when y is not in S."""
+    m = np.full(num_classes, -1, np.int32)
+    m[np.asarray(subset, np.int64)] = np.arange(len(subset), dtype=np.int32)
+    return m
+
+
+def subset_info(info: DatasetInfo, subset: Sequence[int]) -> DatasetInfo:
+    """The label space of a specialist: S's names, and the groups inside S.
+
+    Keeping the groups that lie wholly inside S (remapped) is what lets a
+    specialist be the generalist of a narrower one (animals -> dogs).
+    """
+    m = label_map(info.num_classes, subset)
+    groups = {
+        g: tuple(int(m[c]) for c in members)
+        for g, members in info.groups.items()
+        if all(m[c] >= 0 for c in members)
+    }
+    return dataclasses.replace(
+        info,
+        name=f"{info.name}[{len(subset)} classes]",
+        class_names=tuple(info.class_names[c] for c in subset),
+        groups=groups,
+    )
+
+
+class ConstrainedSource:
+    """The examples of `source` whose label is in S, labels remapped to 0..|S|-1."""
+
+    def __init__(self, source: Source, subset: Sequence[int]):
+        info = source.info
+        self._map = label_map(info.num_classes, subset)
+        mapped = self._map[source.labels]
+        self._indices = np.flatnonzero(mapped >= 0)
+        self._labels = mapped[self._indices]
+        self._source = source
+        self.subset = tuple(int(c) for c in subset)
+        self.info = subset_info(info, subset)
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = dict(self._source[int(self._indices[index])])
+        record["label"] = self._map[record["label"]]
+        return record
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._labels
+
+    @property
+    def source_indices(self) -> np.ndarray:
+        """Positions of the kept examples in the unconstrained source."""
+        return self._indices
+
+    def __repr__(self) -> str:
+        return f"ConstrainedSource({self._source!r}, |S|={len(self.subset)}, n={len(self)})"
+
+
+def constrain_tf(dataset, subset: Sequence[int], num_classes: int, label_key: str = "label"):
+    """The same constraining for a `tf.data.Dataset` of dict examples."""
+    import tensorflow as tf
+
+    table = tf.constant(label_map(num_classes, subset))
+
+    def keep(example):
+        return tf.gather(table, tf.cast(example[label_key], tf.int32)) >= 0
+
+    def remap(example):
+        example = dict(example)
+        example[label_key] = tf.gather(table, tf.cast(example[label_key], tf.int32))
+        return example
+
+    return dataset.filter(keep).map(remap)

@@ -1,0 +1,188 @@
+"""Random-access image-classification sources behind one interface.
+
+Every dataset (the embedded default, tfds `cifar100`, tfds `imagenet2012`)
+is a `Source`: `len()`, `source[i] -> {'image': uint8 HWC, 'label': int}`, all
+labels as one array (domain constraining needs them up front), and an
+`info` with class names and named groups. grain, the domain filter and every
+later feature read data through this single code path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import numpy as np
+
+_PKG_DATA = pathlib.Path(__file__).parent
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What a source knows about its label space."""
+
+    name: str
+    class_names: tuple[str, ...]
+    groups: Mapping[str, tuple[int, ...]]
+    mean: tuple[float, ...]  # per-channel, in [0, 1] units, for normalization
+    std: tuple[float, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+class Source(Protocol):
+    info: DatasetInfo
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+    @property
+    def labels(self) -> np.ndarray: ...
+
+
+class ArraySource:
+    """An in-memory source over (images, labels) arrays."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, info: DatasetInfo):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        if images.ndim == 3:  # grayscale N,H,W -> N,H,W,1
+            images = images[..., None]
+        self._images = images
+        self._labels = np.asarray(labels, np.int32)
+        self.info = info
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"image": self._images[index], "label": self._labels[index]}
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._labels
+
+    def __repr__(self) -> str:
+        return f"ArraySource({self.info.name}, n={len(self)})"
+
+
+class TfdsSource:
+    """A `tfds.data_source` (ArrayRecord, random access) as a `Source`.
+
+    Labels are read once with image decoding skipped, which is what makes
+    index-based domain constraining cheap even on ImageNet.
+    """
+
+    def __init__(self, name: str, split: str, info: DatasetInfo, data_dir: str | None):
+        import tensorflow_datasets as tfds  # heavy; only when a tfds source is used
+
+        self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        self._label_source = tfds.data_source(
+            name,
+            split=split,
+            data_dir=data_dir,
+            download=False,
+            decoders={"image": tfds.decode.SkipDecoding()},
+        )
+        self.info = info
+        self._name, self._split = name, split
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self._source[index]
+        return {"image": np.asarray(record["image"]), "label": np.int32(record["label"])}
+
+    @functools.cached_property
+    def labels(self) -> np.ndarray:
+        return np.fromiter((r["label"] for r in self._label_source), np.int32, len(self._label_source))
+
+    def __repr__(self) -> str:
+        return f"TfdsSource({self._name}[{self._split}], n={len(self)})"
+
+
+def _embedded_info() -> DatasetInfo:
+    from jaxspec.data import embedded
+
+    return DatasetInfo(
+        name="embedded",
+        class_names=tuple(embedded.CLASS_NAMES),
+        groups=dict(embedded.GROUPS),
+        mean=(0.230,),  # measured over the whole dataset
+        std=(0.365,),
+    )
+
+
+def _cifar100_info() -> DatasetInfo:
+    # tfds only learns CIFAR-100's names when it downloads the archive, so ship them.
+    meta = json.loads((_PKG_DATA / "cifar100_labels.json").read_text())
+    fine_to_coarse = np.asarray(meta["fine_to_coarse"])
+    groups = {
+        coarse: tuple(int(i) for i in np.flatnonzero(fine_to_coarse == c))
+        for c, coarse in enumerate(meta["coarse_label_names"])
+    }
+    animal_coarse = (
+        "aquatic_mammals fish insects large_carnivores large_omnivores_and_herbivores "
+        "medium_mammals non-insect_invertebrates reptiles small_mammals"
+    ).split()
+    groups["animals"] = tuple(sorted(i for c in animal_coarse for i in groups[c]))
+    return DatasetInfo(
+        name="cifar100",
+        class_names=tuple(meta["fine_label_names"]),
+        groups=groups,
+        mean=(0.507, 0.487, 0.441),
+        std=(0.267, 0.256, 0.276),
+    )
+
+
+def _imagenet_info() -> DatasetInfo:
+    import tensorflow_datasets as tfds
+
+    wnids = tuple(tfds.builder("imagenet2012").info.features["label"].names)
+    # In the standard (sorted-wnid) order the WordNet animal subtree is exactly
+    # classes 0-397; the full wnid -> group table arrives with the groupings work.
+    groups = {"animals": tuple(range(398)), "non_animals": tuple(range(398, 1000))}
+    return DatasetInfo(
+        name="imagenet2012",
+        class_names=wnids,
+        groups=groups,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+    )
+
+
+_TFDS = {"cifar100": _cifar100_info, "imagenet2012": _imagenet_info}
+SOURCES = ("embedded", *_TFDS)
+
+
+def get_info(name: str) -> DatasetInfo:
+    if name == "embedded":
+        return _embedded_info()
+    if name in _TFDS:
+        return _TFDS[name]()
+    raise ValueError(f"Unknown dataset {name!r}; choose one of {list(SOURCES)}")
+
+
+def get_source(
+    name: str,
+    split: str,
+    *,
+    data_dir: str | None = None,
+    manifest: str | None = None,
+) -> Source:
+    """Opens split `split` of dataset `name` (see `SOURCES`)."""
+    info = get_info(name)
+    if name == "embedded":
+        from jaxspec.data import embedded
+
+        images, labels = embedded.load(split, data_dir=data_dir or None, manifest=manifest or None)
+        return ArraySource(images, labels, info)
+    return TfdsSource(name, split, info, data_dir or None)

@@ -1,0 +1,34 @@
+"""Image classifiers in Flax NNX, loadable from torchvision weights."""
+
+from flax import nnx
+
+from jaxspec.models.mobilenet_v3 import (
+    MobileNetV3,
+    mobilenet_v3_large,
+    mobilenet_v3_small,
+)
+from jaxspec.models.torchvision import from_torchvision, load_torchvision_file
+
+_FACTORIES = {
+    'mobilenet_v3_small': mobilenet_v3_small,
+    'mobilenet_v3_large': mobilenet_v3_large,
+}
+
+
+def get_model(name: str, num_classes: int, *, rngs: nnx.Rngs,
+              **kwargs) -> nnx.Module:
+    """Builds a model by name, e.g. from a config string."""
+    if name not in _FACTORIES:
+        raise ValueError(
+            f'Unknown model {name!r}; choose from {sorted(_FACTORIES)}.')
+    return _FACTORIES[name](num_classes, rngs=rngs, **kwargs)
+
+
+__all__ = [
+    'MobileNetV3',
+    'from_torchvision',
+    'get_model',
+    'load_torchvision_file',
+    'mobilenet_v3_large',
+    'mobilenet_v3_small',
+]

@@ -1,0 +1,131 @@
+"""The training loop: steps, progress, metrics, checkpoints, NaN guard.
+
+The loop only orchestrates: the math is in the jitted step. Metrics are
+fetched one log interval late so the host never stalls the device queue,
+except before a checkpoint, whose state must be known finite first.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from jaxspec import sharding
+from jaxspec.train.checkpoint import Checkpointer
+from jaxspec.train.state import TrainState
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+    """One status line (rewritten in place on a terminal): step, loss, rate, ETA."""
+
+    def __init__(self, name: str, total: int, start: int, batch_size: int, stream=sys.stderr):
+        self.name, self.total, self.batch_size = name, total, batch_size
+        self._stream = stream
+        self._tty = stream.isatty()
+        self._t0, self._s0 = time.perf_counter(), start
+
+    def rate(self, step: int, t: float) -> float:
+        """Images per second between the previous update and (`step`, time `t`)."""
+        dt = t - self._t0
+        return (step - self._s0) * self.batch_size / dt if dt > 0 and step > self._s0 else 0.0
+
+    def update(self, step: int, t: float, metrics: dict[str, float]) -> None:
+        """Reports `metrics` of `step`, whose work was handed to the device at time `t`."""
+        rate = self.rate(step, t)
+        self._t0, self._s0 = t, step
+        if jax.process_index():
+            return
+        eta = (self.total - step) * self.batch_size / rate if rate else float("nan")
+        extra = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        line = (
+            f"[{self.name}] step {step}/{self.total}  {extra}  {rate:,.0f} img/s  "
+            f"ETA {_fmt_time(eta) if rate else '?'}"
+        )
+        self._stream.write(("\r" + line + "\033[K") if self._tty else line + "\n")
+        self._stream.flush()
+
+    def note(self, step: int, values: dict[str, float]) -> None:
+        """A line of its own, e.g. validation results, that stays on screen."""
+        if jax.process_index():
+            return
+        text = "  ".join(f"{k} {v:.4g}" for k, v in values.items())
+        self._stream.write(("\r" if self._tty else "") + f"[{self.name}] step {step}  {text}" + ("\033[K\n" if self._tty else "\n"))
+        self._stream.flush()
+
+    def close(self) -> None:
+        if self._tty and not jax.process_index():
+            self._stream.write("\n")
+
+
+def _check_finite(step: int, metrics: dict[str, float], ckpt: Checkpointer) -> None:
+    bad = {k: v for k, v in metrics.items() if k in ("loss", "grad_norm") and not np.isfinite(v)}
+    if bad:
+        raise FloatingPointError(
+            f"Non-finite {bad} at step {step}; stopping. The last good checkpoint "
+            f"(step {ckpt.latest_step()}) in {ckpt.directory} is intact."
+        )
+
+
+def fit(
+    name: str,
+    state: TrainState,
+    train_step: Callable,
+    data_iter,
+    *,
+    num_steps: int,
+    batch_size: int,
+    mesh: jax.sharding.Mesh,
+    ckpt: Checkpointer,
+    writer,
+    log_every: int = 50,
+    checkpoint_every: int = 500,
+    eval_every: int = 0,
+    eval_fn: Callable[[TrainState], dict[str, float]] | None = None,
+) -> TrainState:
+    """Runs `train_step` until `state.step == num_steps`, from wherever it is."""
+    step = int(jax.device_get(state.step))
+    progress = Progress(name, num_steps, step, batch_size)
+    pending: tuple[int, dict, float] | None = None  # (step, metrics on device, dispatch time)
+
+    def flush():
+        nonlocal pending
+        if pending is None:
+            return
+        at, metrics, t = pending
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        pending = None
+        _check_finite(at, metrics, ckpt)
+        writer.write_scalars(at, {f"{name}/train_{k}": v for k, v in metrics.items()})
+        writer.write_scalars(at, {f"{name}/images_per_sec": progress.rate(at, t)})
+        progress.update(at, t, {"loss": metrics["loss"], "acc": metrics["accuracy"]})
+
+    while step < num_steps:
+        batch = sharding.put_batch(next(data_iter), mesh)
+        state, metrics = train_step(state, batch)
+        step += 1
+        save = step % checkpoint_every == 0 or step == num_steps
+        if save or step % log_every == 0:
+            flush()
+            pending = (step, metrics, time.perf_counter())
+        if save:
+            flush()  # synchronous: never checkpoint a state not known to be finite
+            ckpt.save(state, data_iter, force=step == num_steps)
+        if eval_fn is not None and eval_every and (step % eval_every == 0 or step == num_steps):
+            values = eval_fn(state)
+            writer.write_scalars(step, {f"{name}/{k}": v for k, v in values.items()})
+            progress.note(step, values)
+    flush()
+    progress.close()
+    writer.flush()
+    return state

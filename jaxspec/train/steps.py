@@ -1,0 +1,123 @@
+"""Pure train and eval steps, and their jitted, sharded forms.
+
+`train_step(state, batch) -> (state, metrics)` and
+`eval_step(state, batch) -> metrics` are plain functions of pytrees; `jit_*`
+compiles them with explicit `NamedSharding`s: batch split over the `data`
+axis, state replicated and donated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxspec import sharding
+from jaxspec.data.pipeline import normalize
+from jaxspec.train.state import ModelDef, TrainState
+
+Batch = dict[str, jax.Array]
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Per-example softmax cross-entropy against smoothed one-hot labels."""
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def make_train_step(
+    modeldef: ModelDef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    label_smoothing: float = 0.0,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    def train_step(state: TrainState, batch: Batch):
+        x = normalize(batch["image"], mean, std)
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+        def loss_fn(params):
+            model = modeldef.merge(params, state.batch_stats)
+            model.train()
+            logits = model(x, rngs=nnx.Rngs(dropout=key))
+            loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
+            return loss, (logits, nnx.state(model, nnx.BatchStat))
+
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=optax.apply_updates(state.params, updates),
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+        )
+        metrics = {
+            "loss": loss,
+            "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+            "grad_norm": optax.global_norm(grads),
+            "learning_rate": schedule(state.step),
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(
+    modeldef: ModelDef,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    num_classes: int,
+    columns: Sequence[int] | None = None,
+) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
+    """Sums of correct predictions over a batch (masked for padding).
+
+    With `columns`, only those logits compete (a generalist restricted to S:
+    argmax over S's logits only), and labels index into `columns`.
+    `num_classes` is the size of the label space being scored, for per-class counts.
+    """
+    cols = None if columns is None else np.asarray(columns, np.int32)
+
+    def eval_step(state: TrainState, batch: Batch):
+        model = modeldef.merge(state.params, state.batch_stats)
+        model.eval()
+        logits = model(normalize(batch["image"], mean, std))
+        if cols is not None:
+            logits = logits[:, cols]
+        labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
+        _, top2 = jax.lax.top_k(logits, 2)
+        top1_hit = (top2[:, 0] == labels).astype(jnp.float32) * mask
+        top2_hit = jnp.any(top2 == labels[:, None], axis=-1).astype(jnp.float32) * mask
+        onehot = jax.nn.one_hot(labels, num_classes) * mask[:, None]
+        return {
+            "count": mask.sum(),
+            "top1": top1_hit.sum(),
+            "top2": top2_hit.sum(),
+            "loss": (cross_entropy(logits, labels) * mask).sum(),
+            "class_count": onehot.sum(0),
+            "class_top1": (onehot * top1_hit[:, None]).sum(0),
+        }
+
+    return eval_step
+
+
+def jit_train_step(train_step, mesh: jax.sharding.Mesh):
+    """Compiles `train_step`: batch split over `data`, state replicated and donated."""
+    rep = sharding.replicated(mesh)
+    return jax.jit(
+        train_step,
+        in_shardings=(rep, sharding.batch_sharding(mesh)),
+        out_shardings=(rep, rep),
+        donate_argnums=0,
+    )
+
+
+def jit_eval_step(eval_step, mesh: jax.sharding.Mesh):
+    rep = sharding.replicated(mesh)
+    return jax.jit(eval_step, in_shardings=(rep, sharding.batch_sharding(mesh)), out_shardings=rep)

@@ -1,0 +1,73 @@
+"""The main job end to end on the synthetic embedded fixture, and its CLI."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from configs import animals
+from jaxspec import run
+from tests.synthetic_embedded import write_fixture
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return write_fixture(str(tmp_path_factory.mktemp("raw")), per_class=20)
+
+
+def tiny_config(manifest, **data):
+    config = animals.get_config("tiny")
+    config.data.manifest = manifest
+    config.data.data_dir = str(__import__("pathlib").Path(manifest).parent / "cache")
+    return config
+
+
+def test_main_job_end_to_end_and_resume(manifest, tmp_path, capsys):
+    config = tiny_config(manifest)
+    results = run.run(config, str(tmp_path))
+    out = capsys.readouterr().out
+    assert "| generalist restricted to S |" in out and "| specialist, tuned |" in out
+    on_s = results["test_on_S"]
+    # the untuned extracted specialist is the generalist restricted to S, exactly
+    assert results["extraction_exact"]
+    assert on_s["extracted specialist, untuned"]["top1"] == on_s["generalist restricted to S"]["top1"]
+    assert on_s["specialist, tuned"]["count"] == 10 * 4  # 10 animal classes x 20% of 20 per class
+    assert results["subset_names"][:2] == ["bear", "bird"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["test_on_S"] == json.loads(json.dumps(on_s))
+    for name in ("generalist", "specialist"):
+        assert (tmp_path / "models" / name / "model.json").exists()
+        assert (tmp_path / "checkpoints" / name / str(config[name if name == "generalist" else "specialize"].steps)).exists()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+    # Rerunning on the finished workdir resumes from the checkpoints: same numbers, no retraining.
+    again = run.run(config, str(tmp_path))
+    assert again["test_on_S"] == results["test_on_S"]
+    assert "step 10/" not in capsys.readouterr().err
+
+
+def test_generalist_init_from_exported_model(manifest, tmp_path):
+    config = tiny_config(manifest)
+    first = run.run(config, str(tmp_path / "a"))
+    config.generalist.init = str(tmp_path / "a" / "models" / "generalist")
+    second = run.run(config, str(tmp_path / "b"))
+    assert (second["test_on_S"]["generalist restricted to S"]
+            == first["test_on_S"]["generalist restricted to S"])
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "jaxspec.main", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_rejects_unknown_override_key(tmp_path):
+    proc = _cli("--config=configs/animals.py:tiny", f"--workdir={tmp_path}", "--config.specialize.stepz=3")
+    assert proc.returncode != 0
+    assert "stepz" in proc.stderr
+
+
+def test_cli_rejects_unknown_subset(manifest, tmp_path):
+    proc = _cli("--config=configs/animals.py:tiny", f"--workdir={tmp_path}", f"--config.data.manifest={manifest}",
+                "--config.specialize.subset=unicorns")
+    assert proc.returncode != 0
+    assert "Unknown class or group 'unicorns'" in proc.stderr and "animals" in proc.stderr
