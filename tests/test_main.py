@@ -1,6 +1,7 @@
 """The main job end to end on the synthetic embedded fixture, and its CLI."""
 
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -16,10 +17,10 @@ def manifest(tmp_path_factory):
     return write_fixture(str(tmp_path_factory.mktemp("raw")), per_class=20)
 
 
-def tiny_config(manifest, **data):
+def tiny_config(manifest):
     config = animals.get_config("tiny")
     config.data.manifest = manifest
-    config.data.data_dir = str(__import__("pathlib").Path(manifest).parent / "cache")
+    config.data.data_dir = str(pathlib.Path(manifest).parent / "cache")
     return config
 
 

@@ -4,7 +4,6 @@ import shutil
 
 import jax
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 

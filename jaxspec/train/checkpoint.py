@@ -14,7 +14,9 @@ import pathlib
 import grain
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
 
+from jaxspec import models
 from jaxspec.train.state import TrainState
 
 
@@ -74,8 +76,6 @@ def export_model(directory: str | pathlib.Path, model, spec: dict) -> None:
     `spec` holds the constructor arguments (`name`, `num_classes`, ...) that
     `load_model` needs to rebuild the module before restoring into it.
     """
-    from flax import nnx
-
     directory = pathlib.Path(directory).absolute()
     weights = directory / "weights"
     if weights.exists():
@@ -92,9 +92,6 @@ def export_model(directory: str | pathlib.Path, model, spec: dict) -> None:
 
 def load_model(directory: str | pathlib.Path):
     """Rebuilds a model saved by `export_model`; returns (model, spec)."""
-    from flax import nnx
-
-    from jaxspec import models
 
     directory = pathlib.Path(directory).absolute()
     if not (directory / "model.json").exists() or not (directory / "weights").exists():
