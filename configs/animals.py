@@ -33,13 +33,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         optim=common.optimizer(optimizer="adam", lr=2e-3, schedule="cosine", warmup_steps=200),
     )
     config.generalist.init = ""  # '' trains; else an orbax checkpoint dir or torchvision weights file
-    config.specialize = common.phase(
+    config.specialize = common.specialize(
+        subset="animals",
         steps=common.steps_for(10, SUBSET_EXAMPLES, spec_batch),
         batch_size=spec_batch,
         label_smoothing=0.1,
         optim=common.optimizer(optimizer="adam", lr=1e-4),
+        head_steps=common.steps_for(2, SUBSET_EXAMPLES, spec_batch),
     )
-    config.specialize.subset = "animals"  # group names, class names or indices
+    # method=scratch: the generalist's recipe and epochs, on D_S only.
+    config.scratch = common.phase(
+        steps=common.steps_for(15, SUBSET_EXAMPLES, gen_batch),
+        batch_size=gen_batch,
+        label_smoothing=0.1,
+        optim=common.optimizer(optimizer="adam", lr=2e-3, schedule="cosine", warmup_steps=200),
+    )
 
     config.eval = dict(batch_size=500, every_steps=500)
     config.log_every = 50
@@ -52,6 +60,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.generalist.optim.warmup_steps = 5
         config.specialize.steps = 20
         config.specialize.batch_size = 32
+        config.specialize.head_steps = 5
+        config.scratch.steps = 20
+        config.scratch.batch_size = 32
+        config.scratch.optim.warmup_steps = 5
         config.eval.batch_size = 64
         config.eval.every_steps = 0
         config.log_every = 10

@@ -33,13 +33,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         optim=common.optimizer(optimizer="adam", lr=2e-3, schedule="cosine", warmup_steps=500),
     )
     config.generalist.init = ""
-    config.specialize = common.phase(
+    config.specialize = common.specialize(
+        subset="animals",
         steps=common.steps_for(20, SUBSET_EXAMPLES, batch),
         batch_size=batch,
         label_smoothing=0.1,
         optim=common.optimizer(optimizer="adam", lr=1e-4),
+        head_steps=common.steps_for(2, SUBSET_EXAMPLES, batch),
     )
-    config.specialize.subset = "animals"
+    config.scratch = common.phase(
+        steps=common.steps_for(60, SUBSET_EXAMPLES, batch),
+        batch_size=batch,
+        label_smoothing=0.1,
+        optim=common.optimizer(optimizer="adam", lr=2e-3, schedule="cosine", warmup_steps=500),
+    )
     config.eval = dict(batch_size=1000, every_steps=1000)
     config.log_every = 100
     config.checkpoint_every = 1000

@@ -57,10 +57,29 @@ def data(**overrides) -> ml_collections.ConfigDict:
 
 
 def phase(*, steps: int, batch_size: int, label_smoothing: float, optim) -> ml_collections.ConfigDict:
-    """A training phase (generalist or specialist)."""
+    """A training phase (generalist, specialist, scratch).
+
+    `freeze`: comma-separated regexes on parameter paths ('blocks/0/.*') or
+    block ranges ('blocks:0-5') whose parameters stay fixed;
+    `freeze_bn_stats`: BatchNorm uses (and keeps) its running statistics.
+    """
     return ml_collections.ConfigDict(
-        dict(steps=steps, batch_size=batch_size, label_smoothing=label_smoothing, optim=optim)
+        dict(steps=steps, batch_size=batch_size, label_smoothing=label_smoothing, optim=optim,
+             freeze="", freeze_bn_stats=False)
     )
+
+
+def specialize(*, subset: str, steps: int, batch_size: int, label_smoothing: float, optim,
+               head_steps: int, dustbin_fraction: float = 0.1) -> ml_collections.ConfigDict:
+    """The specialization phase and how the specialist is made (see `jaxspec.methods`)."""
+    cfg = phase(steps=steps, batch_size=batch_size, label_smoothing=label_smoothing, optim=optim)
+    cfg.subset = subset  # group names, class names or indices; 'a>b' for gradual specialization
+    cfg.method = "extract"  # extract | fresh_head | head_then_full | scratch | suppress | dustbin | continued
+    cfg.control = True  # also train the generalist further on all data (the `continued` control)
+    cfg.head_steps = head_steps  # head_then_full: head-only steps before the full fine-tune
+    cfg.head_lr = 1e-3
+    cfg.dustbin_fraction = dustbin_fraction  # dustbin: share of non-S examples relabelled "everything else"
+    return cfg
 
 
 def steps_for(epochs: float, num_examples: int, batch_size: int) -> int:
@@ -83,3 +102,29 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
         else:
             out[key] = type(default)(value)
     return out
+
+
+def grouping(kind: str, **kw) -> ml_collections.ConfigDict:
+    """A grouping section (see `jaxspec.groupings.make_groups`)."""
+    return ml_collections.ConfigDict(dict(kind=kind, k=kw.pop("k", 0), sizes=kw.pop("sizes", ()),
+                                          seed=kw.pop("seed", 0), level=kw.pop("level", "coarse"), **kw))
+
+
+def experiment_base(arg: str | None, **defaults) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
+    """The run config an experiment grid builds on, and the parsed config-path argument.
+
+    `data=embedded` (default; `tiny` for tests), `data=cifar100` or
+    `data=imagenet` (the real recipes; not run in CI); `seeds=N`.
+    """
+    from configs import animals, cifar100_animals, imagenet_animals  # they import this module
+
+    arg = parse_arg(arg, data="embedded", tiny=False, seeds=3, **defaults)
+    bases = {"embedded": lambda: animals.get_config("tiny" if arg.tiny else None),
+             "cifar100": cifar100_animals.get_config, "imagenet": imagenet_animals.get_config}
+    if arg.data not in bases:
+        raise ValueError(f"Unknown data={arg.data!r}; choose one of {sorted(bases)}")
+    config = bases[arg.data]()
+    lex_k = {"embedded": 5, "cifar100": 5, "imagenet": 5}[arg.data]  # Table 1: 5 x 200 on ImageNet
+    config.groupings = dict(lex=grouping("lexicographic", k=lex_k), semantic=grouping("semantic"),
+                            random=grouping("random"))  # random: the semantic groups' sizes
+    return config, arg

@@ -60,13 +60,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         ),
     )
     config.generalist.init = ""
-    config.specialize = common.phase(
+    config.specialize = common.specialize(
+        subset="animals",
         steps=common.steps_for(arg.spec_epochs, SUBSET_EXAMPLES, batch),
         batch_size=batch,
         label_smoothing=0.1,
         optim=common.optimizer(optimizer="adam", lr=1e-4),
+        head_steps=common.steps_for(1, SUBSET_EXAMPLES, batch),
     )
-    config.specialize.subset = "animals"
+    # method=scratch: the generalist's recipe on the animal classes only.
+    config.scratch = ml_collections.ConfigDict(config.generalist.to_dict())
+    del config.scratch["init"]
+    sub_epoch = SUBSET_EXAMPLES // batch
+    config.scratch.steps = arg.epochs * sub_epoch
+    config.scratch.optim.warmup_steps = 5 * sub_epoch
+    config.scratch.optim.decay_every = 2 * sub_epoch
     config.eval = dict(batch_size=1000, every_steps=5 * epoch)
     config.log_every = 500
     config.checkpoint_every = 5000

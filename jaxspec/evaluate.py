@@ -32,8 +32,10 @@ class Evaluator:
         std: Sequence[float],
         num_classes: int,
         columns: Sequence[int] | None = None,
+        confusion: bool = False,
     ):
-        step = steps.make_eval_step(modeldef, mean=mean, std=std, num_classes=num_classes, columns=columns)
+        step = steps.make_eval_step(modeldef, mean=mean, std=std, num_classes=num_classes, columns=columns,
+                                    confusion=confusion)
         self._step = steps.jit_eval_step(step, mesh)
         self._mesh, self._data_cfg, self._batch_size = mesh, data_cfg, batch_size
 
@@ -47,7 +49,9 @@ class Evaluator:
         n = float(totals["count"])
         with np.errstate(invalid="ignore", divide="ignore"):
             per_class = totals["class_top1"] / totals["class_count"]
+        extra = {"confusion": totals["confusion"]} if "confusion" in totals else {}
         return {
+            **extra,
             "count": n,
             "top1": float(totals["top1"]) / n,
             "top2": float(totals["top2"]) / n,

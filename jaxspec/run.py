@@ -1,12 +1,16 @@
-"""The main job: generalist -> extracted specialist -> evaluation on S.
+"""The main job: generalist -> specialist(s) -> evaluation on S.
 
-Each phase checkpoints into the workdir, so rerunning the same command on a
+`specialize.method` picks how the specialist is made (see `jaxspec.methods`);
+`specialize.subset='animals>livestock'` specializes gradually, each stage's
+specialist being the next one's generalist. Each phase checkpoints into the workdir, so rerunning the same command on a
 finished or interrupted workdir resumes from the latest checkpoint instead of
 starting over; a finished phase is only evaluated again.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -15,16 +19,15 @@ import time
 
 import jax
 import ml_collections
-import optax
 from clu import metric_writers
 from flax import nnx
 
-from jaxspec import evaluate, models, sharding, specialize
+from jaxspec import evaluate, methods, models, sharding, specialize
 from jaxspec.data import pipeline, sources
 from jaxspec.data.constrain import ConstrainedSource
 from jaxspec.data.subsets import resolve_subset
-from jaxspec.train import checkpoint, loop, optimizers, steps
-from jaxspec.train.state import ModelDef, TrainState, create_state, to_model
+from jaxspec.train import checkpoint, freeze, history, loop, optimizers, steps
+from jaxspec.train.state import ModelDef, TrainState, create_state
 
 TORCHVISION_SUFFIXES = (".pth", ".pt", ".safetensors", ".npz")
 
@@ -35,13 +38,6 @@ def _model_spec(config, num_classes: int) -> dict:
         num_classes=num_classes,
         width_multiplier=config.model.width_multiplier,
         dropout_rate=config.model.dropout_rate,
-    )
-
-
-def _new_model(config, num_classes: int, seed: int) -> nnx.Module:
-    spec = _model_spec(config, num_classes)
-    return models.get_model(
-        spec.pop("name"), spec.pop("num_classes"), rngs=nnx.Rngs(seed), depthwise=config.model.depthwise, **spec
     )
 
 
@@ -60,6 +56,14 @@ def _load_generalist(config, num_classes: int) -> nnx.Module:
     return model
 
 
+def parse_stages(spec: str, info) -> list[tuple[int, ...]]:
+    """`'animals>livestock'` -> the subsets of gradual specialization, each inside the one before."""
+    stages = [resolve_subset(part, info) for part in str(spec).split(">")]
+    for outer, inner in itertools.pairwise(stages):
+        specialize.compose_subsets(outer, inner)  # raises if a stage widens
+    return stages
+
+
 class Runner:
     """Shared context of one run: mesh, data, writer, workdir."""
 
@@ -71,18 +75,52 @@ class Runner:
         self.writer = metric_writers.create_default_writer(
             str(self.workdir / "tensorboard"), just_logging=jax.process_index() > 0
         )
+        if jax.process_index() == 0:
+            self.writer = metric_writers.MultiWriter([self.writer, history.JsonlWriter(self.workdir / "metrics.jsonl")])
         d = config.data
         kw = dict(data_dir=d.data_dir, manifest=d.manifest)
         self.train = sources.get_source(d.name, d.train_split, **kw)
         self.val = sources.get_source(d.name, d.val_split, **kw)
         self.test = sources.get_source(d.name, d.test_split, **kw)
         self.info = self.train.info
-        self.subset = resolve_subset(config.specialize.subset, self.info)
+        self.stages = parse_stages(config.specialize.subset, self.info)
+        self.subset = self.stages[0]
+        self.groups = dict(self.info.groups)  # named subsets; the experiments command adds groupings
+        self.groupings: dict[str, tuple[str, ...]] = {}  # grouping name -> its group names
         self._evaluators: dict = {}
+        self._generalist: methods.Trained | None = None
 
-    def evaluator(self, modeldef: ModelDef, num_classes: int, columns=None):
+    def new_model(self, num_classes: int, seed: int) -> nnx.Module:
+        """A freshly initialized model of the configured architecture."""
+        spec = _model_spec(self.config, num_classes)
+        return models.get_model(spec.pop("name"), spec.pop("num_classes"), rngs=nnx.Rngs(seed),
+                                depthwise=self.config.model.depthwise, **spec)
+
+    def generalist(self) -> methods.Trained:
+        """The generalist, trained here (resuming) or loaded from `generalist.init`; computed once."""
+        if self._generalist is None:
+            config, n = self.config, self.info.num_classes
+            if config.generalist.init:
+                self._generalist = methods.frozen(self, _load_generalist(config, n), range(n))
+            else:
+                d, s = self.train_phase("generalist", self.new_model(n, config.seed), self.train, self.val,
+                                        config.generalist, config.seed)
+                self._generalist = methods.Trained(d, s, tuple(range(n)))
+        return self._generalist
+
+    def export(self, name: str, trained: methods.Trained, subset) -> None:
+        """Writes `trained` to workdir/models/<name> with what a user needs to read its outputs."""
+        checkpoint.export_model(self.workdir / "models" / name, trained.model, {
+            **_model_spec(self.config, len(trained.classes)),
+            "subset": list(subset),
+            "class_names": [self.info.class_names[c] for c in subset],
+            "output_classes": list(trained.classes),
+            "columns": None if trained.columns is None else list(trained.columns),
+        })
+
+    def evaluator(self, modeldef: ModelDef, num_classes: int, columns=None, confusion: bool = False):
         """An `Evaluator`, compiled once per model structure and column choice."""
-        key = (modeldef.graphdef, num_classes, None if columns is None else tuple(columns))
+        key = (modeldef.graphdef, num_classes, None if columns is None else tuple(columns), confusion)
         if key not in self._evaluators:
             self._evaluators[key] = evaluate.Evaluator(
                 modeldef,
@@ -93,12 +131,20 @@ class Runner:
                 std=self.info.std,
                 num_classes=num_classes,
                 columns=columns,
+                confusion=confusion,
             )
         return self._evaluators[key]
 
-    def train_phase(self, name: str, model: nnx.Module, source, val, phase, seed: int) -> tuple[ModelDef, TrainState]:
-        """Trains `model` on `source` for `phase.steps` (validating on `val`), resuming from checkpoints."""
+    def train_phase(self, name: str, model: nnx.Module, source, val, phase, seed: int,
+                    columns=None, extra_eval=None) -> tuple[ModelDef, TrainState]:
+        """Trains `model` on `source` for `phase.steps` (validating on `val`), resuming from checkpoints.
+
+        `phase.freeze` / `phase.freeze_bn_stats` freeze parameters and BatchNorm
+        statistics; `columns` suppresses every other output (see `make_train_step`).
+        `extra_eval(state) -> {name: value}` adds values to each validation.
+        """
         tx, schedule = optimizers.make_optimizer(phase.optim, phase.steps)
+        tx = freeze.freeze(tx, nnx.state(model, nnx.Param), freeze.parse_patterns(phase.get("freeze", "")))
         modeldef, state = create_state(model, tx, seed)
         state = sharding.replicate(state, self.mesh)
         data_iter = pipeline.train_iterator(source, self.config.data, batch_size=phase.batch_size, seed=seed)
@@ -108,9 +154,11 @@ class Runner:
             logging.info("%s: resumed from step %d", name, int(state.step))
         if int(state.step) < phase.steps:
             train_step = steps.make_train_step(
-                modeldef, tx, schedule, mean=self.info.mean, std=self.info.std, label_smoothing=phase.label_smoothing
+                modeldef, tx, schedule, mean=self.info.mean, std=self.info.std, label_smoothing=phase.label_smoothing,
+                columns=columns, freeze_bn_stats=phase.get("freeze_bn_stats", False),
             )
-            val_eval = self.evaluator(modeldef, source.info.num_classes)
+            num_scored = source.info.num_classes if columns is None else len(columns)
+            val_eval = self.evaluator(modeldef, num_scored, columns)
             state = loop.fit(
                 name,
                 state,
@@ -124,65 +172,74 @@ class Runner:
                 log_every=self.config.log_every,
                 checkpoint_every=self.config.checkpoint_every,
                 eval_every=self.config.eval.every_steps,
-                eval_fn=lambda s: {"val_top1": val_eval(s, val)["top1"]},
+                eval_fn=lambda s: {"val_top1": val_eval(s, val)["top1"], **(extra_eval(s) if extra_eval else {})},
             )
         ckpt.close()
         return modeldef, state
+
+
+def restricted(trained: methods.Trained, subset) -> methods.Trained:
+    """`trained` scored on `subset` only: the argmax over S's outputs."""
+    return dataclasses.replace(trained, columns=tuple(specialize.compose_subsets(trained.classes, subset)))
+
+
+def specialize_stage(r: Runner, parent: methods.Trained, subset, k: int) -> tuple[methods.Trained, list]:
+    """One stage of (possibly gradual) specialization and its rows of the results table."""
+    cfg, seed = r.config.specialize, r.config.seed + 1 + k
+    name = "specialist" if k == 0 else f"specialist_{k + 1}"
+    test_s = ConstrainedSource(r.test, subset)
+    rows = [("generalist restricted to S", restricted(r.generalist(), subset))]
+    if k > 0:
+        rows.append(("parent specialist restricted to S", restricted(parent, subset)))
+    if cfg.control:
+        control = methods.specialize_from(r, parent, subset, "continued", seed=seed, name=f"{name}-control")
+        rows.append((f"{'generalist' if k == 0 else 'parent'} trained further on its data (control)", control))
+    if cfg.method == "extract":
+        untuned = specialize.extract(parent.model, specialize.compose_subsets(parent.classes, subset))
+        rows.append(("extracted specialist, untuned", methods.frozen(r, untuned, subset)))
+    trained = methods.specialize_from(r, parent, subset, cfg.method, seed=seed, name=name)
+    rows.append((f"specialist ({cfg.method}), tuned", trained))
+    r.export(name, trained, subset)
+    return trained, [(row, methods.evaluate_on(r, t, test_s)) for row, t in rows]
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the whole job and returns (and writes) its results."""
     t0 = time.time()
     r = Runner(config, workdir)
-    info, subset = r.info, r.subset
+    info = r.info
     if jax.process_index() == 0:
-        print(f"jaxspec: {info.name} ({info.num_classes} classes), S = {config.specialize.subset!r} "
-              f"({len(subset)} classes), {jax.device_count()} {jax.default_backend()} device(s)", flush=True)
+        chain = " > ".join(f"{len(s)} classes" for s in r.stages)
+        print(f"jaxspec: {info.name} ({info.num_classes} classes), S = {config.specialize.subset!r} ({chain}), "
+              f"method {config.specialize.method}, {jax.device_count()} {jax.default_backend()} device(s)",
+              flush=True)
 
-    # Phase 1: the generalist, trained here or loaded.
-    if config.generalist.init:
-        generalist = _load_generalist(config, info.num_classes)
-        gen_def, gen_state = create_state(generalist, optax.identity(), config.seed)
-        gen_state = sharding.replicate(gen_state, r.mesh)
-    else:
-        generalist = _new_model(config, info.num_classes, config.seed)
-        gen_def, gen_state = r.train_phase("generalist", generalist, r.train, r.val, config.generalist, config.seed)
-    generalist = to_model(gen_def, gen_state)
-    checkpoint.export_model(r.workdir / "models" / "generalist", generalist,
-                            {**_model_spec(config, info.num_classes), "class_names": list(info.class_names)})
+    generalist = r.generalist()
+    r.export("generalist", generalist, range(info.num_classes))
+    parent, stages, tables = generalist, [], []
+    for k, subset in enumerate(r.stages):
+        parent, rows = specialize_stage(r, parent, subset, k)
+        metrics = dict(rows)
+        stage = {
+            "subset": list(subset),
+            "subset_names": [info.class_names[c] for c in subset],
+            "method": config.specialize.method,
+            "test_on_S": metrics,
+        }
+        if "extracted specialist, untuned" in metrics:
+            untuned = metrics["extracted specialist, untuned"]
+            ref = metrics["parent specialist restricted to S"] if k > 0 else metrics["generalist restricted to S"]
+            stage["extraction_exact"] = untuned["top1"] == ref["top1"] and untuned["top2"] == ref["top2"]
+        stages.append(stage)
+        spec = config.specialize.subset.split(">")[k]
+        tables.append(evaluate.results_table(rows, f"model (test split, S = {spec}, {len(subset)} classes)"))
 
-    # Phase 2: extract the specialist and fine-tune it on D_S.
-    train_s, test_s = ConstrainedSource(r.train, subset), ConstrainedSource(r.test, subset)
-    extracted = specialize.extract(generalist, subset)
-    ext_def, ext_state = create_state(extracted, optax.identity(), 0)
-    ext_state = sharding.replicate(ext_state, r.mesh)
-    val_s = ConstrainedSource(r.val, subset)
-    spec_def, spec_state = r.train_phase("specialist", extracted, train_s, val_s, config.specialize, config.seed + 1)
-    specialist = to_model(spec_def, spec_state)
-    checkpoint.export_model(r.workdir / "models" / "specialist", specialist,
-                            {**_model_spec(config, len(subset)), "subset": list(subset),
-                             "class_names": list(train_s.info.class_names)})
-
-    # Evaluation on S (test split), plus the generalist's own numbers for context.
-    restricted = r.evaluator(gen_def, len(subset), columns=subset)(gen_state, test_s)
-    untuned = r.evaluator(ext_def, len(subset))(ext_state, test_s)
-    tuned = r.evaluator(spec_def, len(subset))(spec_state, test_s)
-    gen_eval = r.evaluator(gen_def, info.num_classes)
-    gen_all = gen_eval(gen_state, r.test)
-    gen_train = gen_eval(gen_state, r.train)  # the paper's precondition: not zero training loss
-
-    rows = [
-        ("generalist restricted to S", restricted),
-        ("extracted specialist, untuned", untuned),
-        ("specialist, tuned", tuned),
-    ]
-    table = evaluate.results_table(rows, f"model (test split, S = {config.specialize.subset}, {len(subset)} classes)")
+    gen_eval = r.evaluator(generalist.modeldef, info.num_classes)
+    gen_all = gen_eval(generalist.state, r.test)
+    gen_train = gen_eval(generalist.state, r.train)  # the paper's precondition: not zero training loss
     results = {
         "config": config.to_dict(),
-        "subset": list(subset),
-        "subset_names": list(train_s.info.class_names),
-        "test_on_S": {name: m for name, m in rows},
-        "extraction_exact": restricted["top1"] == untuned["top1"] and restricted["top2"] == untuned["top2"],
+        "stages": stages,
         "generalist_test_all_classes": gen_all,
         "generalist_train_eval_mode": {k: gen_train[k] for k in ("top1", "loss")},
         "seconds": time.time() - t0,
@@ -191,7 +248,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         tmp = r.workdir / "results.json.tmp"
         tmp.write_text(json.dumps(results, indent=1))
         os.replace(tmp, r.workdir / "results.json")
-        print("\n" + table)
+        print("\n" + "\n\n".join(tables))
         print(f"\ngeneralist on all {info.num_classes} classes: top-1 {100 * gen_all['top1']:.2f}%; "
               f"on its training data (eval mode): top-1 {100 * gen_train['top1']:.2f}%, loss {gen_train['loss']:.4f}")
         print(f"results: {r.workdir / 'results.json'}  ({results['seconds']:.0f}s)", flush=True)

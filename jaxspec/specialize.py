@@ -3,8 +3,12 @@
 `extract_params` is the paper's specialist extraction on an `nnx.State`: the
 final layer keeps only the outputs of the classes in S (in S's order), so an
 untuned specialist's logits are exactly the generalist's logits at S.
-`extract` applies it to a module. `suppress_logits` is output suppression:
-the classes outside S are masked so they can never win and carry no loss.
+`extract` applies it to a module. The paper's baselines and Hinton et al.'s
+dustbin specialist are module transforms next to it (`fresh_head`,
+`add_dustbin`); `suppress_logits` is output suppression: the classes outside
+S are masked so they can never win and carry no loss. `compose_subsets`
+chains specializations (animals -> livestock) by re-expressing the narrower
+subset in the wider specialist's output order.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from jaxspec.models.layers import linear_init
 
 SUPPRESSED = -1e9  # finite (not -inf) so 0 * SUPPRESSED stays 0 in losses
 
@@ -64,3 +70,53 @@ def suppress_logits(logits: jax.Array, subset: Sequence[int]) -> jax.Array:
     keep = np.zeros(logits.shape[-1], bool)
     keep[s] = True
     return jnp.where(keep, logits, jnp.asarray(SUPPRESSED, logits.dtype))
+
+
+def fresh_head(model: nnx.Module, num_outputs: int, *, rngs: nnx.Rngs, head: str = "head",
+               kernel_init=linear_init) -> nnx.Module:
+    """A copy of `model` whose `head` is a new, randomly initialized `num_outputs`-way layer.
+
+    The default initializer is MobileNetV3's own, so the head starts like one
+    trained from scratch would (the paper's "random head" baseline).
+    """
+    if num_outputs < 1:
+        raise ValueError(f"num_outputs must be positive, got {num_outputs}")
+    new = nnx.merge(*nnx.split(model), copy=True)
+    old = getattr(new, head)
+    setattr(new, head, nnx.Linear(old.in_features, num_outputs, kernel_init=kernel_init, rngs=rngs))
+    return new
+
+
+def add_dustbin(model: nnx.Module, subset: Sequence[int], head: str = "head") -> nnx.Module:
+    """Hinton et al.'s specialist: the outputs of `subset` plus one "everything else" output (last).
+
+    The dustbin starts as a stand-in for the classes it absorbs: the mean of
+    their weight columns and the log-sum-exp of their biases (the log of their
+    summed prior mass), so it is neither silent nor dominant before tuning.
+    """
+    layer = getattr(model, head)
+    num_outputs = layer.kernel.shape[-1]
+    s = _check_subset(subset, num_outputs)
+    rest = np.setdiff1d(np.arange(num_outputs), s)
+    if rest.size == 0:
+        raise ValueError(f"subset covers all {num_outputs} outputs: a dustbin would have nothing to absorb")
+    new = extract(model, s, head)
+    new_layer = getattr(new, head)
+    kernel, bias = layer.kernel[...], layer.bias[...]
+    new_layer.kernel.value = jnp.concatenate([new_layer.kernel[...], kernel[:, rest].mean(-1, keepdims=True)], -1)
+    new_layer.bias.value = jnp.concatenate([new_layer.bias[...], jax.nn.logsumexp(bias[rest])[None]])
+    new_layer.out_features = len(s) + 1
+    return new
+
+
+def compose_subsets(outer: Sequence[int], inner: Sequence[int]) -> list[int]:
+    """Positions of `inner`'s classes among `outer`'s: the subset to extract from `outer`'s specialist.
+
+    Both are global class indices; a specialist for `outer` has output j for
+    class outer[j], so its `inner` specialist keeps outputs [outer.index(c) for c in inner].
+    """
+    pos = {c: j for j, c in enumerate(outer)}
+    missing = [c for c in inner if c not in pos]
+    if missing:
+        raise ValueError(f"classes {missing} are not in the wider subset {list(outer)}: a specialist can only narrow")
+    return [pos[c] for c in inner]

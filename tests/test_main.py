@@ -28,15 +28,17 @@ def test_main_job_end_to_end_and_resume(manifest, tmp_path, capsys):
     config = tiny_config(manifest)
     results = run.run(config, str(tmp_path))
     out = capsys.readouterr().out
-    assert "| generalist restricted to S |" in out and "| specialist, tuned |" in out
-    on_s = results["test_on_S"]
+    assert "| generalist restricted to S |" in out and "| specialist (extract), tuned |" in out
+    assert "| generalist trained further on its data (control) |" in out
+    stage = results["stages"][0]
+    on_s = stage["test_on_S"]
     # the untuned extracted specialist is the generalist restricted to S, exactly
-    assert results["extraction_exact"]
+    assert stage["extraction_exact"]
     assert on_s["extracted specialist, untuned"]["top1"] == on_s["generalist restricted to S"]["top1"]
-    assert on_s["specialist, tuned"]["count"] == 10 * 4  # 10 animal classes x 20% of 20 per class
-    assert results["subset_names"][:2] == ["bear", "bird"]
+    assert on_s["specialist (extract), tuned"]["count"] == 10 * 4  # 10 animal classes x 20% of 20 per class
+    assert stage["subset_names"][:2] == ["bear", "bird"]
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["test_on_S"] == json.loads(json.dumps(on_s))
+    assert saved["stages"][0]["test_on_S"] == json.loads(json.dumps(on_s))
     for name in ("generalist", "specialist"):
         assert (tmp_path / "models" / name / "model.json").exists()
         assert (tmp_path / "checkpoints" / name / str(config[name if name == "generalist" else "specialize"].steps)).exists()
@@ -44,7 +46,7 @@ def test_main_job_end_to_end_and_resume(manifest, tmp_path, capsys):
 
     # Rerunning on the finished workdir resumes from the checkpoints: same numbers, no retraining.
     again = run.run(config, str(tmp_path))
-    assert again["test_on_S"] == results["test_on_S"]
+    assert again["stages"] == results["stages"]
     assert "step 10/" not in capsys.readouterr().err
 
 
@@ -53,8 +55,8 @@ def test_generalist_init_from_exported_model(manifest, tmp_path):
     first = run.run(config, str(tmp_path / "a"))
     config.generalist.init = str(tmp_path / "a" / "models" / "generalist")
     second = run.run(config, str(tmp_path / "b"))
-    assert (second["test_on_S"]["generalist restricted to S"]
-            == first["test_on_S"]["generalist restricted to S"])
+    row = "generalist restricted to S"
+    assert second["stages"][0]["test_on_S"][row] == first["stages"][0]["test_on_S"][row]
 
 
 def _cli(*args):

@@ -46,17 +46,29 @@ def subset_info(info: DatasetInfo, subset: Sequence[int]) -> DatasetInfo:
 
 
 class ConstrainedSource:
-    """The examples of `source` whose label is in S, labels remapped to 0..|S|-1."""
+    """The examples of `source` whose label is in S, labels remapped to 0..|S|-1.
 
-    def __init__(self, source: Source, subset: Sequence[int]):
+    With `dustbin=f`, a seeded random fraction f of the other examples is kept
+    too, all labelled |S| (Hinton et al.'s "everything else" class).
+    """
+
+    def __init__(self, source: Source, subset: Sequence[int], *, dustbin: float | None = None, seed: int = 0):
         info = source.info
         self._map = label_map(info.num_classes, subset)
-        mapped = self._map[source.labels]
-        self._indices = np.flatnonzero(mapped >= 0)
-        self._labels = mapped[self._indices]
+        keep = self._map[source.labels] >= 0
+        self.info = subset_info(info, subset)
+        if dustbin is not None:
+            if not 0.0 <= dustbin <= 1.0:
+                raise ValueError(f"dustbin fraction must be in [0, 1], got {dustbin}")
+            others = np.flatnonzero(~keep)
+            chosen = np.random.default_rng(seed).choice(others, size=round(dustbin * len(others)), replace=False)
+            keep[chosen] = True
+            self._map = np.where(self._map >= 0, self._map, len(subset)).astype(np.int32)
+            self.info = dataclasses.replace(self.info, class_names=(*self.info.class_names, "dustbin"))
+        self._indices = np.flatnonzero(keep)
+        self._labels = self._map[source.labels[self._indices]]
         self._source = source
         self.subset = tuple(int(c) for c in subset)
-        self.info = subset_info(info, subset)
 
     def __len__(self) -> int:
         return len(self._indices)

@@ -146,10 +146,12 @@ def _cifar100_info() -> DatasetInfo:
 def _imagenet_info() -> DatasetInfo:
     import tensorflow_datasets as tfds
 
+    from jaxspec.groupings import imagenet_wordnet_groups  # lazy: groupings imports this module
+
     wnids = tuple(tfds.builder("imagenet2012").info.features["label"].names)
-    # In the standard (sorted-wnid) order the WordNet animal subtree is exactly
-    # classes 0-397; the full wnid -> group table arrives with the groupings work.
-    groups = {"animals": tuple(range(398)), "non_animals": tuple(range(398, 1000))}
+    # WordNet's animals/artifacts/miscellaneous (398/522/80; animals are classes 0-397)
+    # and its 9 finer groups; the names do not collide.
+    groups = {**imagenet_wordnet_groups("coarse"), **imagenet_wordnet_groups("fine"), "non_animals": tuple(range(398, 1000))}
     return DatasetInfo(
         name="imagenet2012",
         class_names=wnids,

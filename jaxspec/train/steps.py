@@ -37,7 +37,20 @@ def make_train_step(
     mean: Sequence[float],
     std: Sequence[float],
     label_smoothing: float = 0.0,
+    columns: Sequence[int] | None = None,
+    freeze_bn_stats: bool = False,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The step for one phase of training.
+
+    `columns` is output suppression: only those logits enter the softmax and
+    labels index into `columns`. Gathering S's columns is the same softmax as
+    setting every other logit to -inf, and it makes label smoothing spread
+    its mass over S only: suppressed classes get no probability and no
+    gradient. `freeze_bn_stats` runs BatchNorm on its running averages
+    (and leaves them unchanged) while dropout stays in training mode.
+    """
+    cols = None if columns is None else np.asarray(columns, np.int32)
+
     def train_step(state: TrainState, batch: Batch):
         x = normalize(batch["image"], mean, std)
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -45,7 +58,11 @@ def make_train_step(
         def loss_fn(params):
             model = modeldef.merge(params, state.batch_stats)
             model.train()
+            if freeze_bn_stats:
+                model.set_attributes(use_running_average=True, raise_if_not_found=False)
             logits = model(x, rngs=nnx.Rngs(dropout=key))
+            if cols is not None:
+                logits = logits[:, cols]
             loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
             return loss, (logits, nnx.state(model, nnx.BatchStat))
 
@@ -75,12 +92,14 @@ def make_eval_step(
     std: Sequence[float],
     num_classes: int,
     columns: Sequence[int] | None = None,
+    confusion: bool = False,
 ) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
     """Sums of correct predictions over a batch (masked for padding).
 
     With `columns`, only those logits compete (a generalist restricted to S:
     argmax over S's logits only), and labels index into `columns`.
     `num_classes` is the size of the label space being scored, for per-class counts.
+    `confusion` adds the [true, predicted] count matrix (for confusion groupings).
     """
     cols = None if columns is None else np.asarray(columns, np.int32)
 
@@ -95,7 +114,7 @@ def make_eval_step(
         top1_hit = (top2[:, 0] == labels).astype(jnp.float32) * mask
         top2_hit = jnp.any(top2 == labels[:, None], axis=-1).astype(jnp.float32) * mask
         onehot = jax.nn.one_hot(labels, num_classes) * mask[:, None]
-        return {
+        out = {
             "count": mask.sum(),
             "top1": top1_hit.sum(),
             "top2": top2_hit.sum(),
@@ -103,21 +122,35 @@ def make_eval_step(
             "class_count": onehot.sum(0),
             "class_top1": (onehot * top1_hit[:, None]).sum(0),
         }
+        if confusion:
+            out["confusion"] = onehot.T @ jax.nn.one_hot(top2[:, 0], logits.shape[-1])
+        return out
 
     return eval_step
 
 
-def jit_train_step(train_step, mesh: jax.sharding.Mesh):
-    """Compiles `train_step`: batch split over `data`, state replicated and donated."""
+def jit_train_step(train_step, mesh: jax.sharding.Mesh, state_sharding=None):
+    """Compiles `train_step`: batch split over the mesh, state donated and kept where it is.
+
+    `state_sharding`: a sharding (or a tree of them, e.g. `sharding.state_shardings`
+    for FSDP) for the state in and out; default replicated.
+    """
     rep = sharding.replicated(mesh)
+    state_sharding = rep if state_sharding is None else state_sharding
     return jax.jit(
         train_step,
-        in_shardings=(rep, sharding.batch_sharding(mesh)),
-        out_shardings=(rep, rep),
+        in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+        out_shardings=(state_sharding, rep),
         donate_argnums=0,
     )
 
 
-def jit_eval_step(eval_step, mesh: jax.sharding.Mesh):
-    rep = sharding.replicated(mesh)
-    return jax.jit(eval_step, in_shardings=(rep, sharding.batch_sharding(mesh)), out_shardings=rep)
+def jit_eval_step(eval_step, mesh: jax.sharding.Mesh, state_sharding=None):
+    """Compiles `eval_step`: batch split over the mesh, replicated sums out.
+
+    `state_sharding=None` evaluates the state where it was placed (replicated by
+    `sharding.replicate`, split by `sharding.place_state`), so one evaluator
+    serves states of any optimizer and layout without gathering them.
+    """
+    return jax.jit(eval_step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                   out_shardings=sharding.replicated(mesh))

@@ -1,0 +1,178 @@
+"""Grids of experiment cells: expansion, resumable execution, mean ± std over seeds, report.
+
+An experiment config is a normal run config plus
+`experiment = dict(kind=..., grid=dict(axis=[values...], ..., seed=[...]))`.
+Each cell (one value per axis) is handed to `jaxspec.experiments.<kind>.run_cell(runner, config, cell)`,
+which returns a flat dict of numbers. A cell's result is written to
+`cells/<cell id>.json` atomically as soon as it is done, so an interrupted
+grid resumes at the first unfinished cell (and a half-trained phase resumes
+from its checkpoint). All cells share one `Runner`, hence one generalist.
+
+A `group` axis value `@name` expands to every group of grouping `name`
+(`config.groupings[name]`, see `jaxspec.groupings`), and such grids also get
+"average over groups" rows: per seed, the mean over groups, then mean ± std
+over seeds.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import json
+import os
+import pathlib
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxspec import groupings, methods, run
+from jaxspec.data.constrain import ConstrainedSource
+
+AVERAGE = "average over groups"
+
+
+def cell_id(cell: dict) -> str:
+    """A readable, file-name-safe identifier, e.g. `method=extract,group=lex0,seed=1`."""
+    text = ",".join(f"{k}={v}" for k, v in cell.items())
+    return "".join(c if c.isalnum() or c in "=,._-" else "_" for c in text)
+
+
+def add_groupings(r: run.Runner, config: ml_collections.ConfigDict) -> None:
+    """Computes every grouping of `config.groupings` into `r.groups` (confusion ones from the generalist)."""
+    for name, cfg in (config.get("groupings") or {}).items():
+        confusion = None
+        if cfg.kind == "confusion":
+            gen = r.generalist()
+            ev = r.evaluator(gen.modeldef, r.info.num_classes, confusion=True)
+            confusion = ev(gen.state, r.val)["confusion"]
+        new = groupings.make_groups(cfg, r.info, confusion)
+        clash = sorted(g for g in new if g in r.groups and tuple(r.groups[g]) != tuple(new[g]))
+        if clash:
+            raise ValueError(f"grouping {name!r} gives groups {clash} other classes than the groups of that "
+                             "name already known; rename the grouping")
+        r.groups.update(new)
+        r.groupings[name] = tuple(new)
+
+
+def expand(grid: dict, r: run.Runner) -> list[dict]:
+    """The cartesian product of the grid's axes, in axis order, `@grouping` values expanded."""
+    axes = {}
+    for axis, values in grid.items():
+        vals = []
+        for v in values:
+            if isinstance(v, str) and v.startswith("@"):
+                if v[1:] not in r.groupings:
+                    raise ValueError(f"grid axis {axis!r}: unknown grouping {v!r}; known: {sorted(r.groupings)}")
+                vals.extend(r.groupings[v[1:]])
+            else:
+                vals.append(v)
+        axes[axis] = vals
+    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+
+
+def _without(cell: dict, axis: str) -> tuple:
+    return tuple((k, v) for k, v in cell.items() if k != axis)
+
+
+def _mean_std(records: list[dict], key_fn) -> list[dict]:
+    """Rows `{cell, n, mean, std}` over the records sharing `key_fn(cell)` (sample std)."""
+    by: dict[tuple, list[dict]] = {}
+    for rec in records:
+        by.setdefault(key_fn(rec["cell"]), []).append(rec["metrics"])
+    rows = []
+    for key, ms in by.items():
+        names = [k for k in ms[0] if all(k in m for m in ms)]
+        values = {k: np.array([m[k] for m in ms]) for k in names}
+        rows.append({"cell": dict(key), "n": len(ms), "mean": {k: float(v.mean()) for k, v in values.items()},
+                     "std": {k: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()}})
+    return rows
+
+
+def aggregate(results: list[dict]) -> list[dict]:
+    """Rows of mean ± std over the `seed` axis, plus per-seed averages over a `group` axis."""
+    rows = _mean_std(results, lambda c: _without(c, "seed"))
+    axes = list(results[0]["cell"]) if results else []
+    if "group" in axes:
+        averaged = [{"cell": {k: AVERAGE if k == "group" else row["cell"][k] for k in axes}, "metrics": row["mean"]}
+                    for row in _mean_std(results, lambda c: _without(c, "group"))]
+        rows += _mean_std(averaged, lambda c: _without(c, "seed"))
+    return rows
+
+
+def markdown(rows: list[dict], metrics: list[str] | None = None) -> str:
+    """One table: the cell's axes, then each metric as mean ± std (in % for metrics named like accuracies)."""
+    if not rows:
+        return "(no results)"
+    axes = list(rows[0]["cell"])
+    metrics = metrics or list(rows[0]["mean"])
+    head = "| " + " | ".join([*axes, "n", *metrics]) + " |"
+    lines = [head, "|" + "---|" * len(axes) + "---:|" + "---:|" * len(metrics)]
+    for row in rows:
+        cells = [str(row["cell"][a]) for a in axes] + [str(row["n"])]
+        for m in metrics:
+            if m not in row["mean"]:
+                cells.append("")
+                continue
+            fmt = (lambda x: f"{100 * x:.2f}") if ("top" in m or "acc" in m) else (lambda x: f"{x:.4g}")
+            cells.append(fmt(row["mean"][m]) + (f" ± {fmt(row['std'][m])}" if row["n"] > 1 else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _write(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def run_grid(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs (or resumes) every cell, then writes results.json and report.md."""
+    t0 = time.time()
+    kind = importlib.import_module(f"jaxspec.experiments.{config.experiment.kind}")
+    r = run.Runner(config, workdir)
+    add_groupings(r, config)
+    cells = expand(config.experiment.grid.to_dict(), r)
+    out_dir = r.workdir / "cells"
+    out_dir.mkdir(exist_ok=True)
+    lead = jax.process_index() == 0
+    results = []
+    for i, cell in enumerate(cells):
+        path = out_dir / f"{cell_id(cell)}.json"
+        if path.exists():
+            results.append(json.loads(path.read_text()))
+            continue
+        if lead:
+            print(f"[experiment {config.experiment.kind}] cell {i + 1}/{len(cells)}: {cell_id(cell)}", flush=True)
+        start = time.time()
+        metrics = {k: float(v) for k, v in kind.run_cell(r, config, cell).items()}
+        record = {"cell": cell, "metrics": metrics, "seconds": time.time() - start}
+        if lead:
+            _write(path, json.dumps(record, indent=1))
+        results.append(record)
+
+    rows = aggregate(results)
+    columns = list(config.experiment.get("columns", ())) or None
+    table = markdown(rows, columns)
+    plots = kind.plots(r, config, results, r.workdir) if hasattr(kind, "plots") else []
+    summary = {"config": config.to_dict(), "groups": {k: list(r.groups[k]) for ks in r.groupings.values() for k in ks},
+               "cells": results, "rows": rows, "plots": plots, "seconds": time.time() - t0}
+    if lead:
+        _write(r.workdir / "results.json", json.dumps(summary, indent=1))
+        title = config.experiment.get("title", config.experiment.kind)
+        report = [f"# {title}", "", config.experiment.get("description", ""), "",
+                  f"Data: {r.info.name} ({r.info.num_classes} classes), model {config.model.name} "
+                  f"(width {config.model.width_multiplier}), seeds {sorted({c.get('seed') for c in cells})}; "
+                  "mean ± std over seeds (sample std), accuracies in %.", "", table, ""]
+        report += [f"![{p}]({p})" for p in plots]
+        _write(r.workdir / "report.md", "\n".join(report) + "\n")
+        print("\n" + table + f"\n\nreport: {r.workdir / 'report.md'}  ({summary['seconds']:.0f}s)", flush=True)
+    r.writer.close()
+    return summary
+
+
+def score(r: run.Runner, trained: methods.Trained, subset, prefix: str) -> dict[str, float]:
+    """`{prefix}_top1`, `{prefix}_top2` of `trained` on the test images of `subset`."""
+    m = methods.evaluate_on(r, trained, ConstrainedSource(r.test, subset))
+    return {f"{prefix}_top1": m["top1"], f"{prefix}_top2": m["top2"]}

@@ -1,0 +1,98 @@
+"""The experiments command: grid expansion, aggregation vs NumPy, a tiny grid end to end with resume."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from configs.experiments import forgetting, methods as methods_cfg, table1
+from jaxspec.experiments import grid
+from tests.synthetic_embedded import write_fixture
+
+
+def test_aggregate_is_mean_and_sample_std_over_seeds_with_group_average():
+    rng = np.random.default_rng(0)
+    vals = rng.random((2, 3))  # groups x seeds
+    results = [{"cell": {"group": g, "method": "extract", "seed": s}, "metrics": {"top1": vals[i, s]}}
+               for i, g in enumerate(["a", "b"]) for s in range(3)]
+    rows = {r["cell"]["group"]: r for r in grid.aggregate(results)}
+    for i, g in enumerate(["a", "b"]):
+        assert rows[g]["n"] == 3
+        np.testing.assert_allclose(rows[g]["mean"]["top1"], vals[i].mean())
+        np.testing.assert_allclose(rows[g]["std"]["top1"], vals[i].std(ddof=1))
+    avg = rows[grid.AVERAGE]
+    np.testing.assert_allclose(avg["mean"]["top1"], vals.mean(0).mean())
+    np.testing.assert_allclose(avg["std"]["top1"], vals.mean(0).std(ddof=1))
+    table = grid.markdown(list(rows.values()))
+    assert f"{100 * vals[0].mean():.2f} ± {100 * vals[0].std(ddof=1):.2f}" in table
+
+
+def test_cell_ids_are_file_safe_and_distinct():
+    a = grid.cell_id({"group": "lex0", "freeze": "blocks:0-3", "seed": 0})
+    b = grid.cell_id({"group": "lex0", "freeze": "blocks/.*", "seed": 0})
+    assert "/" not in a + b and ":" not in a + b and a != b
+
+
+@pytest.fixture(scope="module")
+def fixture_data(tmp_path_factory):
+    return write_fixture(str(tmp_path_factory.mktemp("raw")), per_class=20)
+
+
+def tiny(module, manifest, **grid_axes):
+    config = module.get_config("tiny")
+    config.data.manifest = manifest
+    config.data.data_dir = str(pathlib.Path(manifest).parent / "cache")
+    for phase in (config.generalist, config.specialize, config.scratch):
+        phase.steps = 4
+    config.specialize.head_steps = 2
+    config.checkpoint_every = 4
+    config.eval.every_steps = 2
+    for k, v in grid_axes.items():
+        config.experiment.grid[k] = v
+    return config
+
+
+def test_tiny_grid_end_to_end_and_resume(fixture_data, tmp_path, monkeypatch, capsys):
+    config = tiny(table1, fixture_data, group=["lex0", "lex3"], seed=[0, 1])
+    out = grid.run_grid(config, str(tmp_path))
+    assert len(out["cells"]) == 4 and len(list((tmp_path / "cells").glob("*.json"))) == 4
+    assert out["groups"]["lex0"] == list(range(6)) and out["groups"]["lex3"] == list(range(18, 24))
+    rows = {r["cell"]["group"]: r for r in out["rows"]}
+    assert set(rows) == {"lex0", "lex3", grid.AVERAGE} and rows["lex0"]["n"] == 2
+    m = out["cells"][0]["metrics"]
+    assert m["gain_top1"] == pytest.approx(m["specialist_top1"] - m["generalist_top1"])
+    report = (tmp_path / "report.md").read_text()
+    assert "| group | method | n | generalist_top1 |" in report and grid.AVERAGE in report
+    assert (tmp_path / "checkpoints" / "control-seed1").exists()
+
+    # Interrupted after two cells: rerunning computes only the missing ones.
+    for p in sorted((tmp_path / "cells").glob("*seed=1.json")):
+        p.unlink()
+    from jaxspec.experiments import specialize as kind
+    calls = []
+    real = kind.run_cell
+    monkeypatch.setattr(kind, "run_cell", lambda r, c, cell: calls.append(cell) or real(r, c, cell))
+    again = grid.run_grid(config, str(tmp_path))
+    assert [c["seed"] for c in calls] == [1, 1]
+    assert json.dumps(again["rows"]) == json.dumps(out["rows"])  # restored checkpoints: identical numbers
+
+
+def test_methods_curves_and_forgetting_plots(fixture_data, tmp_path):
+    config = tiny(methods_cfg, fixture_data, method=["extract", "suppress"], seed=[0])
+    out = grid.run_grid(config, str(tmp_path / "m"))
+    assert out["plots"] == ["curves.png"] and (tmp_path / "m" / "curves.png").stat().st_size > 0
+    config = tiny(forgetting, fixture_data, seed=[0])
+    config.specialize.optim.lr = 0.05
+    out = grid.run_grid(config, str(tmp_path / "f"))
+    m = out["cells"][0]["metrics"]
+    assert out["plots"] == ["forgetting.png"]
+    # Training only on S with every output in the softmax pushes the other classes down.
+    assert m["end_irrelevant_prob"] < m["start_irrelevant_prob"]
+    assert m["end_irrelevant_bias"] < m["start_irrelevant_bias"]
+
+
+def test_grid_errors_name_the_bad_value(fixture_data, tmp_path):
+    config = tiny(table1, fixture_data, group=["@nonexistent"])
+    with pytest.raises(ValueError, match="unknown grouping '@nonexistent'"):
+        grid.run_grid(config, str(tmp_path))

@@ -1,0 +1,196 @@
+"""Specialization methods: construction, freezing, suppression's loss, dustbin data, and each method end to end."""
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from configs import animals
+from jaxspec import methods, models, run, specialize
+from jaxspec.data.constrain import ConstrainedSource
+from jaxspec.data.sources import ArraySource, DatasetInfo
+from jaxspec.train import freeze, steps
+from jaxspec.train.state import create_state
+from tests.synthetic_embedded import write_fixture
+
+
+def small_model(num_classes=12, seed=0):
+    model = models.mobilenet_v3_small(num_classes, rngs=nnx.Rngs(seed), width_multiplier=0.25)
+    model.eval()
+    return model
+
+
+def body(model):
+    params = nnx.state(model, nnx.Param)
+    return {freeze.path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(params)
+            if not freeze.path_str(p).startswith("head/")}
+
+
+def test_fresh_head_keeps_body_and_replaces_head():
+    parent = small_model()
+    new = specialize.fresh_head(parent, 5, rngs=nnx.Rngs(7))
+    assert new.head.kernel.shape == (parent.head.in_features, 5) and new.head.out_features == 5
+    b0, b1 = body(parent), body(new)
+    assert b0.keys() == b1.keys() and all(np.array_equal(b0[k], b1[k]) for k in b0)
+    assert parent.head.kernel.shape[-1] == 12  # the parent is untouched
+    again = specialize.fresh_head(parent, 5, rngs=nnx.Rngs(7))
+    np.testing.assert_array_equal(np.asarray(again.head.kernel[...]), np.asarray(new.head.kernel[...]))
+    with pytest.raises(ValueError, match="num_outputs"):
+        specialize.fresh_head(parent, 0, rngs=nnx.Rngs(0))
+
+
+def test_dustbin_head_is_subset_rows_plus_closed_form_everything_else():
+    parent = small_model()
+    subset, rest = [3, 0, 7], [c for c in range(12) if c not in (3, 0, 7)]
+    spec = specialize.add_dustbin(parent, subset)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32, 32, 3)), jnp.float32)
+    got = np.asarray(spec(x))
+    assert got.shape == (4, 4)
+    np.testing.assert_allclose(got[:, :3], np.asarray(parent(x))[:, subset], rtol=1e-5, atol=1e-5)
+    feats = np.asarray(parent.features(x), np.float64)
+    w, b = np.asarray(parent.head.kernel[...], np.float64), np.asarray(parent.head.bias[...], np.float64)
+    want = feats @ w[:, rest].mean(1) + np.log(np.exp(b[rest]).sum())
+    np.testing.assert_allclose(got[:, 3], want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="nothing to absorb"):
+        specialize.add_dustbin(parent, list(range(12)))
+
+
+def test_compose_subsets_for_gradual_specialization():
+    assert specialize.compose_subsets([10, 4, 7, 2], [7, 10]) == [2, 0]
+    with pytest.raises(ValueError, match=r"\[5\] are not in the wider subset"):
+        specialize.compose_subsets([10, 4, 7], [7, 5])
+
+
+def test_freeze_patterns_and_block_ranges():
+    params = nnx.state(small_model(), nnx.Param)
+    labels = jax.tree_util.tree_leaves_with_path(freeze.frozen_labels(params, ["blocks:0-1", "stem/.*"]))
+    frozen = {freeze.path_str(p) for p, v in labels if v == "frozen"}
+    assert frozen and all(p.startswith(("blocks/0/", "blocks/1/", "stem/")) for p in frozen)
+    assert any(p.startswith("blocks/1/") for p in frozen) and not any(p.startswith("blocks/2/") for p in frozen)
+    head_only = {freeze.path_str(p) for p, v in jax.tree_util.tree_leaves_with_path(
+        freeze.frozen_labels(params, freeze.HEAD_ONLY)) if v == "trainable"}
+    assert head_only == {"head/kernel", "head/bias"}
+    with pytest.raises(ValueError, match="'blokcs/.*' matches no parameter"):
+        freeze.frozen_labels(params, ["blokcs/.*"])
+    with pytest.raises(ValueError, match="Empty block range"):
+        freeze.frozen_labels(params, ["blocks:3-1"])
+    assert freeze.parse_patterns("blocks:0-2, stem/.*") == ("blocks:0-2", "stem/.*")
+    assert freeze.parse_patterns("") == ()
+
+
+def _batch(n=16, num_classes=12, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"image": jnp.asarray(rng.integers(0, 255, (n, 32, 32, 3)), jnp.uint8),
+            "label": jnp.asarray(rng.integers(0, 4, n), jnp.int32)}
+
+
+@pytest.mark.parametrize("freeze_bn", [False, True])
+def test_frozen_parameters_and_statistics_stay_unchanged_after_steps(freeze_bn):
+    model = small_model()
+    tx = freeze.freeze(optax.adamw(1e-2, weight_decay=0.1), nnx.state(model, nnx.Param), ["blocks:0-3", "stem/.*"])
+    modeldef, state = create_state(model, tx, 0)
+    step = jax.jit(steps.make_train_step(modeldef, tx, optax.constant_schedule(1e-2), mean=(0.5,), std=(0.5,),
+                                         freeze_bn_stats=freeze_bn))
+    start = state
+    for i in range(3):
+        state, _ = step(state, _batch(seed=i))
+    flat0 = dict((freeze.path_str(p), v) for p, v in jax.tree_util.tree_leaves_with_path(start.params))
+    flat1 = dict((freeze.path_str(p), v) for p, v in jax.tree_util.tree_leaves_with_path(state.params))
+    for path in flat0:
+        same = np.array_equal(np.asarray(flat0[path]), np.asarray(flat1[path]))
+        assert same == path.startswith(("stem/", "blocks/0/", "blocks/1/", "blocks/2/", "blocks/3/")), path
+    stats_same = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)),
+                                              start.batch_stats, state.batch_stats))
+    assert all(stats_same) == freeze_bn and (any(stats_same) == freeze_bn)
+
+
+def test_suppression_loss_is_softmax_over_s_with_smoothing_only_on_s():
+    model = small_model()
+    cols, ls = [5, 1, 9, 2], 0.2
+    tx = optax.sgd(0.0)
+    modeldef, state = create_state(model, tx, 0)
+    batch = _batch()
+    step = steps.make_train_step(modeldef, tx, optax.constant_schedule(0.0), mean=(0.5,), std=(0.5,),
+                                 label_smoothing=ls, columns=cols)
+    _, metrics = jax.jit(step)(state, batch)
+
+    # Reference: full logits with every class outside S set to SUPPRESSED; smoothing over S only.
+    m = modeldef.merge(state.params, state.batch_stats)
+    m.train()
+    x = (np.asarray(batch["image"], np.float32) / 255 - 0.5) / 0.5
+    logits = np.asarray(m(jnp.asarray(x), rngs=nnx.Rngs(dropout=jax.random.fold_in(
+        jax.random.wrap_key_data(state.rng), 0))), np.float64)
+    sup = np.full_like(logits, specialize.SUPPRESSED)
+    sup[:, cols] = logits[:, cols]
+    logp = sup - sup.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+    targets = np.zeros_like(sup)
+    targets[:, cols] = ls / len(cols)
+    targets[np.arange(len(x)), np.asarray(cols)[np.asarray(batch["label"])]] += 1 - ls
+    want = -(targets * np.where(targets > 0, logp, 0)).sum(1).mean()
+    np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-5)
+
+    def loss(params):
+        mm = modeldef.merge(params, state.batch_stats)
+        out = mm(jnp.asarray(x), rngs=nnx.Rngs(dropout=0))[:, np.asarray(cols)]
+        return steps.cross_entropy(out, batch["label"], ls).mean()
+
+    grad_w = np.asarray(jax.grad(loss)(state.params)["head"]["kernel"][...])
+    outside = [c for c in range(12) if c not in cols]
+    assert np.all(grad_w[:, outside] == 0) and np.any(grad_w[:, cols] != 0)
+
+
+def test_dustbin_source_relabels_a_seeded_fraction_of_the_rest():
+    labels = np.repeat(np.arange(6), 50).astype(np.int32)
+    info = DatasetInfo("toy", tuple(f"c{i}" for i in range(6)), {}, (0.5,), (0.5,))
+    src = ArraySource(np.zeros((300, 4, 4), np.uint8), labels, info)
+    d = ConstrainedSource(src, [4, 1], dustbin=0.25, seed=3)
+    assert len(d) == 100 + 50 and d.info.class_names == ("c4", "c1", "dustbin")
+    assert np.bincount(d.labels).tolist() == [50, 50, 50]
+    assert [d[i]["label"] for i in range(len(d))] == d.labels.tolist()
+    same = ConstrainedSource(src, [4, 1], dustbin=0.25, seed=3)
+    other = ConstrainedSource(src, [4, 1], dustbin=0.25, seed=4)
+    assert np.array_equal(same.source_indices, d.source_indices)
+    assert not np.array_equal(other.source_indices, d.source_indices)
+    with pytest.raises(ValueError, match="dustbin fraction must be in"):
+        ConstrainedSource(src, [4, 1], dustbin=1.5)
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory):
+    manifest = write_fixture(str(tmp_path_factory.mktemp("raw")), per_class=20)
+    config = animals.get_config("tiny")
+    config.data.manifest = manifest
+    config.data.data_dir = str(pathlib.Path(manifest).parent / "cache")
+    for phase in (config.generalist, config.specialize, config.scratch):
+        phase.steps = 4
+    config.specialize.head_steps = 3
+    config.checkpoint_every = 4
+    config.log_every = 2
+    return run.Runner(config, str(tmp_path_factory.mktemp("work")))
+
+
+@pytest.mark.parametrize("method", methods.METHODS)
+def test_each_method_trains_from_the_same_generalist(runner, method):
+    gen = runner.generalist()
+    subset = runner.subset
+    t = methods.specialize_from(runner, gen, subset, method, seed=1, name=f"t-{method}")
+    width = {"suppress": 30, "continued": 30, "dustbin": 11}.get(method, 10)
+    assert t.model.head.kernel.shape[-1] == width and len(t.classes) == width
+    assert t.num_scored == (11 if method == "dustbin" else 10)
+    assert int(t.state.step) == runner.config.scratch.steps if method == "scratch" else runner.config.specialize.steps
+    out = methods.evaluate_on(runner, t, ConstrainedSource(runner.test, subset))
+    assert out["count"] == 40 and len(out["per_class_top1"]) == 10 and 0 <= out["top1"] <= out["top2"] <= 1
+    if method == "head_then_full":  # the head-only phase left the body as the generalist had it
+        head_phase = runner.workdir / "checkpoints" / "t-head_then_full-head"
+        assert head_phase.exists()
+        d, s = runner.train_phase(  # finished: this only restores the checkpoint
+            "t-head_then_full-head", specialize.fresh_head(gen.model, 10, rngs=nnx.Rngs(1)),
+            ConstrainedSource(runner.train, subset), ConstrainedSource(runner.val, subset),
+            methods._head_phase(runner.config.specialize), 1)
+        b_gen, b_head = body(gen.model), body(d.merge(s.params, s.batch_stats))
+        assert all(np.array_equal(b_gen[k], b_head[k]) for k in b_gen)
