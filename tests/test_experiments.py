@@ -96,3 +96,12 @@ def test_grid_errors_name_the_bad_value(fixture_data, tmp_path):
     config = tiny(table1, fixture_data, group=["@nonexistent"])
     with pytest.raises(ValueError, match="unknown grouping '@nonexistent'"):
         grid.run_grid(config, str(tmp_path))
+
+
+def test_cli_rejects_unknown_override(tmp_path):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "jaxspec.experiments", "--config=configs/experiments/table1.py:tiny",
+                           f"--workdir={tmp_path}", "--config.experiment.kindd=x"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "kindd" in proc.stderr

@@ -7,7 +7,7 @@ the same workdir skips finished cells. Overrides as for `jaxspec.main`.
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxspec.main import start
+from jaxspec.cli import start
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, cell results and the report.")
