@@ -6,7 +6,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from configs.experiments import forgetting, methods as methods_cfg, table1
+from configs.experiments import forgetting, methods as methods_cfg, table1, table2
 from jaxspec.experiments import grid
 from tests.synthetic_embedded import write_fixture
 
@@ -90,6 +90,16 @@ def test_methods_curves_and_forgetting_plots(fixture_data, tmp_path):
     # Training only on S with every output in the softmax pushes the other classes down.
     assert m["end_irrelevant_prob"] < m["start_irrelevant_prob"]
     assert m["end_irrelevant_bias"] < m["start_irrelevant_bias"]
+
+
+def test_routed_table2_cell(fixture_data, tmp_path):
+    config = tiny(table2, fixture_data, grouping=["semantic"], seed=[0])
+    out = grid.run_grid(config, str(tmp_path))
+    m = out["cells"][0]["metrics"]
+    assert 0 <= m["routing_accuracy"] <= 1 and 0 <= m["routed_top1"] <= 1
+    assert m["gain_top1"] == pytest.approx(m["routed_top1"] - m["generalist_top1"])
+    # the three semantic specialists were trained under the names the `specialize` kind uses
+    assert (tmp_path / "checkpoints" / "cell-group=animals,method=extract,seed=0").exists()
 
 
 def test_grid_errors_name_the_bad_value(fixture_data, tmp_path):
