@@ -1,4 +1,6 @@
-"""Image classifiers in Flax NNX, loadable from torchvision weights."""
+"""Image classifiers (loadable from torchvision weights) and YOLOv5 detectors in Flax NNX."""
+
+import functools
 
 from flax import nnx
 
@@ -8,10 +10,12 @@ from jaxspec.models.mobilenet_v3 import (
     mobilenet_v3_small,
 )
 from jaxspec.models.torchvision import from_torchvision, load_torchvision_file
+from jaxspec.models.yolov5 import YOLOv5, yolov5
 
 _FACTORIES = {
     'mobilenet_v3_small': mobilenet_v3_small,
     'mobilenet_v3_large': mobilenet_v3_large,
+    **{f'yolov5{s}': functools.partial(yolov5, s) for s in 'nsmlx'},
 }
 
 
@@ -26,9 +30,11 @@ def get_model(name: str, num_classes: int, *, rngs: nnx.Rngs,
 
 __all__ = [
     'MobileNetV3',
+    'YOLOv5',
     'from_torchvision',
     'get_model',
     'load_torchvision_file',
     'mobilenet_v3_large',
     'mobilenet_v3_small',
+    'yolov5',
 ]
