@@ -48,6 +48,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         optim=common.optimizer(optimizer="adam", lr=2e-3, schedule="cosine", warmup_steps=500),
     )
     config.eval = dict(batch_size=1000, every_steps=1000)
+    # fsdp > 1 (or -1: all devices) splits params and optimizer state over an 'fsdp' mesh axis.
+    config.sharding = dict(fsdp=1)
     config.log_every = 100
     config.checkpoint_every = 1000
     return config

@@ -29,7 +29,7 @@ from flax import nnx
 
 from jaxspec import sharding, specialize
 from jaxspec.data.constrain import ConstrainedSource
-from jaxspec.train import freeze
+from jaxspec.train import freeze, multi
 from jaxspec.train.state import ModelDef, TrainState, create_state, to_model
 
 METHODS = ("extract", "fresh_head", "head_then_full", "scratch", "suppress", "dustbin", "continued")
@@ -108,14 +108,64 @@ def specialize_from(r, parent: Trained, subset: Sequence[int], method: str, *, s
         data = ConstrainedSource(r.train, subset, dustbin=phase.dustbin_fraction, seed=seed)
         d, s = r.train_phase(name, start, data, val_s, phase, seed)
         return Trained(d, s, (*subset, -1))
-    if method == "extract":
-        start = specialize.extract(model, pos)
-    elif method == "scratch":
-        start, phase = r.new_model(len(subset), seed), r.config.scratch
-    else:  # fresh_head, head_then_full
-        start = specialize.fresh_head(model, len(subset), rngs=nnx.Rngs(seed))
-        if method == "head_then_full":
-            d, s = r.train_phase(f"{name}-head", start, train_s, val_s, _head_phase(phase), seed)
-            start = to_model(d, s)
+    start, phase = _start(r, parent, subset, method, seed, phase, name)
     d, s = r.train_phase(name, start, train_s, val_s, phase, seed)
     return Trained(d, s, subset)
+
+
+def _start(r, parent: Trained, subset: tuple[int, ...], method: str, seed: int, phase, name: str):
+    """The model that `extract`, `fresh_head`, `head_then_full` and `scratch` fine-tune, and their phase."""
+    if method == "extract":
+        return specialize.extract(parent.model, specialize.compose_subsets(parent.classes, subset)), phase
+    if method == "scratch":
+        return r.new_model(len(subset), seed), r.config.scratch
+    start = specialize.fresh_head(parent.model, len(subset), rngs=nnx.Rngs(seed))
+    if method == "head_then_full":
+        train_s, val_s = ConstrainedSource(r.train, subset), ConstrainedSource(r.val, subset)
+        d, s = r.train_phase(f"{name}-head", start, train_s, val_s, _head_phase(phase), seed)
+        start = to_model(d, s)
+    return start, phase
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One specialist `specialize_from(r, parent, subset, method, seed=seed, name=name, phase=phase)` would train."""
+
+    subset: tuple[int, ...]
+    method: str
+    seed: int
+    name: str
+    phase: ml_collections.ConfigDict
+
+
+VMAPPABLE = ("extract", "fresh_head", "scratch")
+
+
+def train_together(r, parent: Trained, jobs: Sequence[Job], max_k: int = 8) -> list[str]:
+    """Trains not-yet-started jobs that share a method, phase and |S| in one vmapped step, up to `max_k` at once.
+
+    Each lands in the checkpoint `specialize_from` would write under its name
+    (equal to training it alone, `jaxspec.train.multi`), so a later
+    `specialize_from` call only restores it. A job already under way is left
+    to resume alone. Returns the names trained here.
+    """
+    batches: dict[tuple, list[Job]] = {}
+    for job in {j.name: j for j in jobs}.values():
+        ckpt_dir = r.workdir / "checkpoints" / job.name
+        if job.method in VMAPPABLE and not (ckpt_dir.is_dir() and any(ckpt_dir.iterdir())):
+            phase = r.config.scratch if job.method == "scratch" else job.phase
+            key = (job.method, phase.to_json(sort_keys=True), len(job.subset))
+            batches.setdefault(key, []).append(job)
+    trained = []
+    for group in batches.values():
+        for i in range(0, len(group) if max_k > 1 else 0, max_k):
+            chunk = group[i:i + max_k]
+            if len(chunk) < 2:
+                continue
+            starts = [_start(r, parent, j.subset, j.method, j.seed, j.phase, j.name) for j in chunk]
+            multi.train_specialists(
+                r, [m for m, _ in starts], [ConstrainedSource(r.train, j.subset) for j in chunk],
+                [ConstrainedSource(r.val, j.subset) for j in chunk], starts[0][1], [j.seed for j in chunk],
+                [j.name for j in chunk])
+            trained += [j.name for j in chunk]
+    return trained

@@ -115,3 +115,11 @@ def write_deb(path: str, members: dict[str, bytes]) -> None:
             f.write(header.encode('ascii') + b'`\n' + data)
             if len(data) % 2:
                 f.write(b'\n')
+
+
+def use_fixture(config, directory: str, per_class: int = 20):
+    """Points `config.data` at a fixture written into `directory` (its cache beside it); returns `config`."""
+    manifest = write_fixture(directory, per_class=per_class)
+    config.data.manifest = manifest
+    config.data.data_dir = os.path.join(os.path.dirname(manifest), 'cache')
+    return config

@@ -1,7 +1,5 @@
 """Specialization methods: construction, freezing, suppression's loss, dustbin data, and each method end to end."""
 
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +13,7 @@ from jaxspec.data.constrain import ConstrainedSource
 from jaxspec.data.sources import ArraySource, DatasetInfo
 from jaxspec.train import freeze, steps
 from jaxspec.train.state import create_state
-from tests.synthetic_embedded import write_fixture
+from tests.synthetic_embedded import use_fixture
 
 
 def small_model(num_classes=12, seed=0):
@@ -162,10 +160,7 @@ def test_dustbin_source_relabels_a_seeded_fraction_of_the_rest():
 
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory):
-    manifest = write_fixture(str(tmp_path_factory.mktemp("raw")), per_class=20)
-    config = animals.get_config("tiny")
-    config.data.manifest = manifest
-    config.data.data_dir = str(pathlib.Path(manifest).parent / "cache")
+    config = use_fixture(animals.get_config("tiny"), str(tmp_path_factory.mktemp("raw")))
     for phase in (config.generalist, config.specialize, config.scratch):
         phase.steps = 4
     config.specialize.head_steps = 3
@@ -194,3 +189,30 @@ def test_each_method_trains_from_the_same_generalist(runner, method):
             methods._head_phase(runner.config.specialize), 1)
         b_gen, b_head = body(gen.model), body(d.merge(s.params, s.batch_stats))
         assert all(np.array_equal(b_gen[k], b_head[k]) for k in b_gen)
+
+
+def test_train_together_batches_equal_specialists_and_leaves_the_rest(runner, monkeypatch):
+    calls = []
+    monkeypatch.setattr(methods.multi, "train_specialists",
+                        lambda r, models, trains, vals, phase, seeds, names: calls.append((list(names), list(seeds))))
+    spec = runner.config.specialize
+    (runner.workdir / "checkpoints" / "started" / "4").mkdir(parents=True)  # a run already under way
+    jobs = [methods.Job((0, 1), "extract", 0, "a", spec), methods.Job((2, 3), "extract", 1, "b", spec),
+            methods.Job((4, 5), "extract", 0, "c", spec), methods.Job((0, 1), "extract", 0, "a", spec),
+            methods.Job((6, 7, 8), "extract", 0, "wide", spec), methods.Job((6, 7), "dustbin", 0, "bin", spec),
+            methods.Job((8, 9), "extract", 0, "started", spec), methods.Job((0, 1), "scratch", 0, "s0", spec),
+            methods.Job((2, 3), "scratch", 0, "s1", spec)]
+    done = methods.train_together(runner, runner.generalist(), jobs, max_k=2)
+    # extract pairs of |S|=2 in chunks of 2 (the lone 'c' trains by itself later), then the scratch pair.
+    assert calls == [(["a", "b"], [0, 1]), (["s0", "s1"], [0, 0])] and done == ["a", "b", "s0", "s1"]
+    assert methods.train_together(runner, runner.generalist(), jobs, max_k=1) == []
+
+
+def test_specialists_trained_together_are_only_restored_later(runner):
+    gen, spec = runner.generalist(), runner.config.specialize
+    jobs = [methods.Job((0, 1, 2), "extract", s, f"together-{s}", spec) for s in (0, 1)]
+    assert methods.train_together(runner, gen, jobs) == ["together-0", "together-1"]
+    steps_before = (runner.workdir / "checkpoints" / "together-1").stat().st_mtime_ns
+    t = methods.specialize_from(runner, gen, (0, 1, 2), "extract", seed=1, name="together-1")
+    assert int(t.state.step) == spec.steps and len(t.classes) == 3
+    assert (runner.workdir / "checkpoints" / "together-1").stat().st_mtime_ns == steps_before  # nothing saved

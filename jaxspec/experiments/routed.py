@@ -14,17 +14,27 @@ from jaxspec import methods, route
 from jaxspec.experiments.grid import cell_id
 
 
+def _jobs(r, config, cell: dict) -> list[methods.Job]:
+    """The group specialists of a cell, named as the `specialize` kind names the same specialist."""
+    method, seed = cell.get("method", config.specialize.method), int(cell.get("seed", 0))
+    return [methods.Job(tuple(r.groups[g]), method, seed, f"cell-{cell_id({'group': g, 'method': method, 'seed': seed})}",
+                        config.specialize) for g in r.groupings[cell["grouping"]]]
+
+
+def prepare(r, config, cells: list[dict], max_k: int) -> None:
+    """Trains all cells' vmappable group specialists together (`methods.train_together`) before the cells run."""
+    jobs = [j for c in cells if c.get("grouping") in r.groupings for j in _jobs(r, config, c)]
+    methods.train_together(r, r.generalist(), jobs, max_k)
+
+
 def run_cell(r, config, cell: dict) -> dict[str, float]:
     grouping, seed = cell["grouping"], int(cell.get("seed", 0))
     if grouping not in r.groupings:
         raise ValueError(f"unknown grouping {grouping!r}; known: {sorted(r.groupings)}")
-    method = cell.get("method", config.specialize.method)
     gen = r.generalist()
     models, maps = [], []
-    for group in r.groupings[grouping]:
-        # the name the `specialize` kind gives the same specialist
-        name = f"cell-{cell_id({'group': group, 'method': method, 'seed': seed})}"
-        trained = methods.specialize_from(r, gen, r.groups[group], method, seed=seed, name=name)
+    for job in _jobs(r, config, cell):
+        trained = methods.specialize_from(r, gen, job.subset, job.method, seed=seed, name=job.name, phase=job.phase)
         model, label_map = route.as_specialist(trained)
         models.append(model)
         maps.append(label_map)

@@ -45,6 +45,13 @@ def _name(cell: dict) -> str:
     return f"cell-{cell_id(cell)}"
 
 
+def prepare(r, config, cells: list[dict], max_k: int) -> None:
+    """Trains the cells' vmappable specialists together (`methods.train_together`) before the cells run."""
+    jobs = [methods.Job(tuple(r.groups[c["group"]]), c.get("method", phase.method), int(c.get("seed", 0)), _name(c),
+                        phase) for c in cells if c.get("group") in r.groups for phase in [phase_for(config, c)]]
+    methods.train_together(r, r.generalist(), jobs, max_k)
+
+
 def run_cell(r, config, cell: dict) -> dict[str, float]:
     if "group" not in cell:
         raise ValueError(f"a `specialize` grid needs a `group` axis; got axes {list(cell)}")

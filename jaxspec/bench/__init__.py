@@ -1,0 +1,34 @@
+"""`python -m jaxspec.bench`: how fast jaxspec trains, evaluates and feeds data on this machine.
+
+One run measures train-step and eval images/s of MobileNetV3-Small per
+resolution (torchvision's `mobilenet_v3_small` beside it when torch is
+available: same batch, resolution, Adam 1e-4 and label smoothing 0.1), the
+input pipeline with domain constraining, and K vmapped specialists against K
+sequential steps, plus peak memory. JSON goes to stdout (and to `--out`), a
+readable table to stderr.
+
+  python -m jaxspec.bench --out=bench.json                      # torch in this venv, or no torch rows
+  python -m jaxspec.bench --torch_python=/path/to/venv/bin/python  # torch from another interpreter
+  python -m jaxspec.bench --quick                               # tiny sizes, seconds (the tests use it)
+
+Timing: each figure is the median of `--repeats` rounds of `--steps` steps
+after `--warmup`; jaxspec and torch alternate round by round, and a ratio is
+the median of the per-round ratios, so load that drifts during a run on a
+shared machine hits both sides alike. Torch always runs in a subprocess
+(this interpreter, or `--torch_python`) with `--torch_threads` threads.
+
+More benchmarks plug in with `@register("name")`: a function of `Settings`
+returning rows (dicts with at least `benchmark`, `setting`, `jaxspec`, `unit`).
+"""
+
+from jaxspec.bench import benchmarks  # noqa: F401  (registers the benchmarks)
+from jaxspec.bench.core import (  # noqa: F401
+    AT_MOST,
+    BENCHMARKS,
+    TARGETS,
+    Settings,
+    _row,
+    register,
+    run,
+    table,
+)

@@ -1,0 +1,189 @@
+"""The benchmarks: train and eval steps (beside torchvision), input pipeline, vmapped specialists, routing."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from jaxspec import models, route, sharding, specialize
+from jaxspec.bench.core import (
+    MEAN,
+    STD,
+    Settings,
+    _batch,
+    _compile,
+    _model_settings,
+    _rounds,
+    _row,
+    _setting,
+    _timed,
+    _train_step,
+    register,
+)
+from jaxspec.data import embedded, embedded_files, pipeline
+from jaxspec.data.constrain import ConstrainedSource
+from jaxspec.data.sources import ArraySource, DatasetInfo, get_info
+from jaxspec.train import multi, steps
+
+
+def _torch_ref(s: Settings, mode: str, res: int, batch: int, classes: int, width: float):
+    """`n -> seconds` of torchvision in the same setting (full width only), or None."""
+    if s.torch is None or width != 1.0:
+        return None
+    key = f"{res}/{batch}/{classes}"
+    s.torch.setup(key, res, batch, classes)
+    return lambda n: s.torch.seconds(key, mode, n)
+
+
+def _train_row(s: Settings, mesh, res: int, batch: int, classes: int, width: float) -> dict:
+    model = models.mobilenet_v3_small(classes, rngs=nnx.Rngs(0), width_multiplier=width)
+    _, state, step = _train_step(model, mesh)
+    data = sharding.put_batch(_batch(res, batch, classes), mesh)
+    compiled, compile_s, temp = _compile(steps.jit_train_step(step, mesh), state, data)
+    holder = [state]
+
+    def one():
+        holder[0], metrics = compiled(holder[0], data)
+        return metrics
+
+    timing = _rounds(s, _timed(one), _torch_ref(s, "train", res, batch, classes, width))
+    return _row("train", _setting(res, batch, classes, width), batch, timing, compile_seconds=compile_s,
+                xla_temp_mib=None if temp is None else temp / 2**20)
+
+
+def _eval_row(s: Settings, mesh, res: int, batch: int, classes: int, width: float) -> dict:
+    model = models.mobilenet_v3_small(classes, rngs=nnx.Rngs(0), width_multiplier=width)
+    modeldef, state, _ = _train_step(model, mesh)
+    step = steps.make_eval_step(modeldef, mean=MEAN, std=STD, num_classes=classes)
+    data = sharding.put_batch(_batch(res, batch, classes, mask=True), mesh)
+    compiled, compile_s, temp = _compile(steps.jit_eval_step(step, mesh), state, data)
+    timing = _rounds(s, _timed(lambda: compiled(state, data)), _torch_ref(s, "eval", res, batch, classes, width))
+    return _row("eval", _setting(res, batch, classes, width), batch, timing, compile_seconds=compile_s,
+                xla_temp_mib=None if temp is None else temp / 2**20)
+
+
+@register("train")
+def bench_train(s: Settings) -> list[dict]:
+    """Full train step: forward, backward, Adam; train-mode BatchNorm, dropout, label smoothing."""
+    mesh = sharding.make_mesh()
+    return [_train_row(s, mesh, *setting) for setting in _model_settings(s)]
+
+
+@register("eval")
+def bench_eval(s: Settings) -> list[dict]:
+    """Eval step: BatchNorm running averages, top-1/top-2 and per-class counts."""
+    mesh = sharding.make_mesh()
+    return [_eval_row(s, mesh, *setting) for setting in _model_settings(s)]
+
+
+def _data_config(**overrides) -> ml_collections.ConfigDict:
+    """The `data` fields the pipeline reads (as configs/common.py sets them)."""
+    cfg = {"transform": "small", "image_size": 32, "crop_padding": 4, "flip": True, "randaugment_ops": 0,
+           "randaugment_magnitude": 9, "erasing_prob": 0.0, "num_threads": 4, "prefetch": 256}
+    return ml_collections.ConfigDict(cfg | overrides)
+
+
+def _small_source(quick: bool):
+    """The embedded training split if it is already cached (never fetched here), else a synthetic stand-in."""
+    path = os.path.join(embedded_files.default_data_dir(), f"embedded-{embedded.cache_key({})}.npz")
+    if os.path.exists(path) and not quick:
+        images, labels = embedded.load("train")
+        return ArraySource(images, labels, get_info("embedded")), "embedded train split"
+    rng = np.random.default_rng(0)
+    n = 600 if quick else 21_000
+    info = DatasetInfo("synthetic", tuple(f"c{i}" for i in range(30)), {}, (0.5,), (0.25,))
+    return ArraySource(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), np.arange(n) % 30, info), \
+        "synthetic 28x28 (embedded data not cached)"
+
+
+def _train_rate(s: Settings, res: int) -> float | None:
+    return next((r["jaxspec"] for r in s.results if r["benchmark"] == "train" and r["setting"].startswith(f"{res}px")),
+                None)
+
+
+@register("pipeline")
+def bench_pipeline(s: Settings) -> list[dict]:
+    """grain input pipeline images/s with domain constraining (S = 10 of 30 classes), against the train step."""
+    small, what = _small_source(s.quick)
+    rng = np.random.default_rng(0)
+    n_big = 64 if s.quick else 512
+    big_info = DatasetInfo("synthetic-rgb", tuple(f"c{i}" for i in range(30)), {}, MEAN, STD)
+    big = ArraySource(rng.integers(0, 256, (n_big, 256, 320, 3), dtype=np.uint8), np.arange(n_big) % 30, big_info)
+    res_small, res_big = (r for r, *_ in _model_settings(s))
+    cases = [
+        (small, what, _data_config(image_size=res_small), 16 if s.quick else 256, res_small),
+        (big, "synthetic 256x320 RGB, RandomResizedCrop + flip + RandAugment(2, 9) + erasing 0.2",
+         _data_config(transform="imagenet", image_size=res_big, randaugment_ops=2, erasing_prob=0.2),
+         8 if s.quick else 32, res_big),
+    ]
+    return [_pipeline_row(s, *case) for case in cases]
+
+
+def _pipeline_row(s: Settings, source, desc: str, cfg, batch: int, res: int) -> dict:
+    it = pipeline.train_iterator(ConstrainedSource(source, list(range(10))), cfg, batch_size=batch, seed=0)
+    timing = _rounds(s, _timed(lambda: next(it)), None)
+    train = _train_rate(s, res)
+    return _row("pipeline", f"{res}px, batch {batch}: {desc}", batch, timing,
+                ratio=None if train is None else batch / timing["seconds"] / train,
+                train_step_img_s=train, threads=cfg.num_threads, host_cores=os.cpu_count())
+
+
+@register("multi")
+def bench_multi(s: Settings) -> list[dict]:
+    """K specialists (extracted from one generalist) in one vmapped step vs K sequential single steps."""
+    res, batch, _, width = _model_settings(s)[0]
+    k = s.specialists
+    batch = min(batch, 128)  # the default specialist phase's batch
+    generalist = models.mobilenet_v3_small(10 * k, rngs=nnx.Rngs(0), width_multiplier=width)
+    mesh = sharding.make_mesh()
+    singles = []
+    for i in range(k):
+        model = specialize.extract(generalist, list(range(10 * i, 10 * i + 10)))
+        singles.append(_train_step(model, mesh, seed=i))
+    data = sharding.put_batch(_batch(res, batch, 10), mesh)
+    single, single_s, _ = _compile(steps.jit_train_step(singles[0][2], mesh), singles[0][1], data)
+    smesh = multi.spec_mesh(k)
+    stacked = jax.device_put(multi.stack([st for _, st, _ in singles]), multi.state_sharding(smesh))
+    mdata = multi.put_batches([_batch(res, batch, 10, seed=i) for i in range(k)], smesh)
+    vmapped, multi_s, temp = _compile(
+        multi.jit_multi_train_step(multi.make_multi_train_step(singles[0][2]), smesh), stacked, mdata)
+    states = [[st] for _, st, _ in singles]
+    holder = [stacked]
+
+    def sequential():
+        out = None
+        for h in states:
+            h[0], out = single(h[0], data)
+        return out
+
+    def together():
+        holder[0], metrics = vmapped(holder[0], mdata)
+        return metrics
+
+    timing = _rounds(s, _timed(together), _timed(sequential))  # ref: K sequential single steps
+    setting = f"K={k} specialists, {res}px, batch {batch} each" + ("" if width == 1.0 else f", width {width}")
+    return [_row("multi", setting, k * batch, timing, reference="sequential", ratio=1 / timing["ratio"],
+                 speedup_vs_sequential=timing["ratio"], compile_seconds=multi_s, single_compile_seconds=single_s,
+                 xla_temp_mib=None if temp is None else temp / 2**20)]
+
+
+@register("routed")
+def bench_routed(s: Settings) -> list[dict]:
+    """The routed system (generalist, then its group's specialist, `jaxspec.route`) vs the generalist alone."""
+    res, batch, _, width = _model_settings(s)[0]
+    k = s.specialists
+    generalist = models.mobilenet_v3_small(10 * k, rngs=nnx.Rngs(0), width_multiplier=width)
+    groups = [list(range(10 * i, 10 * i + 10)) for i in range(k)]
+    system = route.build_routed(generalist, [specialize.extract(generalist, g) for g in groups], groups,
+                                mean=MEAN, std=STD, mesh=sharding.make_mesh())
+    images = _batch(res, batch, 10 * k)["image"]
+    t = route.throughput(system, images, repeats=max(3, s.repeats * s.steps))
+    timing = {"seconds": batch / t["routed_images_per_s"], "rounds": [batch / t["routed_images_per_s"]],
+              "ref_seconds": batch / t["generalist_images_per_s"], "ref_rounds": [batch / t["generalist_images_per_s"]]}
+    setting = f"K={k} specialists, {res}px, batch {batch}" + ("" if width == 1.0 else f", width {width}")
+    return [_row("routed", setting, batch, timing, reference="generalist", ratio=t["cost_vs_generalist"],
+                 specialist_examples_per_image=t["specialist_examples_per_image"], chunk=t["chunk"])]

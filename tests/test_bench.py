@@ -1,0 +1,91 @@
+"""`python -m jaxspec.bench --quick` runs and reports every benchmark; the registry and table work."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+from flax import nnx
+
+from jaxspec import bench, models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_quick_cli_writes_json_with_every_benchmark(tmp_path):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "jaxspec.bench", "--quick", f"--out={out}", "--torch_python=/nonexistent"],
+                          check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert json.loads(out.read_text()) == report
+    assert {"command", "date", "machine", "settings", "results", "memory", "load_before", "load_after"} <= set(report)
+    assert report["machine"]["cores"] == os.cpu_count() and report["machine"]["backend"] == "cpu"
+    by_bench = {}
+    for row in report["results"]:
+        by_bench.setdefault(row["benchmark"], []).append(row)
+        assert row["jaxspec"] > 0 and row["unit"] == "img/s" and len(row["rounds_seconds"]) == 1
+    assert sorted(by_bench) == sorted(bench.BENCHMARKS)
+    assert len(by_bench["train"]) == len(by_bench["eval"]) == len(by_bench["pipeline"]) == 2
+    assert all(r["xla_temp_mib"] > 0 and r["compile_seconds"] > 0 for r in by_bench["train"])
+    # the pipeline is compared with the train step at its resolution
+    for p, t in zip(by_bench["pipeline"], by_bench["train"]):
+        assert p["ratio"] == pytest.approx(p["jaxspec"] / t["jaxspec"])
+    (m,) = by_bench["multi"]
+    assert m["reference"] == "sequential" and m["ratio"] == pytest.approx(1 / m["speedup_vs_sequential"])
+    assert m["meets_target"] == (m["ratio"] <= bench.TARGETS["multi"])
+    (rt,) = by_bench["routed"]  # routed vs generalist: ratio is the routed system's cost in generalist passes
+    assert rt["reference"] == "generalist" and rt["ratio"] == pytest.approx(rt["generalist"] / rt["jaxspec"])
+    assert 1 <= rt["specialist_examples_per_image"] <= 1 + rt["chunk"]
+    assert report["memory"]["host_peak_rss_mib"] > 0
+    assert "torch worker '/nonexistent' failed" in report["torch_note"]
+    assert "| benchmark | setting |" in proc.stderr
+
+
+def test_registry_runs_named_benchmarks_and_rejects_unknown(monkeypatch):
+    monkeypatch.setitem(bench.BENCHMARKS, "fake", lambda s: [bench._row(
+        "fake", "x", 10, {"seconds": 0.5, "rounds": [0.5], "ref_seconds": 1.0, "ref_rounds": [1.0], "ratio": 2.0})])
+    s = bench.Settings(quick=True, repeats=1, steps=1, warmup=0, specialists=2, torch=None)
+    report = bench.run(s, ["fake"])
+    (row,) = report["results"]
+    assert row["jaxspec"] == 20 and row["torchvision"] == 10 and row["ratio"] == 2.0 and "target" not in row
+    assert "| fake | x | 20 img/s | 10 (torchvision) | 2.00 |" in bench.table(report)
+    with pytest.raises(ValueError, match=r"Unknown benchmarks \['nope'\]"):
+        bench.run(s, ["nope"])
+
+
+@pytest.mark.parametrize("benchmark, ratio, met", [("train", 1.6, True), ("eval", 2.9, False), ("multi", 1.05, True),
+                                                  ("multi", 1.2, False)])
+def test_targets(benchmark, ratio, met):
+    row = bench._row(benchmark, "s", 4, {"seconds": 1.0, "rounds": [1.0]}, ratio=ratio)
+    assert row["meets_target"] is met
+
+
+@pytest.mark.skipif(not os.environ.get("JAXSPEC_TORCH_PYTHON"),
+                    reason="set JAXSPEC_TORCH_PYTHON to an interpreter with torch + torchvision")
+def test_torch_worker_builds_torchvisions_model():
+    worker = bench.TorchWorker(os.environ["JAXSPEC_TORCH_PYTHON"], threads=1)
+    params = worker.setup("t", res=32, batch=2, classes=7)
+    ours = nnx.eval_shape(lambda: models.mobilenet_v3_small(7, rngs=nnx.Rngs(0)))
+    assert params == sum(x.size for x in jax.tree.leaves(nnx.state(ours, nnx.Param)))
+    assert worker.seconds("t", "train", 1) > 0 and worker.seconds("t", "eval", 1) > 0
+    assert worker.close()["threads"] == 1
+
+
+def test_run_keeps_a_live_torch_worker_out_of_the_report(monkeypatch):
+    import threading
+
+    class Worker:  # like TorchWorker: holds a process and pipes, which cannot be copied
+        lock = threading.Lock()
+
+        def close(self):
+            return {"peak_rss_mib": 1.0}
+
+    monkeypatch.setitem(bench.BENCHMARKS, "fake", lambda s: [])
+    s = bench.Settings(quick=True, repeats=1, steps=1, warmup=0, specialists=2, torch=Worker())
+    report = bench.run(s, ["fake"])
+    assert report["settings"] == {"quick": True, "repeats": 1, "steps": 1, "warmup": 0, "specialists": 2}
+    assert report["memory"]["torch_worker_peak_rss_mib"] == 1.0
