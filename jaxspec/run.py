@@ -71,7 +71,7 @@ class Runner:
         self.config = config
         self.workdir = pathlib.Path(workdir).absolute()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.mesh = sharding.make_mesh()
+        self.mesh = sharding.make_mesh(fsdp=config.sharding.fsdp)
         self.writer = metric_writers.create_default_writer(
             str(self.workdir / "tensorboard"), just_logging=jax.process_index() > 0
         )
@@ -146,7 +146,7 @@ class Runner:
         tx, schedule = optimizers.make_optimizer(phase.optim, phase.steps)
         tx = freeze.freeze(tx, nnx.state(model, nnx.Param), freeze.parse_patterns(phase.get("freeze", "")))
         modeldef, state = create_state(model, tx, seed)
-        state = sharding.replicate(state, self.mesh)
+        state = sharding.place_state(state, self.mesh)  # replicated, or split over 'fsdp'
         data_iter = pipeline.train_iterator(source, self.config.data, batch_size=phase.batch_size, seed=seed)
         ckpt = checkpoint.Checkpointer(self.workdir / "checkpoints" / name)
         if ckpt.latest_step() is not None:
@@ -162,7 +162,7 @@ class Runner:
             state = loop.fit(
                 name,
                 state,
-                steps.jit_train_step(train_step, self.mesh),
+                steps.jit_train_step(train_step, self.mesh, sharding.state_shardings(state, self.mesh)),
                 data_iter,
                 num_steps=phase.steps,
                 batch_size=phase.batch_size,
@@ -252,5 +252,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         print(f"\ngeneralist on all {info.num_classes} classes: top-1 {100 * gen_all['top1']:.2f}%; "
               f"on its training data (eval mode): top-1 {100 * gen_train['top1']:.2f}%, loss {gen_train['loss']:.4f}")
         print(f"results: {r.workdir / 'results.json'}  ({results['seconds']:.0f}s)", flush=True)
+        from jaxspec import report  # matplotlib is imported only once a report is written
+
+        print(f"report: {report.write_run_report(r.workdir, results)}", flush=True)
     r.writer.close()
     return results
