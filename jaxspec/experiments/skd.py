@@ -1,0 +1,105 @@
+"""SKD experiment: small specialists for random class subsets, made four ways.
+
+A cell {subset_size, student, seed} draws S as the first `subset_size`
+classes of a permutation seeded by `seed` (so one seed's subsets are nested
+and every seed draws different ones) and scores on S's test images:
+
+- teacher: the large generalist (`skd.teacher`) restricted to S (a reference);
+- generalist: the student-size generalist (`config.model`) restricted to S;
+- scratch: the student architecture with |S| outputs trained on D_S alone (`config.scratch`);
+- finetuned: extracted from the student-size generalist, fine-tuned on D_S (`config.specialize`);
+- skd: the scratch student trained with SKD's loss against the teacher (`config.scratch` steps);
+- skd_finetuned: the finetuned student's start, trained with SKD's loss (`config.specialize` steps).
+
+Every student gets the same steps whatever |S|. Both generalists are
+trained once per workdir (checkpoints `teacher` and `generalist`); students
+go to `skd-<student>-<size>-seed<seed>`. Returns top1/top2 (fractions), loss
+and the deployed parameter count.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+from flax import nnx
+
+from jaxspec import distill, methods, models, specialize
+from jaxspec.data.constrain import ConstrainedSource
+from jaxspec.run import restricted
+
+STUDENTS = ("teacher", "generalist", "scratch", "finetuned", "skd", "skd_finetuned")
+
+
+def draw_subset(num_classes: int, size: int, seed: int) -> tuple[int, ...]:
+    """The first `size` classes of a `seed`-seeded permutation, sorted."""
+    if not 2 <= size <= num_classes:
+        raise ValueError(f"subset_size={size} must be between 2 and the dataset's {num_classes} classes")
+    return tuple(sorted(int(c) for c in np.random.default_rng(seed).permutation(num_classes)[:size]))
+
+
+def teacher(r, config) -> methods.Trained:
+    """The large generalist, trained once per workdir (checkpoint `teacher`)."""
+    t, n = config.skd.teacher, r.info.num_classes
+    model = models.get_model(t.name, n, rngs=nnx.Rngs(config.seed), width_multiplier=t.width_multiplier,
+                             dropout_rate=config.model.dropout_rate, depthwise=config.model.depthwise)
+    d, s = r.train_phase("teacher", model, r.train, r.val, config.skd.teacher_phase, config.seed)
+    return methods.Trained(d, s, tuple(range(n)))
+
+
+def _student(r, config, student: str, subset, seed: int) -> methods.Trained:
+    train_s, val_s = ConstrainedSource(r.train, subset), ConstrainedSource(r.val, subset)
+    name = f"skd-{student}-{len(subset)}-seed{seed}"
+    if student == "teacher":
+        return restricted(teacher(r, config), subset)
+    if student == "generalist":
+        return restricted(r.generalist(), subset)
+    if student == "scratch":
+        d, s = r.train_phase(name, r.new_model(len(subset), seed), train_s, val_s, config.scratch, seed)
+        return methods.Trained(d, s, subset)
+    if student == "finetuned":
+        return methods.specialize_from(r, r.generalist(), subset, "extract", seed=seed, name=name)
+    if student == "skd":
+        start, phase = r.new_model(len(subset), seed), config.scratch
+    else:
+        start, phase = specialize.extract(r.generalist().model, subset), config.specialize
+    t = teacher(r, config)
+    d, s = distill.train_skd(r, name, start, t.modeldef, t.state, train_s, val_s, phase, config.skd, seed)
+    return methods.Trained(d, s, subset)
+
+
+def run_cell(r, config, cell: dict) -> dict[str, float]:
+    student, seed = cell.get("student"), int(cell.get("seed", 0))
+    if student not in STUDENTS:
+        raise ValueError(f"Unknown student {student!r} in cell {cell}; choose one of {list(STUDENTS)}")
+    subset = draw_subset(r.info.num_classes, int(cell["subset_size"]), seed)
+    trained = _student(r, config, student, subset, seed)
+    m = methods.evaluate_on(r, trained, ConstrainedSource(r.test, subset))
+    return {"top1": m["top1"], "top2": m["top2"], "loss": m["loss"],
+            "params": float(distill.student_params(trained.model))}
+
+
+def plots(r, config, results: list[dict], out_dir: pathlib.Path) -> list[str]:
+    """skd.png: test top-1 on S against |S| per student, mean ± std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for student in STUDENTS:
+        rows = [x for x in results if x["cell"]["student"] == student]
+        if not rows:
+            continue
+        sizes = sorted({x["cell"]["subset_size"] for x in rows})
+        vals = [100 * np.array([x["metrics"]["top1"] for x in rows if x["cell"]["subset_size"] == k]) for k in sizes]
+        ax.errorbar(sizes, [v.mean() for v in vals], yerr=[v.std(ddof=1) if len(v) > 1 else 0 for v in vals],
+                    marker="o", capsize=3, label=student, ls="--" if student in ("teacher", "generalist") else "-")
+    ax.set(xlabel="classes in S", ylabel="test top-1 on S (%)", title="specialists by subset size (± std over seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_dir / "skd.png", dpi=120)
+    plt.close(fig)
+    return ["skd.png"]
