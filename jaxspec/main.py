@@ -15,7 +15,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     start(argv)
-    from jaxspec import run  # after initialize(): nothing may touch a backend before it
+    # Imported after initialize(): nothing may touch a backend before it.
+    if _CONFIG.value.get("task") == "detect":
+        from jaxspec.detection import run
+    else:
+        from jaxspec import run
 
     run.run(_CONFIG.value, _WORKDIR.value)
 

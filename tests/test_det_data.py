@@ -1,5 +1,6 @@
 """Detection data: box-moving augmentation vs rendered masks, domain constraining, COCO and scene pipelines."""
 
+import jax
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -221,3 +222,29 @@ def test_scene_pipeline_and_evaluator(tmp_path):
     np.testing.assert_allclose(gt["boxes"], np.concatenate([test[i]["boxes"] for i in range(len(test))]), atol=1e-3)
     assert ev.result()["mAP50_95"] == pytest.approx(1.0)
 
+
+
+def test_coco_animals_config_builds_the_papers_recipe_and_its_pipeline():
+    from flax import nnx
+
+    from configs import coco_animals
+    from jaxspec import models
+    from jaxspec.detection import train as dtrain
+
+    config = coco_animals.get_config()
+    assert config.task == "detect" and config.model.name == "yolov5m" and config.data.image_size == 640
+    assert (config.generalist.epochs, config.generalist.batch_size, config.specialize.subset) == (300, 16, "animal")
+    assert config.generalist.optim.optimizer == "yolov5_sgd" and config.generalist.optim.lr == 0.01
+    model = nnx.eval_shape(lambda: models.get_model(config.model.name, 80, rngs=nnx.Rngs(0)))
+    params = nnx.state(model, nnx.Param)
+    assert sum(p.size for p in jax.tree.leaves(params)) == 21_190_557  # YOLOv5m's 21.2M
+    _, schedule = dtrain.make_optimizer(config.generalist, params, steps_per_epoch=coco_animals.TRAIN_IMAGES // 16)
+    assert 0 < float(schedule(0)) < 1e-3 * config.generalist.optim.lr  # warm-up from 0
+    records = _tfds_records(16, np.random.default_rng(1))
+    with tfds.testing.mock_data(as_data_source_fn=lambda self, split, **kw: records):
+        source = data.get_source(config.data, config.data.train_split)
+        subset = resolve_subset(config.specialize.subset, source.info)
+        batch = next(data.train_iterator(data.ConstrainedDetectionSource(source, subset, remap=False), config.data,
+                                         batch_size=8, seed=0))
+    assert batch["image"].shape == (8, 640, 640, 3) and batch["boxes"].shape == (8, config.data.max_boxes, 4)
+    assert batch["mask"].any() and np.isin(batch["labels"][batch["mask"]], subset).all()

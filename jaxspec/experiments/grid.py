@@ -131,12 +131,16 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs (or resumes) every cell, then writes results.json and report.md."""
     t0 = time.time()
     kind = importlib.import_module(f"jaxspec.experiments.{config.experiment.kind}")
-    r = run.Runner(config, workdir)
+    r = getattr(kind, "make_runner", run.Runner)(config, workdir)  # a kind may bring its own (detection)
     add_groupings(r, config)
     cells = expand(config.experiment.grid.to_dict(), r)
     out_dir = r.workdir / "cells"
     out_dir.mkdir(exist_ok=True)
     lead = jax.process_index() == 0
+    pending = [c for c in cells if not (out_dir / f"{cell_id(c)}.json").exists()]
+    max_k = int(config.experiment.get("vmap", 8))
+    if pending and max_k > 1 and hasattr(kind, "prepare"):
+        kind.prepare(r, config, pending, max_k)  # specialists of one generalist, K per vmapped step
     results = []
     for i, cell in enumerate(cells):
         path = out_dir / f"{cell_id(cell)}.json"
@@ -156,6 +160,11 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str) -> dict:
     columns = list(config.experiment.get("columns", ())) or None
     table = markdown(rows, columns)
     plots = kind.plots(r, config, results, r.workdir) if hasattr(kind, "plots") else []
+    if lead:  # the generalist's training and validation curves, when it was trained in this workdir
+        from jaxspec import plots as run_plots, report as run_report  # matplotlib only once a report is written
+
+        panels = run_plots.DETECTION_PANELS if config.get("task") == "detect" else run_plots.PANELS
+        plots += run_report.write_curves(r.workdir, ["generalist"], panels=panels)
     summary = {"config": config.to_dict(), "groups": {k: list(r.groups[k]) for ks in r.groupings.values() for k in ks},
                "cells": results, "rows": rows, "plots": plots, "seconds": time.time() - t0}
     if lead:
@@ -163,7 +172,8 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str) -> dict:
         title = config.experiment.get("title", config.experiment.kind)
         report = [f"# {title}", "", config.experiment.get("description", ""), "",
                   f"Data: {r.info.name} ({r.info.num_classes} classes), model {config.model.name} "
-                  f"(width {config.model.width_multiplier}), seeds {sorted({c.get('seed') for c in cells})}; "
+                  f"(width {config.model.get('width_multiplier', '-')}), "
+                  f"seeds {sorted({c.get('seed') for c in cells})}; "
                   "mean ± std over seeds (sample std), accuracies in %.", "", table, ""]
         report += [f"![{p}]({p})" for p in plots]
         _write(r.workdir / "report.md", "\n".join(report) + "\n")

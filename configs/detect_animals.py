@@ -1,0 +1,106 @@
+"""The default detection run: the paper's Table 4 in miniature, offline.
+
+Embedded detection scenes (`jaxspec.detection.scenes`: 3000 training scenes,
+72-120 px canvases with 1-8 of the 30 embedded classes at 12-48 px, letterboxed
+to 96 px), YOLOv5n generalist on all 30 classes for 5 epochs, then the `animals`
+specialist (the same 10 classes as COCO's animal superclass) by domain
+constraining + output suppression, fine-tuned for 2 epochs with Adam at 1e-4.
+Sized to finish in minutes on 2 CPU cores; `specialize.scratch=True` adds a
+YOLOv5n trained from scratch on the animal scenes (Table 4's third row).
+
+  python -m jaxspec.main --config=configs/detect_animals.py --workdir=/tmp/detect
+  python -m jaxspec.main --config=configs/detect_animals.py:tiny --workdir=/tmp/t   # seconds, for tests
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+from jaxspec.detection import data
+from jaxspec.detection.loss import DEFAULT_HYP
+
+
+def phase(*, batch_size: int, optim, epochs: float = 0.0, steps: int = 0) -> ml_collections.ConfigDict:
+    """A detection training phase of `epochs` over its data (counted when the data are known), or of `steps`
+    when epochs is 0. `freeze`: YOLOv5 layer ranges (`layers:10-12`) or regexes on parameter paths;
+    `freeze_bn_stats`: BatchNorm uses (and keeps) its running statistics."""
+    return ml_collections.ConfigDict({"epochs": float(epochs), "steps": steps, "batch_size": batch_size, "optim": optim,
+                                      "freeze": "", "freeze_bn_stats": False})
+
+
+def evaluation(**overrides) -> ml_collections.ConfigDict:
+    """Eval section: YOLOv5 validation's NMS (conf 0.001, IoU 0.6) and COCOeval's 100 detections per image."""
+    cfg = ml_collections.ConfigDict({"batch_size": 64, "every_steps": 0, "conf_thres": 0.001, "iou_thres": 0.6,
+                                     "max_det": 300, "max_nms": 30000, "coco_max_dets": 100})
+    cfg.update(overrides)
+    return cfg
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    arg = common.parse_arg(arg, tiny=False, seed=0)
+    config = ml_collections.ConfigDict()
+    config.task = "detect"
+    config.seed = arg.seed
+    config.model = {"name": "yolov5n"}
+    config.data = data.default_config(name="scenes", image_size=96, max_boxes=32, num_threads=2, prefetch=8)
+    config.data.scenes.num_scenes = (3000, 500, 1000)
+    config.data.scenes.canvas = (72, 120)
+    config.data.scenes.scale = (12, 48)
+    config.hyp = dict(DEFAULT_HYP)
+
+    batch = 32
+    config.generalist = phase(epochs=5, batch_size=batch, optim=common.optimizer(
+        optimizer="adam", lr=1e-3, schedule="cosine", warmup_steps=50))
+    config.specialize = phase(epochs=2, batch_size=batch, optim=common.optimizer(optimizer="adam", lr=1e-4))
+    config.specialize.subset = "animals"  # group names, class names or indices; 'animals>horse' is gradual
+    config.specialize.method = "suppress"  # suppress | slice (see jaxspec.detection.specialize)
+    config.specialize.scratch = False  # also train a detector from scratch on D_S (config.scratch; Table 4)
+    # The generalist's recipe and epochs, on the animal scenes only.
+    config.scratch = phase(epochs=5, batch_size=batch, optim=common.optimizer(
+        optimizer="adam", lr=1e-3, schedule="cosine", warmup_steps=50))
+
+    # max_nms 3000 instead of YOLOv5's 30000: a 96 px image has only 567 boxes x 30 classes.
+    config.eval = evaluation(max_nms=3000)
+    # fsdp > 1 (or -1: all devices) splits params and optimizer state over an 'fsdp' mesh axis (large scales).
+    config.sharding = dict(fsdp=1)
+    config.log_every = 20
+    config.checkpoint_every = 200
+
+    if arg.tiny:  # seconds-long steps on the synthetic fixture, for tests
+        config.data.image_size = 64
+        config.data.max_boxes = 16
+        config.data.scenes.num_scenes = (48, 16, 16)
+        config.data.scenes.canvas = (64, 96)
+        config.data.scenes.scale = (16, 40)
+        config.data.num_threads = 1
+        config.data.prefetch = 2
+        config.specialize.scratch = True
+        for p in (config.generalist, config.specialize, config.scratch):
+            p.epochs, p.steps, p.batch_size = 0.0, 4, 8
+        config.generalist.optim.warmup_steps = config.scratch.optim.warmup_steps = 1
+        # Untrained detectors score about 1e-3 x 1/30 and place boxes at random: a low threshold and many
+        # detections per image make their mAP small but not zero, so the tests compare real numbers.
+        config.eval = evaluation(batch_size=16, conf_thres=1e-5, max_det=300, max_nms=3000, coco_max_dets=300)
+        config.log_every = 2
+        config.checkpoint_every = 2
+    return config
+
+
+def experiment_base(arg: str | None, **defaults) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
+    """The run config a detection experiment grid builds on, and the parsed config-path argument.
+
+    `data=embedded` (default; `tiny` for tests) or `data=coco` (`configs/coco_animals.py`, the paper's
+    recipe; not run in CI); `seeds=N`. `arg.subset` is the specialization group of the chosen data.
+    """
+    from configs import coco_animals  # it imports this module
+
+    arg = common.parse_arg(arg, data="embedded", tiny=False, seeds=3, **defaults)
+    if arg.data == "embedded":
+        config = get_config("tiny" if arg.tiny else None)
+    elif arg.data == "coco":
+        config = coco_animals.get_config()
+    else:
+        raise ValueError(f"Unknown data={arg.data!r}; choose one of ['coco', 'embedded']")
+    arg.subset = config.specialize.subset
+    return config, arg

@@ -1,0 +1,28 @@
+"""Paper Table 7: which layers to freeze while specializing (YOLOv5 layer indices), with and without
+frozen BatchNorm statistics.
+
+  python -m jaxspec.experiments --config=configs/experiments/table7.py --workdir=/tmp/table7
+  ... table7.py:data=coco | :tiny | :seeds=1
+"""
+
+import ml_collections
+
+from configs import detect_animals
+
+# none, backbone (0-9), the first neck layers (10-12), the whole neck (10-23), everything but the head
+FREEZE = ["", "layers:0-9", "layers:10-12", "layers:10-23", "layers:0-23"]
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    config, arg = detect_animals.experiment_base(arg)
+    config.experiment = {
+        "kind": "detect",
+        "title": "Table 7: freezing while specializing",
+        "description": "`freeze` lists frozen YOLOv5 layers; `freeze_bn_stats` keeps BatchNorm's running statistics.",
+        "grid": {"group": [arg.subset], "method": [config.specialize.method],
+                 "freeze": ["layers:10-12"] if arg.tiny else FREEZE,
+                 "freeze_bn_stats": [True] if arg.tiny else [False, True],
+                 "seed": list(range(1 if arg.tiny else arg.seeds))},
+        "columns": ["generalist_F", "specialist_F", "dF", "specialist_mAP50", "specialist_mAP50_95"],
+    }
+    return config

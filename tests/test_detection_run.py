@@ -1,0 +1,177 @@
+"""The detection main job end to end on synthetic embedded scenes: results, freezing, resume, COCOeval
+agreement, the CLI and an experiment grid."""
+
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import detect_animals
+from configs.experiments import table5
+from jaxspec.detection import data, run
+from jaxspec.detection import specialize as dspec
+from jaxspec.experiments import grid
+from jaxspec.run import restricted
+from tests.synthetic_embedded import write_fixture
+
+ANIMALS = tuple(range(10))
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return write_fixture(str(tmp_path_factory.mktemp("raw")), per_class=20)
+
+
+def tiny(config, manifest):
+    config.data.manifest = manifest
+    config.data.data_dir = str(pathlib.Path(manifest).parent / "cache")
+    return config
+
+
+SPECIALIZE = {"method": "slice", "freeze": "layers:10-12", "freeze_bn_stats": True}
+
+
+def _cli(workdir, manifest, **specialize):
+    args = [f"--config.specialize.{k}={v}" for k, v in specialize.items()]
+    return subprocess.run([sys.executable, "-m", "jaxspec.main", "--config=configs/detect_animals.py:tiny",
+                           f"--workdir={workdir}", f"--config.data.manifest={manifest}",
+                           f"--config.data.data_dir={pathlib.Path(manifest).parent / 'cache'}", *args],
+                          check=False, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def finished(manifest, tmp_path_factory):
+    """One tiny run through the CLI (head slicing, layers 10-12 and BatchNorm statistics frozen while
+    specializing): its config, workdir, results.json and output."""
+    workdir = tmp_path_factory.mktemp("run")
+    proc = _cli(workdir, manifest, **SPECIALIZE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = tiny(detect_animals.get_config("tiny"), manifest)
+    config.specialize.update(SPECIALIZE)
+    return config, workdir, json.loads((workdir / "results.json").read_text()), proc
+
+
+def _flat(tree):
+    return {"/".join(map(str, p)): np.asarray(v) for p, v in nnx.to_flat_state(tree)}
+
+
+def test_cli_run_prints_progress_and_the_results_table(finished):
+    *_, proc = finished
+    assert "jaxspec detect: embedded_scenes (30 classes), yolov5n at 64 px" in proc.stdout
+    for row in ("generalist restricted to S", "sliced specialist, untuned", "specialist (slice), tuned",
+                "scratch specialist (same data)"):
+        assert f"| {row} |" in proc.stdout
+    assert "| model (test split, S = animals, 10 classes) | F | mAP@0.5 | mAP@0.5:0.95 |" in proc.stdout
+    assert "[generalist] step 4/4" in proc.stderr and "img/s  ETA" in proc.stderr
+
+
+def test_results_table_slicing_exact_and_every_animal_box_scored(finished):
+    config, workdir, results, _ = finished
+    stage = results["stages"][0]
+    rows = stage["test_on_S"]
+    assert list(rows) == ["generalist restricted to S", "sliced specialist, untuned", "specialist (slice), tuned",
+                          "scratch specialist (same data)"]
+    assert stage["slicing_exact"]  # the sliced, untuned head is the generalist restricted to S
+    assert rows["generalist restricted to S"]["mAP50"] > 0  # (the tiny config's eval makes that a real number)
+    assert rows["sliced specialist, untuned"]["AP50_95_per_class"] == rows["generalist restricted to S"][
+        "AP50_95_per_class"]
+    test = data.get_source(config.data, "test")
+    animal_boxes = sum(int(np.isin(labels, ANIMALS).sum()) for labels in test.box_labels)
+    with_animals = sum(bool(np.isin(labels, ANIMALS).any()) for labels in test.box_labels)
+    for m in rows.values():
+        assert m["boxes"] == animal_boxes and m["images"] == with_animals
+        assert 0 <= m["mAP50_95"] <= m["mAP50"] <= 1
+        assert m["fitness"] == pytest.approx(0.1 * m["mAP50"] + 0.9 * m["mAP50_95"])
+        assert set(m["AP50_95_per_class"]) <= {test.info.class_names[c] for c in ANIMALS}
+    assert results["generalist_test_all_classes"]["boxes"] == sum(len(labels) for labels in test.box_labels)
+    for name in ("generalist", "specialist", "scratch"):
+        assert (workdir / "checkpoints" / name / "4").exists()
+    spec = json.loads((workdir / "models" / "specialist" / "model.json").read_text())
+    assert spec["num_classes"] == 10 and spec["class_names"][:2] == ["bear", "bird"]
+
+
+def test_frozen_layers_and_statistics_are_the_generalists(finished):
+    config, workdir, *_ = finished
+    r = run.Runner(config, str(workdir))  # finished phases restore without training
+    gen = r.generalist()
+    spec = run.specialize_from(r, gen, ANIMALS, "slice", seed=config.seed + 1, name="specialist")
+    start = dspec.slice_head(gen.model, ANIMALS)
+    before, after = _flat(nnx.state(start, nnx.Param)), _flat(spec.state.params)
+    for path in before:
+        assert np.array_equal(before[path], after[path]) == path.startswith("layers/10/"), path
+    stats_before, stats_after = _flat(nnx.state(start, nnx.BatchStat)), _flat(spec.state.batch_stats)
+    assert stats_before.keys() == stats_after.keys()
+    for path, value in stats_before.items():
+        np.testing.assert_array_equal(value, stats_after[path], err_msg=path)
+    r.writer.close()
+
+
+@pytest.mark.slow
+def test_interrupted_specialist_resumes_to_the_same_results(finished, tmp_path):
+    config, workdir, results, _ = finished
+    copy = tmp_path / "w"
+    shutil.copytree(workdir, copy)
+    shutil.rmtree(copy / "checkpoints" / "specialist" / "4")  # as if stopped after the step-2 checkpoint
+    shutil.rmtree(copy / "models" / "specialist")
+    logged = len((copy / "metrics.jsonl").read_text().splitlines())
+    again = run.run(config, str(copy))
+    new_lines = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()[logged:]]
+    trained = {(name.split("/")[0], rec["step"]) for rec in new_lines for name in rec if name.endswith("train_loss")}
+    assert trained == {("specialist", 4)}  # only the interrupted phase ran, and only its missing steps
+    assert json.loads(json.dumps(again["stages"])) == results["stages"]
+
+
+def test_evaluator_agrees_with_pycocotools_on_the_scenes_json(finished):
+    cocoeval = pytest.importorskip("pycocotools.cocoeval")
+    coco = pytest.importorskip("pycocotools.coco")
+    config, workdir, results, _ = finished
+    r = run.Runner(config, str(workdir))
+    gen = restricted(r.generalist(), ANIMALS)
+    source = r.constrained(r.test, ANIMALS)
+    found = r.evaluator(gen.modeldef).collect(gen.state, source, classes=gen.classes, columns=gen.columns)
+    dt, gt = found.detections(), found.ground_truth()
+    ids = source.source_indices  # evaluator image ids are positions in the constrained source
+    truth = np.concatenate([source[i]["boxes"] for i in range(len(source))])
+    np.testing.assert_allclose(gt["boxes"], truth, atol=1e-3)  # letterbox there and back
+    ground = coco.COCO(r.test.coco_json_path)
+    found = ground.loadRes([{"image_id": int(ids[i]), "category_id": int(c) + 1, "score": float(s),
+                             "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]}
+                            for i, b, s, c in zip(dt["image_id"], dt["boxes"], dt["scores"], dt["labels"])])
+    ev = cocoeval.COCOeval(ground, found, "bbox")
+    ev.params.imgIds, ev.params.catIds = [int(i) for i in ids], [c + 1 for c in ANIMALS]
+    ev.params.maxDets = [1, 10, config.eval.coco_max_dets]
+    ev.evaluate()
+    ev.accumulate()
+    precision = ev.eval["precision"][..., 0, -1]  # [T, R, K] at area 'all' and the largest maxDets, as summarize()
+    ours = results["stages"][0]["test_on_S"]["generalist restricted to S"]
+    assert len(dt["scores"]) > 0 and ours["mAP50"] > 0
+    assert ours["mAP50_95"] == pytest.approx(precision[precision > -1].mean(), abs=1e-3)
+    assert ours["mAP50"] == pytest.approx(precision[0][precision[0] > -1].mean(), abs=1e-3)
+    r.writer.close()
+
+
+def test_a_bad_method_is_named(manifest, tmp_path):
+    config = tiny(detect_animals.get_config("tiny"), manifest)
+    config.specialize.method = "extract"
+    with pytest.raises(ValueError, match=r"Unknown specialize.method 'extract'; choose one of \['suppress', 'slice'\]"):
+        run.Runner(config, str(tmp_path))
+
+
+def test_gradual_experiment_cell_and_plot(finished, manifest, tmp_path):
+    _, workdir, *_ = finished
+    config = tiny(table5.get_config("tiny"), manifest)
+    config.experiment.bars = True
+    shutil.copytree(workdir / "checkpoints" / "generalist", tmp_path / "checkpoints" / "generalist")  # reuse it
+    out = grid.run_grid(config, str(tmp_path))
+    (cell,) = out["cells"]
+    assert cell["cell"]["group"] == "animals>horse"
+    m = cell["metrics"]
+    assert m["dF"] == pytest.approx(m["specialist_F"] - m["generalist_F"])
+    assert (tmp_path / "checkpoints" / f"cell-{grid.cell_id(cell['cell'])}-stage1").exists()
+    assert out["plots"] == ["delta_f.png"] and (tmp_path / "delta_f.png").stat().st_size > 0
+    assert f"| animals>horse | {config.specialize.method} | 1 |" in (tmp_path / "report.md").read_text()
