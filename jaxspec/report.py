@@ -10,6 +10,7 @@ detector runs (`jaxspec.detection.run`, scored by F and mAP) get the same layout
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 from collections.abc import Sequence
@@ -246,4 +247,18 @@ def write_run_report(workdir: str | pathlib.Path, results: dict) -> pathlib.Path
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(out))
     os.replace(tmp, path)
+    return path
+
+
+def finish(workdir: str | pathlib.Path, results: dict, tables: Sequence[str], summary: str) -> pathlib.Path:
+    """The end of a main job: results.json (atomically), the tables and `summary` on the terminal, report.md."""
+    workdir = pathlib.Path(workdir)
+    tmp = workdir / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, workdir / "results.json")
+    print("\n" + "\n\n".join(tables))
+    print(f"\n{summary}")
+    print(f"results: {workdir / 'results.json'}  ({results['seconds']:.0f}s)", flush=True)
+    path = write_run_report(workdir, results)
+    print(f"report: {path}", flush=True)
     return path

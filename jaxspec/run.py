@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import logging
-import os
 import pathlib
 import time
 
@@ -245,15 +243,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "seconds": time.time() - t0,
     }
     if jax.process_index() == 0:
-        tmp = r.workdir / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=1))
-        os.replace(tmp, r.workdir / "results.json")
-        print("\n" + "\n\n".join(tables))
-        print(f"\ngeneralist on all {info.num_classes} classes: top-1 {100 * gen_all['top1']:.2f}%; "
-              f"on its training data (eval mode): top-1 {100 * gen_train['top1']:.2f}%, loss {gen_train['loss']:.4f}")
-        print(f"results: {r.workdir / 'results.json'}  ({results['seconds']:.0f}s)", flush=True)
         from jaxspec import report  # matplotlib is imported only once a report is written
 
-        print(f"report: {report.write_run_report(r.workdir, results)}", flush=True)
+        report.finish(r.workdir, results, tables, f"generalist on all {info.num_classes} classes: top-1 "
+                      f"{100 * gen_all['top1']:.2f}%; on its training data (eval mode): top-1 "
+                      f"{100 * gen_train['top1']:.2f}%, loss {gen_train['loss']:.4f}")
     r.writer.close()
     return results

@@ -1,7 +1,6 @@
 """SKD: spectral norms, the distillation loss, teacher isolation, the sharded step and the experiment end to end."""
 
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +15,7 @@ from jaxspec.experiments import skd as skd_exp
 from jaxspec.run import Runner
 from jaxspec.train import steps
 from jaxspec.train.state import create_state, to_model
-from tests.synthetic_embedded import write_fixture
+from tests.synthetic_embedded import use_fixture
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 7), (3, 9, 4), (2, 6, 6)])
@@ -155,10 +154,7 @@ def test_draw_subset():
 
 @pytest.fixture(scope="module")
 def tiny_runner(tmp_path_factory):
-    manifest = write_fixture(str(tmp_path_factory.mktemp("raw")), per_class=20)
-    config = skd_config.get_config("tiny")
-    config.data.manifest = manifest
-    config.data.data_dir = str(pathlib.Path(manifest).parent / "cache")
+    config = use_fixture(skd_config.get_config("tiny"), str(tmp_path_factory.mktemp("raw")))
     return Runner(config, str(tmp_path_factory.mktemp("work"))), config
 
 

@@ -81,12 +81,15 @@ def test_tiny_grid_end_to_end_and_resume(fixture_data, tmp_path, monkeypatch, ca
 def test_methods_curves_and_forgetting_plots(fixture_data, tmp_path):
     config = tiny(methods_cfg, fixture_data, method=["extract", "suppress"], seed=[0])
     out = grid.run_grid(config, str(tmp_path / "m"))
-    assert out["plots"] == ["curves.png"] and (tmp_path / "m" / "curves.png").stat().st_size > 0
+    # the methods' validation curves, then the generalist's training curves (trained in this workdir)
+    assert out["plots"] == ["curves.png", "plots/curves.png"]
+    assert all((tmp_path / "m" / p).stat().st_size > 0 for p in out["plots"])
+    assert "![plots/curves.png](plots/curves.png)" in (tmp_path / "m" / "report.md").read_text()
     config = tiny(forgetting, fixture_data, seed=[0])
     config.specialize.optim.lr = 0.05
     out = grid.run_grid(config, str(tmp_path / "f"))
     m = out["cells"][0]["metrics"]
-    assert out["plots"] == ["forgetting.png"]
+    assert out["plots"] == ["forgetting.png", "plots/curves.png"]
     # Training only on S with every output in the softmax pushes the other classes down.
     assert m["end_irrelevant_prob"] < m["start_irrelevant_prob"]
     assert m["end_irrelevant_bias"] < m["start_irrelevant_bias"]

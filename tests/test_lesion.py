@@ -2,7 +2,6 @@
 
 import functools
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +20,7 @@ from jaxspec.models import layers
 from jaxspec.run import Runner
 from jaxspec.train import optimizers, steps
 from jaxspec.train.state import create_state, to_model
-from tests.synthetic_embedded import write_fixture
+from tests.synthetic_embedded import use_fixture
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -197,10 +196,7 @@ def test_held_units_stay_exactly_zero_under_adam_and_init_units_move(optim):
 
 @pytest.fixture(scope="module")
 def tiny_runner(tmp_path_factory):
-    manifest = write_fixture(str(tmp_path_factory.mktemp("raw")), per_class=20)
-    config = lesion_config.get_config("tiny")
-    config.data.manifest = manifest
-    config.data.data_dir = str(pathlib.Path(manifest).parent / "cache")
+    config = use_fixture(lesion_config.get_config("tiny"), str(tmp_path_factory.mktemp("raw")))
     return Runner(config, str(tmp_path_factory.mktemp("work"))), config
 
 

@@ -4,7 +4,6 @@ import contextlib
 import copy
 import io
 import json
-import pathlib
 import re
 
 import numpy as np
@@ -15,16 +14,13 @@ from configs import animals, detect_animals
 from jaxspec import plots, report, run
 from jaxspec.detection import run as detection_run
 from jaxspec.train import history
-from tests.synthetic_embedded import write_fixture
+from tests.synthetic_embedded import use_fixture
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """One tiny run with validation on, shared by the module: (workdir, results, terminal output)."""
-    manifest = write_fixture(str(tmp_path_factory.mktemp("raw")), per_class=20)
-    config = animals.get_config("tiny")
-    config.data.manifest = manifest
-    config.data.data_dir = str(pathlib.Path(manifest).parent / "cache")
+    config = use_fixture(animals.get_config("tiny"), str(tmp_path_factory.mktemp("raw")))
     config.eval.every_steps = 10
     workdir = tmp_path_factory.mktemp("run")
     out = io.StringIO()

@@ -13,8 +13,6 @@ resume as the classifier's do (`jaxspec.run`).
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
 import time
 from collections.abc import Sequence
@@ -234,15 +232,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     results = {"config": config.to_dict(), "stages": stages, "generalist_test_all_classes": gen_all,
                "seconds": time.time() - t0}
     if lead:
-        tmp = r.workdir / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=1))
-        os.replace(tmp, r.workdir / "results.json")
-        print("\n" + "\n\n".join(tables))
-        print(f"\ngeneralist on all {info.num_classes} classes: F {100 * gen_all['fitness']:.2f}, mAP@0.5 "
-              f"{100 * gen_all['mAP50']:.2f}, mAP@0.5:0.95 {100 * gen_all['mAP50_95']:.2f}")
-        print(f"results: {r.workdir / 'results.json'}  ({results['seconds']:.0f}s)", flush=True)
         from jaxspec import report  # matplotlib is imported only once a report is written
 
-        print(f"report: {report.write_run_report(r.workdir, results)}", flush=True)
+        report.finish(r.workdir, results, tables, f"generalist on all {info.num_classes} classes: F "
+                      f"{100 * gen_all['fitness']:.2f}, mAP@0.5 {100 * gen_all['mAP50']:.2f}, mAP@0.5:0.95 "
+                      f"{100 * gen_all['mAP50_95']:.2f}")
     r.writer.close()
     return results

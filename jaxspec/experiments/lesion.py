@@ -143,10 +143,9 @@ def run_cell(r, config, cell: dict) -> dict[str, float]:
 
 def plots(r, config, results: list[dict], out_dir: pathlib.Path) -> list[str]:
     """lesion.png: accuracy change per task, and lesion-impact difference before/after, per condition."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from jaxspec.plots import save
 
     conditions = [(m, t) for m in MODES for t in RETRAIN
                   if any(x["cell"]["mode"] == m and x["cell"]["retrain"] == t for x in results)]
@@ -158,7 +157,8 @@ def plots(r, config, results: list[dict], out_dir: pathlib.Path) -> list[str]:
 
     pos = np.arange(len(conditions))
     labels = [f"{m}\nretrain {t}" for m, t in conditions]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(conditions)), 4))
+    fig = Figure(figsize=(max(8, 1.6 * len(conditions)), 4))
+    ax1, ax2 = fig.subplots(1, 2)
     for j, t in enumerate(("A", "B")):
         mean = [stat(*c, f"delta_top1_{t}")[0] for c in conditions]
         se = [stat(*c, f"delta_top1_{t}_se")[0] for c in conditions]  # the class SE, averaged over seeds
@@ -174,9 +174,5 @@ def plots(r, config, results: list[dict], out_dir: pathlib.Path) -> list[str]:
         ax.set_xticks(pos, labels, fontsize=8)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_dir / "lesion.png", dpi=120)
-    plt.close(fig)
-    return ["lesion.png"]
+    return [save(fig, pathlib.Path(out_dir) / "lesion.png", dpi=120).name]
 

@@ -81,12 +81,12 @@ def run_cell(r, config, cell: dict) -> dict[str, float]:
 
 def plots(r, config, results: list[dict], out_dir: pathlib.Path) -> list[str]:
     """skd.png: test top-1 on S against |S| per student, mean ± std over seeds."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from jaxspec.plots import save
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for student in STUDENTS:
         rows = [x for x in results if x["cell"]["student"] == student]
         if not rows:
@@ -98,8 +98,4 @@ def plots(r, config, results: list[dict], out_dir: pathlib.Path) -> list[str]:
     ax.set(xlabel="classes in S", ylabel="test top-1 on S (%)", title="specialists by subset size (± std over seeds)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_dir / "skd.png", dpi=120)
-    plt.close(fig)
-    return ["skd.png"]
+    return [save(fig, pathlib.Path(out_dir) / "skd.png", dpi=120).name]
