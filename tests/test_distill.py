@@ -158,7 +158,6 @@ def tiny_runner(tmp_path_factory):
     return Runner(config, str(tmp_path_factory.mktemp("work"))), config
 
 
-@pytest.mark.slow  # several compiles of MobileNet steps: minutes on a 2-core CPU without the compile cache
 def test_skd_cell_end_to_end(tiny_runner, tmp_path):
     r, config = tiny_runner
     cell = {"subset_size": 4, "student": "skd", "seed": 0}

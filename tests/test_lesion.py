@@ -200,7 +200,6 @@ def tiny_runner(tmp_path_factory):
     return Runner(config, str(tmp_path_factory.mktemp("work"))), config
 
 
-@pytest.mark.slow  # several compiles of MobileNet steps: minutes on a 2-core CPU without the compile cache
 def test_lesion_cell_end_to_end(tiny_runner, tmp_path):
     r, config = tiny_runner
     cell = {"mode": "always", "retrain": "both", "seed": 0}
