@@ -26,6 +26,8 @@ def test_aggregate_is_mean_and_sample_std_over_seeds_with_group_average():
     np.testing.assert_allclose(avg["std"]["top1"], vals.mean(0).std(ddof=1))
     table = grid.markdown(list(rows.values()))
     assert f"{100 * vals[0].mean():.2f} ± {100 * vals[0].std(ddof=1):.2f}" in table
+    one_group = [r for r in results if r["cell"]["group"] == "a"]
+    assert [r["cell"]["group"] for r in grid.aggregate(one_group)] == ["a"]  # no average of a single group
 
 
 def test_cell_ids_are_file_safe_and_distinct():

@@ -91,10 +91,10 @@ def _mean_std(records: list[dict], key_fn) -> list[dict]:
 
 
 def aggregate(results: list[dict]) -> list[dict]:
-    """Rows of mean ± std over the `seed` axis, plus per-seed averages over a `group` axis."""
+    """Rows of mean ± std over the `seed` axis, plus per-seed averages over a `group` axis (of 2+ groups)."""
     rows = _mean_std(results, lambda c: _without(c, "seed"))
     axes = list(results[0]["cell"]) if results else []
-    if "group" in axes:
+    if "group" in axes and len({r["cell"]["group"] for r in results}) > 1:
         averaged = [{"cell": {k: AVERAGE if k == "group" else row["cell"][k] for k in axes}, "metrics": row["mean"]}
                     for row in _mean_std(results, lambda c: _without(c, "group"))]
         rows += _mean_std(averaged, lambda c: _without(c, "seed"))
