@@ -1,6 +1,7 @@
 """The experiments command: grid expansion, aggregation vs NumPy, a tiny grid end to end with resume."""
 
 import json
+import types
 import pathlib
 
 import numpy as np
@@ -28,6 +29,9 @@ def test_aggregate_is_mean_and_sample_std_over_seeds_with_group_average():
     assert f"{100 * vals[0].mean():.2f} ± {100 * vals[0].std(ddof=1):.2f}" in table
     one_group = [r for r in results if r["cell"]["group"] == "a"]
     assert [r["cell"]["group"] for r in grid.aggregate(one_group)] == ["a"]  # no average of a single group
+    by_set = {r["cell"]["group"]: r for r in grid.aggregate(results, {"avg (x)": {"a", "b"}, "avg (y)": {"b"}})}
+    assert set(by_set) == {"a", "b", "avg (x)"}  # a set with one group has no average
+    np.testing.assert_allclose(by_set["avg (x)"]["mean"]["top1"], vals.mean(0).mean())
 
 
 def test_cell_ids_are_file_safe_and_distinct():
@@ -120,3 +124,10 @@ def test_cli_rejects_unknown_override(tmp_path):
                            f"--workdir={tmp_path}", "--config.experiment.kindd=x"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "kindd" in proc.stderr
+
+
+def test_group_sets_average_each_expanded_grouping():
+    r = types.SimpleNamespace(groupings={"semantic": ("animals", "clothing"), "random": ("random0", "random1")})
+    assert grid.group_sets({"group": ["@semantic"], "seed": [0]}, r) is None
+    assert grid.group_sets({"group": ["@semantic", "@random"]}, r) == {
+        f"{grid.AVERAGE} (semantic)": {"animals", "clothing"}, f"{grid.AVERAGE} (random)": {"random0", "random1"}}

@@ -90,15 +90,32 @@ def _mean_std(records: list[dict], key_fn) -> list[dict]:
     return rows
 
 
-def aggregate(results: list[dict]) -> list[dict]:
-    """Rows of mean ± std over the `seed` axis, plus per-seed averages over a `group` axis (of 2+ groups)."""
+def aggregate(results: list[dict], group_sets: dict[str, set] | None = None) -> list[dict]:
+    """Rows of mean ± std over the `seed` axis, plus per-seed averages over a `group` axis.
+
+    The averages are over each set of `group_sets` (label -> groups; default:
+    all groups under `AVERAGE`) that holds at least two of the cells' groups.
+    """
     rows = _mean_std(results, lambda c: _without(c, "seed"))
     axes = list(results[0]["cell"]) if results else []
-    if "group" in axes and len({r["cell"]["group"] for r in results}) > 1:
-        averaged = [{"cell": {k: AVERAGE if k == "group" else row["cell"][k] for k in axes}, "metrics": row["mean"]}
-                    for row in _mean_std(results, lambda c: _without(c, "group"))]
+    if "group" not in axes:
+        return rows
+    for label, members in (group_sets or {AVERAGE: {r["cell"]["group"] for r in results}}).items():
+        sub = [r for r in results if r["cell"]["group"] in members]
+        if len({r["cell"]["group"] for r in sub}) < 2:
+            continue
+        averaged = [{"cell": {k: label if k == "group" else row["cell"][k] for k in axes}, "metrics": row["mean"]}
+                    for row in _mean_std(sub, lambda c: _without(c, "group"))]
         rows += _mean_std(averaged, lambda c: _without(c, "seed"))
     return rows
+
+
+def group_sets(grid: dict, r: run.Runner) -> dict[str, set] | None:
+    """One average per grouping when the `group` axis expands several (`@semantic`, `@random`), else None."""
+    names = [v[1:] for v in grid.get("group", []) if isinstance(v, str) and v.startswith("@")]
+    if len(names) < 2:
+        return None
+    return {f"{AVERAGE} ({name})": set(r.groupings[name]) for name in names}
 
 
 def markdown(rows: list[dict], metrics: list[str] | None = None) -> str:
@@ -156,7 +173,7 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str) -> dict:
             _write(path, json.dumps(record, indent=1))
         results.append(record)
 
-    rows = aggregate(results)
+    rows = aggregate(results, group_sets(config.experiment.grid.to_dict(), r))
     columns = list(config.experiment.get("columns", ())) or None
     table = markdown(rows, columns)
     plots = kind.plots(r, config, results, r.workdir) if hasattr(kind, "plots") else []
