@@ -211,18 +211,8 @@ def make_skd_train_step(student_def: ModelDef, teacher_def: ModelDef, tx: optax.
             return loss, (aux, nnx.state(student, nnx.BatchStat))
 
         (loss, ((logits, ce, kd), batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                                  batch_stats=batch_stats, opt_state=opt_state)
-        metrics = {
-            "loss": loss,
-            "ce": ce,
-            "distill": kd,
-            "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-            "grad_norm": optax.global_norm(grads),
-            "learning_rate": schedule(state.step),
-        }
-        return new_state, metrics
+        return steps.apply_gradients(state, tx, schedule, grads, batch_stats, loss, logits, batch["label"], ce=ce,
+                                     distill=kd)
 
     return train_step
 

@@ -67,22 +67,20 @@ def make_train_step(
             return loss, (logits, nnx.state(model, nnx.BatchStat))
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_state = state.replace(
-            step=state.step + 1,
-            params=optax.apply_updates(state.params, updates),
-            batch_stats=batch_stats,
-            opt_state=opt_state,
-        )
-        metrics = {
-            "loss": loss,
-            "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-            "grad_norm": optax.global_norm(grads),
-            "learning_rate": schedule(state.step),
-        }
-        return new_state, metrics
+        return apply_gradients(state, tx, schedule, grads, batch_stats, loss, logits, batch["label"])
 
     return train_step
+
+
+def apply_gradients(state: TrainState, tx: optax.GradientTransformation, schedule: optax.Schedule, grads,
+                    batch_stats, loss, logits, labels, **extra_metrics) -> tuple[TrainState, dict]:
+    """What every classifier train step ends with: the optimizer update, the new BatchNorm statistics, and
+    the metrics (loss, `extra_metrics`, accuracy, gradient norm, learning rate)."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              batch_stats=batch_stats, opt_state=opt_state)
+    return new_state, {"loss": loss, **extra_metrics, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+                       "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step)}
 
 
 def make_eval_step(
