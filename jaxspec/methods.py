@@ -108,20 +108,22 @@ def specialize_from(r, parent: Trained, subset: Sequence[int], method: str, *, s
         data = ConstrainedSource(r.train, subset, dustbin=phase.dustbin_fraction, seed=seed)
         d, s = r.train_phase(name, start, data, val_s, phase, seed)
         return Trained(d, s, (*subset, -1))
-    start, phase = _start(r, parent, subset, method, seed, phase, name)
+    start, phase = _start(r, parent, pos, train_s, val_s, method, seed, phase, name)
     d, s = r.train_phase(name, start, train_s, val_s, phase, seed)
     return Trained(d, s, subset)
 
 
-def _start(r, parent: Trained, subset: tuple[int, ...], method: str, seed: int, phase, name: str):
-    """The model that `extract`, `fresh_head`, `head_then_full` and `scratch` fine-tune, and their phase."""
+def _start(r, parent: Trained, pos: Sequence[int], train_s: ConstrainedSource, val_s: ConstrainedSource,
+           method: str, seed: int, phase, name: str):
+    """The model that `extract`, `fresh_head`, `head_then_full` and `scratch` fine-tune, and their phase.
+
+    `pos` are S's outputs in `parent`; `train_s`/`val_s` are D_S (the head-only phase trains on them)."""
     if method == "extract":
-        return specialize.extract(parent.model, specialize.compose_subsets(parent.classes, subset)), phase
+        return specialize.extract(parent.model, pos), phase
     if method == "scratch":
-        return r.new_model(len(subset), seed), r.config.scratch
-    start = specialize.fresh_head(parent.model, len(subset), rngs=nnx.Rngs(seed))
+        return r.new_model(len(pos), seed), r.config.scratch
+    start = specialize.fresh_head(parent.model, len(pos), rngs=nnx.Rngs(seed))
     if method == "head_then_full":
-        train_s, val_s = ConstrainedSource(r.train, subset), ConstrainedSource(r.val, subset)
         d, s = r.train_phase(f"{name}-head", start, train_s, val_s, _head_phase(phase), seed)
         start = to_model(d, s)
     return start, phase
@@ -162,10 +164,11 @@ def train_together(r, parent: Trained, jobs: Sequence[Job], max_k: int = 8) -> l
             chunk = group[i:i + max_k]
             if len(chunk) < 2:
                 continue
-            starts = [_start(r, parent, j.subset, j.method, j.seed, j.phase, j.name) for j in chunk]
-            multi.train_specialists(
-                r, [m for m, _ in starts], [ConstrainedSource(r.train, j.subset) for j in chunk],
-                [ConstrainedSource(r.val, j.subset) for j in chunk], starts[0][1], [j.seed for j in chunk],
-                [j.name for j in chunk])
+            trains = [ConstrainedSource(r.train, j.subset) for j in chunk]
+            vals = [ConstrainedSource(r.val, j.subset) for j in chunk]
+            starts = [_start(r, parent, specialize.compose_subsets(parent.classes, j.subset), t, v, j.method, j.seed,
+                             j.phase, j.name) for j, t, v in zip(chunk, trains, vals)]
+            multi.train_specialists(r, [m for m, _ in starts], trains, vals, starts[0][1], [j.seed for j in chunk],
+                                    [j.name for j in chunk])
             trained += [j.name for j in chunk]
     return trained
