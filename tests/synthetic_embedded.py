@@ -117,9 +117,13 @@ def write_deb(path: str, members: dict[str, bytes]) -> None:
                 f.write(b'\n')
 
 
-def use_fixture(config, directory: str, per_class: int = 20):
-    """Points `config.data` at a fixture written into `directory` (its cache beside it); returns `config`."""
-    manifest = write_fixture(directory, per_class=per_class)
+def point_at(config, manifest: str):
+    """Points `config.data` at the fixture behind `manifest` (its cache beside it); returns `config`."""
     config.data.manifest = manifest
     config.data.data_dir = os.path.join(os.path.dirname(manifest), 'cache')
     return config
+
+
+def use_fixture(config, directory: str, per_class: int = 20):
+    """`point_at` a fixture written into `directory`."""
+    return point_at(config, write_fixture(directory, per_class=per_class))

@@ -1,7 +1,6 @@
 """The main job end to end on the synthetic embedded fixture, and its CLI."""
 
 import json
-import pathlib
 import subprocess
 import sys
 
@@ -9,7 +8,7 @@ import pytest
 
 from configs import animals
 from jaxspec import run
-from tests.synthetic_embedded import write_fixture
+from tests.synthetic_embedded import point_at, write_fixture
 
 
 @pytest.fixture(scope="module")
@@ -18,9 +17,7 @@ def manifest(tmp_path_factory):
 
 
 def tiny_config(manifest):
-    config = animals.get_config("tiny")
-    config.data.manifest = manifest
-    config.data.data_dir = str(pathlib.Path(manifest).parent / "cache")
+    config = point_at(animals.get_config("tiny"), manifest)
     return config
 
 

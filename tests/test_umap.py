@@ -16,7 +16,7 @@ from jaxspec import models, run, specialize
 from jaxspec.analysis import features, umap_plot
 from jaxspec.data.sources import ArraySource, DatasetInfo
 from jaxspec.train import checkpoint
-from tests.synthetic_embedded import write_fixture
+from tests.synthetic_embedded import point_at, write_fixture
 
 NAMES = ("ant", "bee", "cod", "eel", "fox")
 
@@ -80,9 +80,7 @@ def manifest(tmp_path_factory):
 
 
 def tiny_config(manifest):
-    config = animals.get_config("tiny")
-    config.data.manifest = manifest
-    config.data.data_dir = str(pathlib.Path(manifest).parent / "cache")
+    config = point_at(animals.get_config("tiny"), manifest)
     config.specialize.control = False
     return config
 
