@@ -57,10 +57,10 @@ def test_registry_runs_named_benchmarks_and_rejects_unknown(monkeypatch):
         bench.run(s, ["nope"])
 
 
-@pytest.mark.parametrize("benchmark, ratio, met", [("train", 1.6, True), ("eval", 2.9, False), ("multi", 1.05, True),
+@pytest.mark.parametrize("name, ratio, met", [("train", 1.6, True), ("eval", 2.9, False), ("multi", 1.05, True),
                                                   ("multi", 1.2, False)])
-def test_targets(benchmark, ratio, met):
-    row = bench._row(benchmark, "s", 4, {"seconds": 1.0, "rounds": [1.0]}, ratio=ratio)
+def test_targets(name, ratio, met):
+    row = bench._row(name, "s", 4, {"seconds": 1.0, "rounds": [1.0]}, ratio=ratio)
     assert row["meets_target"] is met
 
 
