@@ -49,7 +49,7 @@ def data(**overrides) -> ml_collections.ConfigDict:
             randaugment_magnitude=9,
             erasing_prob=0.0,
             num_threads=4,
-            prefetch=256,
+            prefetch=8,  # batches prepared ahead
         )
     )
     cfg.update(overrides)

@@ -38,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         randaugment_magnitude=9,
         erasing_prob=0.2,
         num_threads=32,
-        prefetch=1024,
+        prefetch=16,
     )
     batch = 512
     epoch = TRAIN_EXAMPLES // batch

@@ -111,6 +111,61 @@ def test_pad_crop_flip_without_pad_or_flip_is_identity():
     assert out is not image
 
 
+def _batch(size, height, width, channels, dtype=np.uint8, seed=0):
+    """Random images with no zero pixel, so padding is recognisable."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(1, 200, (size, height, width, channels)).astype(dtype)
+
+
+@pytest.mark.parametrize('shape,pad', [
+    ((9, 11, 2), 3), ((32, 32, 3), 4), ((5, 4, 1), 7)])
+def test_pad_crop_flip_batch_crops_every_image_of_the_padded_batch(shape, pad):
+    images = _batch(40, *shape)
+    original = images.copy()
+    seen = set()
+    for seed in range(3):
+        out = augment.pad_crop_flip_batch(images, _rng(seed), pad=pad)
+        assert out.shape == images.shape and out.dtype == images.dtype
+        for image, crop in zip(images, out):
+            found = _find_crops(crop, image, pad)
+            assert found, seed
+            seen.update(found if len(found) == 1 else ())
+    # Offsets and flips are drawn per image: both flip states, many windows.
+    assert {flipped for _, _, flipped in seen} == {False, True}
+    assert len({(top, left) for top, left, _ in seen}) > 10
+    np.testing.assert_array_equal(images, original)
+
+
+def test_pad_crop_flip_batch_matches_the_per_example_distribution():
+    images = _batch(2000, 4, 4, 1)
+    out = augment.pad_crop_flip_batch(images, _rng(), pad=1)
+    # Padded by 1, a window's top is 0, 1 or 2 (a zero first row, no zero
+    # row, a zero last row); column 1 is never padding, flipped or not.
+    tops = np.where(out[:, 0, 1, 0] == 0, 0, np.where(out[:, -1, 1, 0] == 0, 2, 1))
+    counts = np.bincount(tops, minlength=3)
+    np.testing.assert_allclose(counts / len(images), 1 / 3, atol=0.05)
+    mirrored = augment.pad_crop_flip_batch(images, _rng(), pad=0)
+    flipped = (mirrored == images[:, :, ::-1]).all(axis=(1, 2, 3))
+    assert ((mirrored == images).all(axis=(1, 2, 3)) | flipped).all()
+    assert 0.45 < flipped.mean() < 0.55
+
+
+@pytest.mark.parametrize('dtype', [np.uint8, np.uint16, np.float32])
+@pytest.mark.parametrize('channels', [1, 3, 4])
+def test_pad_crop_flip_batch_without_pad_or_flip_is_identity(dtype, channels):
+    images = _batch(6, 7, 5, channels, dtype)
+    out = augment.pad_crop_flip_batch(images, _rng(), pad=0, flip=False)
+    assert out.dtype == dtype and out is not images
+    np.testing.assert_array_equal(out, images)
+
+
+def test_pad_crop_flip_batch_is_deterministic_by_seed():
+    images = _batch(16, 12, 12, 3)
+    a, b, c = (augment.pad_crop_flip_batch(images, _rng(seed)) for seed in (0, 0, 1))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
 def test_flips_mirror_left_right_about_half_the_time():
     image = _image(8, 9)
     np.testing.assert_array_equal(
@@ -374,6 +429,9 @@ def _invalid_calls():
     rng = _rng()
     return [
         (lambda: augment.pad_crop_flip(image, rng, pad=-1), '-1'),
+        (lambda: augment.pad_crop_flip_batch(image[None], rng, pad=-3), '-3'),
+        (lambda: augment.pad_crop_flip_batch(image[None], rng, pad=2.5), '2.5'),
+        (lambda: augment.pad_crop_flip_batch(image, rng), '(32, 32, 3)'),
         (lambda: augment.horizontal_flip(image, rng, p=2.0), '2.0'),
         (lambda: augment.random_resized_crop(image, rng, size=0), '0'),
         (lambda: augment.random_resized_crop(

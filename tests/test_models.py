@@ -236,3 +236,27 @@ def test_depthwise_paths_share_parameters_and_outputs():
         getattr(shift, mode)()
         np.testing.assert_allclose(_features(shift, x), _features(conv, x),
                                    rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('kernel_size, stride, size', [(3, 2, 9), (3, 2, 8), (3, 1, 7), (5, 2, 11)])
+def test_patch_conv_equals_a_torch_padded_convolution(kernel_size, stride, size):
+    conv = layers.PatchConv(3, 5, kernel_size, stride=stride, rngs=nnx.Rngs(0))
+    assert conv.kernel.shape == (kernel_size, kernel_size, 3, 5)  # nnx.Conv's HWIO layout
+    x = jax.random.normal(jax.random.key(1), (2, size, size, 3))
+    pad = (kernel_size - 1) // 2
+    ref = jax.lax.conv_general_dilated(x, conv.kernel[...], (stride, stride), ((pad, pad), (pad, pad)),
+                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    np.testing.assert_allclose(conv(x), ref, rtol=1e-5, atol=1e-5)
+    # the kernel's gradient too (the training path), against the convolution's
+    cot = jax.random.normal(jax.random.key(2), ref.shape)
+    dk = jax.grad(lambda k: jnp.sum(layers.PatchConv.__call__(_with_kernel(conv, k), x) * cot))(conv.kernel[...])
+    dk_ref = jax.grad(lambda k: jnp.sum(jax.lax.conv_general_dilated(
+        x, k, (stride, stride), ((pad, pad), (pad, pad)), dimension_numbers=('NHWC', 'HWIO', 'NHWC')) * cot))(
+        conv.kernel[...])
+    np.testing.assert_allclose(dk, dk_ref, rtol=1e-4, atol=1e-4)
+
+
+def _with_kernel(conv, kernel):
+    clone = nnx.clone(conv)
+    clone.kernel = nnx.Param(kernel)
+    return clone

@@ -1,25 +1,25 @@
-"""Per-example image augmentation for host-side (grain) input pipelines.
+"""Image augmentation for host-side (grain) input pipelines.
 
 Every function takes one `uint8` HWC NumPy image and returns a new `uint8`
-HWC image; the input is never modified. All randomness comes from the
-`np.random.Generator` passed in, so a pipeline seeded per example is
-deterministic and its state can be checkpointed.
+HWC image, except `pad_crop_flip_batch`, which does the same to an NHWC
+batch; the input is never modified. All randomness comes from the
+`np.random.Generator` passed in, so a pipeline seeded per example (or per
+batch) is deterministic and its state can be checkpointed.
 
-CIFAR-style augmentation (`pad_crop_flip`) is pure NumPy slicing because it
-runs at thousands of images/s on few cores. Everything that resamples pixels
-(resizing, RandAugment) goes through Pillow: it is well kept, fast, and it is
-what torchvision's PIL path uses, so these transforms match torchvision's
+CIFAR-style augmentation (`pad_crop_flip_batch`) is one NumPy gather per
+batch, with no Python work per image, because grain's and Python's per-image
+costs exceed a 32px image's whole augmentation. Everything that resamples
+pixels (resizing, RandAugment) goes through Pillow: it is well kept, fast, and
+it is what torchvision's PIL path uses, so these transforms match torchvision's
 semantics (Inception crop, RandAugment, random erasing) without re-deriving
 interpolation or colour maths.
 """
 
-from collections.abc import Sequence
 import math
+from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image
-from PIL import ImageEnhance
-from PIL import ImageOps
+from PIL import Image, ImageEnhance, ImageOps
 
 # Inception crop and random erasing give up after this many rejected samples.
 _MAX_ATTEMPTS = 10
@@ -50,6 +50,11 @@ def _check_range(name: str, value: Sequence[float], upper: float) -> None:
         raise ValueError(
             f'{name} must be (low, high) with 0 < low <= high <= {upper}, '
             f'got {value}.')
+
+
+def _check_pad(pad: int) -> None:
+    if not isinstance(pad, (int, np.integer)) or pad < 0:
+        raise ValueError(f'pad must be a non-negative int, got {pad!r}.')
 
 
 def _check_size(size: int) -> None:
@@ -85,34 +90,37 @@ def pad_crop_flip(
     """CIFAR augmentation: zero-pad by `pad`, crop back to HxW, flip (p=0.5).
 
     Zero padding (not reflect) follows He et al. 2016 and torchvision's
-    `RandomCrop(padding=4)` default. The padded image is never built: the
-    visible window of the original is copied straight into a zeroed output,
-    mirrored if flipping, so the cost is one allocation and one slice copy.
-    Works for any dtype, size and channel count.
+    `RandomCrop(padding=4)` default. One image is a batch of one: the
+    training pipeline augments whole batches with `pad_crop_flip_batch`.
     """
     _check_image(image)
-    if not isinstance(pad, (int, np.integer)) or pad < 0:
-        raise ValueError(f'pad must be a non-negative int, got {pad!r}.')
-    height, width = image.shape[:2]
-    # One draw of three uniforms as Python floats is ~4x cheaper than
-    # `rng.integers(..., size=2)` plus a flip draw at this scale.
-    u_y, u_x, u_flip = rng.random(3).tolist()
-    # Offset of the crop window relative to the original image's top-left.
-    dy = int(u_y * (2 * pad + 1)) - pad
-    dx = int(u_x * (2 * pad + 1)) - pad
-    mirror = flip and u_flip < 0.5
-    y0, y1 = max(dy, 0), min(dy + height, height)
-    x0, x1 = max(dx, 0), min(dx + width, width)
-    out = np.zeros(image.shape, image.dtype)
-    if y0 >= y1 or x0 >= x1:  # Only possible when pad >= image size.
-        return out
-    window = image[y0:y1, x0:x1]
-    if mirror:
-        out[y0 - dy:y1 - dy, width - (x1 - dx):width - (x0 - dx)] = (
-            window[:, ::-1])
-    else:
-        out[y0 - dy:y1 - dy, x0 - dx:x1 - dx] = window
-    return out
+    return pad_crop_flip_batch(image[None], rng, pad=pad, flip=flip)[0]
+
+
+def pad_crop_flip_batch(
+    images: np.ndarray, rng: np.random.Generator, *, pad: int = 4,
+    flip: bool = True
+) -> np.ndarray:
+    """`pad_crop_flip` of every image of an NHWC batch, offsets drawn per image.
+
+    The batch is zero-padded once and every image's window is picked from a
+    strided view of all windows with one gather, then mirrored where drawn,
+    so the cost does not grow with Python work per image. Works for any
+    dtype, size and channel count.
+    """
+    if not isinstance(images, np.ndarray) or images.ndim != 4:
+        raise ValueError(
+            f'Expected an NHWC batch array, got shape {np.shape(images)}.')
+    _check_pad(pad)
+    batch, height, width, channels = images.shape
+    padded = np.zeros((batch, height + 2 * pad, width + 2 * pad, channels), images.dtype)
+    padded[:, pad:pad + height, pad:pad + width] = images
+    # Top-left corner of each crop window in padded coordinates, in [0, 2 pad].
+    top, left = rng.integers(0, 2 * pad + 1, size=(2, batch))
+    mirror = rng.random(batch) < 0.5 if flip else np.zeros(batch, bool)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (height, width), axis=(1, 2))  # B, 2p+1, 2p+1, C, H, W
+    out = np.moveaxis(windows[np.arange(batch), top, left], 1, -1)
+    return np.where(mirror[:, None, None, None], out[:, :, ::-1], out)
 
 
 def random_resized_crop(

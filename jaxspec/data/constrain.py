@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxspec.data.sources import DatasetInfo, Source
+from jaxspec.data.sources import DatasetInfo, Source, read_batch
 
 
 def label_map(num_classes: int, subset: Sequence[int]) -> np.ndarray:
@@ -77,6 +77,11 @@ class ConstrainedSource:
         record = dict(self._source[int(self._indices[index])])
         record["label"] = self._map[record["label"]]
         return record
+
+    def get_batch(self, indices: np.ndarray) -> dict[str, Any]:
+        """Records at `indices`, read in one batch from the source when it can."""
+        batch = read_batch(self._source, self._indices[indices])
+        return {"image": batch["image"], "label": self._map[batch["label"]]}
 
     @property
     def labels(self) -> np.ndarray:

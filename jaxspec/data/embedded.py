@@ -35,7 +35,7 @@ def _ids(*names: str) -> tuple[int, ...]:
 
 
 GROUPS: dict[str, tuple[int, ...]] = {
-    'animals': tuple(range(0, 10)),
+    'animals': tuple(range(10)),
     'clothing': tuple(range(10, 20)),
     'digits': tuple(range(20, 30)),
     # Fashion-MNIST's classic confusions: upper-body garments look alike.

@@ -161,9 +161,7 @@ class MobileNetV3(nnx.Module):
         self.width_multiplier = width_multiplier
         stem = cfg.stem_channels
         self.stem = layers.ConvBN(
-            nnx.Conv(in_channels, stem, (3, 3), strides=2,
-                     padding=((1, 1), (1, 1)), use_bias=False,
-                     kernel_init=layers.conv_init, rngs=rngs),
+            layers.PatchConv(in_channels, stem, 3, stride=2, rngs=rngs),
             stem, jax.nn.hard_swish)
         self.blocks = nnx.List([
             InvertedResidual(b, depthwise=depthwise, rngs=rngs)
