@@ -187,3 +187,16 @@ def replicate(tree, mesh: jax.sharding.Mesh):
     from) must survive that.
     """
     return _put(tree, replicated(mesh))
+
+
+def summed_over_rows(x: jax.Array) -> NamedSharding | None:
+    """`out_sharding` for a contraction over `x`'s rows inside a sharded step.
+
+    With rows explicitly sharded, a matmul that sums over them is ambiguous to
+    JAX; its result, like any other sum over the batch, is replicated. None
+    (let JAX decide) when the rows are not explicitly sharded.
+    """
+    s = jax.typeof(x).sharding
+    if isinstance(s, NamedSharding) and s.spec and s.spec[0] is not None:
+        return NamedSharding(s.mesh, P())
+    return None

@@ -13,8 +13,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.experiment = dict(
         kind="routed",
         title="Table 2: routed system vs generalist on all classes",
-        description="One extracted specialist per group; the generalist's predicted class picks the specialist.",
-        grid=dict(grouping=["lex", "semantic"], method=["extract"], seed=list(range(1 if arg.tiny else arg.seeds))),
+        description="One extracted specialist per group; the generalist's predicted class picks the specialist. "
+                    "Groupings: lexicographic, semantic, and Hinton-style clusters of the classes the generalist "
+                    "confuses on validation data.",
+        grid=dict(grouping=["lex", "semantic", "confusion"], method=["extract"],
+                  seed=list(range(1 if arg.tiny else arg.seeds))),
         columns=["generalist_top1", "control_top1", "routed_top1", "gain_top1", "routing_accuracy"],
     )
+    config.groupings.confusion = common.grouping("confusion", k=3)  # as many groups as the semantic ones
     return config

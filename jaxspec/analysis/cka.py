@@ -25,12 +25,11 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from jaxspec import sharding
 from jaxspec.analysis import features
 from jaxspec.data.sources import Source
 
@@ -60,12 +59,6 @@ def cka_matrix(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray]) -> np.ndarray
     return np.stack(out)
 
 
-def _row_mesh(x: jax.Array):
-    """The mesh that `x`'s rows are explicitly sharded over (inside the sharded step), else None."""
-    s = jax.typeof(x).sharding
-    return s.mesh if isinstance(s, NamedSharding) and s.spec and s.spec[0] is not None else None
-
-
 def hsic1(mats: Sequence[jax.Array], mask: jax.Array | None = None) -> jax.Array:
     """Unbiased HSIC_1 of the linear kernels of every pair of `mats` ([n, d_i], same rows): [L, L].
 
@@ -76,11 +69,10 @@ def hsic1(mats: Sequence[jax.Array], mask: jax.Array | None = None) -> jax.Array
     every Gram matrix against a gathered copy of the features, and the
     contractions over rows are summed across devices into replicated results.
     """
-    mesh = _row_mesh(mats[0])
-    rep = None if mesh is None else NamedSharding(mesh, P())
+    rep = sharding.summed_over_rows(mats[0])
 
     def gathered(x):
-        return x if mesh is None else jax.sharding.reshard(x, rep)
+        return x if rep is None else jax.sharding.reshard(x, rep)
 
     n_rows = mats[0].shape[0]
     m = jnp.ones(n_rows, jnp.float32) if mask is None else mask.astype(jnp.float32)

@@ -121,7 +121,8 @@ def make_eval_step(
             "class_top1": (onehot * top1_hit[:, None]).sum(0),
         }
         if confusion:
-            out["confusion"] = onehot.T @ jax.nn.one_hot(top2[:, 0], logits.shape[-1])
+            out["confusion"] = jnp.matmul(onehot.T, jax.nn.one_hot(top2[:, 0], logits.shape[-1]),
+                                          out_sharding=sharding.summed_over_rows(onehot))
         return out
 
     return eval_step
