@@ -121,8 +121,7 @@ class PatchConv(nnx.Module):
         ho, wo = _out_size(x.shape[1], k, s, pad), _out_size(x.shape[2], k, s, pad)
         x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
         # (kh, kw, c) patch order, the order of the HWIO kernel's leading axes.
-        patches = jnp.concatenate([x[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s]
-                                   for i in range(k) for j in range(k)], axis=-1)
+        patches = jnp.concatenate(_taps(x, k, s, (ho, wo)), axis=-1)
         return jnp.dot(patches, kernel.reshape(-1, kernel.shape[-1]))
 
 
@@ -135,22 +134,26 @@ def _depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int,
         feature_group_count=x.shape[-1])
 
 
+def _taps(x: jax.Array, k: int, stride: int,
+          out_hw: tuple[int, int]) -> list[jax.Array]:
+    """The k*k windows x[:, i + stride*h, j + stride*w, :] of a padded input, (i, j) row-major."""
+    n, _, _, c = x.shape
+    out_h, out_w = out_hw
+    return [jax.lax.slice(x, (0, i, j, 0),
+                          (n, i + stride * (out_h - 1) + 1,
+                           j + stride * (out_w - 1) + 1, c),
+                          (1, stride, stride, 1))
+            for i in range(k) for j in range(k)]
+
+
 def _shift_sum(x: jax.Array, kernel: jax.Array, stride: int,
                out_hw: tuple[int, int]) -> jax.Array:
     """sum_ij x[:, i + stride*h, j + stride*w, :] * kernel[i, j, 0]."""
     k = kernel.shape[0]
-    n, _, _, c = x.shape
-    out_h, out_w = out_hw
     out = None
-    for i in range(k):
-        for j in range(k):
-            tap = jax.lax.slice(
-                x, (0, i, j, 0),
-                (n, i + stride * (out_h - 1) + 1,
-                 j + stride * (out_w - 1) + 1, c),
-                (1, stride, stride, 1))
-            term = tap * kernel[i, j, 0]
-            out = term if out is None else out + term
+    for tap, weight in zip(_taps(x, k, stride, out_hw), kernel.reshape(k * k, -1)):
+        term = tap * weight
+        out = term if out is None else out + term
     return out
 
 
@@ -196,13 +199,7 @@ def _depthwise_shift_bwd(stride, pad, residuals, dy):
     # merging these slices with the forward ones and materialising each tap.
     x = jax.lax.optimization_barrier(x)
     x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    n, _, _, c = x.shape
-    taps = [
-        jnp.sum(jax.lax.slice(
-            x, (0, i, j, 0),
-            (n, i + stride * (dy_h - 1) + 1, j + stride * (dy_w - 1) + 1, c),
-            (1, stride, stride, 1)) * dy, axis=(0, 1, 2))
-        for i in range(k) for j in range(k)]
+    taps = [jnp.sum(tap * dy, axis=(0, 1, 2)) for tap in _taps(x, k, stride, (dy_h, dy_w))]
     dkernel = jnp.stack(taps).reshape(kernel.shape)
     return dx, dkernel
 
