@@ -203,20 +203,21 @@ def _outputs_and_grads(x, kernel, cotangent, stride):
 @pytest.mark.parametrize('kernel_size', [3, 5])
 @pytest.mark.parametrize('stride', [1, 2])
 @pytest.mark.parametrize('size', [7, 8])
-def test_depthwise_paths_agree(kernel_size, stride, size):
+@pytest.mark.parametrize('batch', [7, 12])  # kernel-gradient loop: 7 steps of 1, 6 of 2 images
+def test_depthwise_paths_agree(kernel_size, stride, size, batch):
     conv = layers.DepthwiseConv(6, kernel_size, stride, impl='conv',
                                 rngs=nnx.Rngs(0))
     shift = layers.DepthwiseConv(6, kernel_size, stride, impl='shift',
                                  rngs=nnx.Rngs(0))
     assert conv.kernel.shape == (kernel_size, kernel_size, 1, 6)
     np.testing.assert_array_equal(conv.kernel.value, shift.kernel.value)
-    x = jax.random.normal(jax.random.key(1), (2, size, size, 6))
+    x = jax.random.normal(jax.random.key(1), (batch, size, size, 6))
     # torch: out = floor((n + 2 * ((k - 1) // 2) - k) / s) + 1
     out = (size + 2 * ((kernel_size - 1) // 2) - kernel_size) // stride + 1
-    cotangent = jax.random.normal(jax.random.key(2), (2, out, out, 6))
+    cotangent = jax.random.normal(jax.random.key(2), (batch, out, out, 6))
     from_conv, from_shift = _outputs_and_grads(
         x, conv.kernel.value, cotangent, stride)
-    assert from_shift[0].shape == (2, out, out, 6)
+    assert from_shift[0].shape == (batch, out, out, 6)
     np.testing.assert_allclose(shift(x), conv(x), rtol=1e-5, atol=1e-5)
     for a, b in zip(from_shift, from_conv):  # y, dx, dkernel
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
@@ -238,7 +239,7 @@ def test_depthwise_paths_share_parameters_and_outputs():
                                    rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize('kernel_size, stride, size', [(3, 2, 9), (3, 2, 8), (3, 1, 7), (5, 2, 11)])
+@pytest.mark.parametrize('kernel_size, stride, size', [(3, 2, 9), (3, 2, 8), (3, 1, 7), (5, 2, 11), (6, 2, 12), (3, 3, 10)])
 def test_patch_conv_equals_a_torch_padded_convolution(kernel_size, stride, size):
     conv = layers.PatchConv(3, 5, kernel_size, stride=stride, rngs=nnx.Rngs(0))
     assert conv.kernel.shape == (kernel_size, kernel_size, 3, 5)  # nnx.Conv's HWIO layout

@@ -18,6 +18,12 @@ from flax import nnx
 
 DepthwiseImpl = Literal['auto', 'conv', 'shift']
 
+# Steps of the depthwise kernel gradient's loop (see `_kernel_grad`): at 224
+# px, batch 32, 8 steps of 4 images was fastest over the model's layers among
+# 1, 2, 4, 8 and 32 images a step; a fixed count bounds the loop's overhead
+# at small sizes and large batches.
+_KGRAD_STEPS = 8
+
 # torchvision initialises convolutions with kaiming-normal(fan_out), linears
 # with N(0, 0.01) and every bias with zeros; we follow it.
 conv_init = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -195,13 +201,37 @@ def _depthwise_shift_bwd(stride, pad, residuals, dy):
         (lo, w + pad - (dy_w - 1) * stride - 1, stride - 1),
         (0, 0, 0)))
     dx = _shift_sum(spread, kernel[::-1, ::-1], 1, (h, w))
-    # Kernel gradient: one reduction per tap. The barrier stops XLA from
-    # merging these slices with the forward ones and materialising each tap.
+    # The barrier stops XLA from merging the kernel gradient's slices with
+    # the forward ones and materialising each tap.
     x = jax.lax.optimization_barrier(x)
-    x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    taps = [jnp.sum(tap * dy, axis=(0, 1, 2)) for tap in _taps(x, k, stride, (dy_h, dy_w))]
-    dkernel = jnp.stack(taps).reshape(kernel.shape)
-    return dx, dkernel
+    return dx, _kernel_grad(x, dy, k, stride, pad).reshape(kernel.shape)
+
+
+def _kernel_grad(x: jax.Array, dy: jax.Array, k: int, stride: int,
+                 pad: int) -> jax.Array:
+    """(k*k, C) sums over images and positions of each tap times dy.
+
+    XLA:CPU computes each tap's reduction as its own pass over x and dy, so
+    over the whole batch that is k*k trips through main memory; looping over
+    a slice of the images at a time keeps those trips in cache (3x faster
+    over the 224 px model's layers). Step i takes images i, i + steps, ...,
+    so each slice spans every shard of a batch-sharded array.
+    """
+    n = x.shape[0]
+    iters = max(d for d in range(1, _KGRAD_STEPS + 1) if n % d == 0)
+    per_iter = n // iters
+    xs = x.reshape(per_iter, iters, *x.shape[1:])
+    dys = dy.reshape(per_iter, iters, *dy.shape[1:])
+
+    def tap_sums(i, total):
+        xi = jax.lax.dynamic_index_in_dim(xs, i, 1, keepdims=False)
+        dyi = jax.lax.dynamic_index_in_dim(dys, i, 1, keepdims=False)
+        xi = jnp.pad(xi, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+        return total + jnp.stack([jnp.sum(tap * dyi, axis=(0, 1, 2))
+                                  for tap in _taps(xi, k, stride, dy.shape[1:3])])
+
+    return jax.lax.fori_loop(0, iters, tap_sums,
+                             jnp.zeros((k * k, x.shape[-1]), dy.dtype))
 
 
 _depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
