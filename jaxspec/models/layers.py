@@ -9,6 +9,7 @@ compute path a layer uses.
 """
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -207,6 +208,25 @@ def _depthwise_shift_bwd(stride, pad, residuals, dy):
     return dx, _kernel_grad(x, dy, k, stride, pad).reshape(kernel.shape)
 
 
+_depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
+
+
+def _batch_shards(x: jax.Array) -> int:
+    """How many ways an explicitly sharded mesh splits x's leading axis (1 otherwise)."""
+    sharding = jax.typeof(x).sharding
+    axes = sharding.spec[0] if len(sharding.spec) else None
+    axes = () if axes is None else axes if isinstance(axes, tuple) else (axes,)
+    return math.prod(sharding.mesh.shape[a] for a in axes)
+
+
+def _split_batch(x: jax.Array, steps: int) -> jax.Array:
+    """(N, ...) -> (N / steps, steps, ...), the leading axis keeping x's sharding."""
+    sharding = jax.typeof(x).sharding
+    spec = (sharding.spec[0] if len(sharding.spec) else None,) + (None,) * x.ndim
+    return x.reshape(x.shape[0] // steps, steps, *x.shape[1:],
+                     out_sharding=sharding.update(spec=spec))
+
+
 def _kernel_grad(x: jax.Array, dy: jax.Array, k: int, stride: int,
                  pad: int) -> jax.Array:
     """(k*k, C) sums over images and positions of each tap times dy.
@@ -215,13 +235,13 @@ def _kernel_grad(x: jax.Array, dy: jax.Array, k: int, stride: int,
     over the whole batch that is k*k trips through main memory; looping over
     a slice of the images at a time keeps those trips in cache (3x faster
     over the 224 px model's layers). Step i takes images i, i + steps, ...,
-    so each slice spans every shard of a batch-sharded array.
+    and the step count leaves every slice a whole number of images per
+    shard of an explicitly batch-sharded array, so each device loops over
+    its own images.
     """
-    n = x.shape[0]
-    iters = max(d for d in range(1, _KGRAD_STEPS + 1) if n % d == 0)
-    per_iter = n // iters
-    xs = x.reshape(per_iter, iters, *x.shape[1:])
-    dys = dy.reshape(per_iter, iters, *dy.shape[1:])
+    n, shards = x.shape[0], _batch_shards(x)
+    iters = max(d for d in range(1, _KGRAD_STEPS + 1) if n % (d * shards) == 0)
+    xs, dys = _split_batch(x, iters), _split_batch(dy, iters)
 
     def tap_sums(i, total):
         xi = jax.lax.dynamic_index_in_dim(xs, i, 1, keepdims=False)
@@ -232,9 +252,6 @@ def _kernel_grad(x: jax.Array, dy: jax.Array, k: int, stride: int,
 
     return jax.lax.fori_loop(0, iters, tap_sums,
                              jnp.zeros((k * k, x.shape[-1]), dy.dtype))
-
-
-_depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
 
 
 class DepthwiseConv(nnx.Module):
