@@ -211,20 +211,24 @@ def _depthwise_shift_bwd(stride, pad, residuals, dy):
 _depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
 
 
+def _batch_sharded(x: jax.Array, ndim: int):
+    """x's sharding, for an array of `ndim` axes split like x's leading one only."""
+    sharding = jax.typeof(x).sharding
+    lead = sharding.spec[0] if len(sharding.spec) else None
+    return sharding.update(spec=(lead,) + (None,) * (ndim - 1))
+
+
 def _batch_shards(x: jax.Array) -> int:
     """How many ways an explicitly sharded mesh splits x's leading axis (1 otherwise)."""
-    sharding = jax.typeof(x).sharding
-    axes = sharding.spec[0] if len(sharding.spec) else None
-    axes = () if axes is None else axes if isinstance(axes, tuple) else (axes,)
-    return math.prod(sharding.mesh.shape[a] for a in axes)
+    sharding = _batch_sharded(x, 1)
+    axes = sharding.spec[0] or ()
+    return math.prod(sharding.mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
 
 
 def _split_batch(x: jax.Array, steps: int) -> jax.Array:
     """(N, ...) -> (N / steps, steps, ...), the leading axis keeping x's sharding."""
-    sharding = jax.typeof(x).sharding
-    spec = (sharding.spec[0] if len(sharding.spec) else None,) + (None,) * x.ndim
     return x.reshape(x.shape[0] // steps, steps, *x.shape[1:],
-                     out_sharding=sharding.update(spec=spec))
+                     out_sharding=_batch_sharded(x, x.ndim + 1))
 
 
 def _kernel_grad(x: jax.Array, dy: jax.Array, k: int, stride: int,
@@ -243,15 +247,18 @@ def _kernel_grad(x: jax.Array, dy: jax.Array, k: int, stride: int,
     iters = max(d for d in range(1, _KGRAD_STEPS + 1) if n % (d * shards) == 0)
     xs, dys = _split_batch(x, iters), _split_batch(dy, iters)
 
-    def tap_sums(i, total):
+    def tap_sums(i):
+        """(images of slice i, k*k, C): per image, so no device sums across the mesh in the loop."""
         xi = jax.lax.dynamic_index_in_dim(xs, i, 1, keepdims=False)
         dyi = jax.lax.dynamic_index_in_dim(dys, i, 1, keepdims=False)
         xi = jnp.pad(xi, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-        return total + jnp.stack([jnp.sum(tap * dyi, axis=(0, 1, 2))
-                                  for tap in _taps(xi, k, stride, dy.shape[1:3])])
+        return jnp.stack([jnp.sum(tap * dyi, axis=(1, 2))
+                          for tap in _taps(xi, k, stride, dy.shape[1:3])], axis=1)
 
-    return jax.lax.fori_loop(0, iters, tap_sums,
-                             jnp.zeros((k * k, x.shape[-1]), dy.dtype))
+    zeros = jnp.zeros((n // iters, k * k, x.shape[-1]), dy.dtype,
+                      out_sharding=_batch_sharded(x, 3))
+    total = jax.lax.fori_loop(0, iters, lambda i, total: total + tap_sums(i), zeros)
+    return jnp.sum(total, axis=0)
 
 
 class DepthwiseConv(nnx.Module):
