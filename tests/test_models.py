@@ -2,6 +2,7 @@
 
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxspec import models
+from jaxspec import models, sharding
 from jaxspec.models import layers
 from jaxspec.models import mobilenet_v3 as mnv3
 
@@ -221,6 +222,24 @@ def test_depthwise_paths_agree(kernel_size, stride, size, batch):
     np.testing.assert_allclose(shift(x), conv(x), rtol=1e-5, atol=1e-5)
     for a, b in zip(from_shift, from_conv):  # y, dx, dkernel
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_depthwise_kernel_gradient_loop_stays_on_each_device():
+    """On a batch-sharded mesh the loop sums per device; one cross-device sum comes after it."""
+    mesh = sharding.make_mesh()
+    x = jax.random.normal(jax.random.key(1), (8 * len(mesh.devices.flat), 9, 9, 6))
+    kernel = jax.random.normal(jax.random.key(2), (5, 5, 1, 6))
+    cotangent = jax.random.normal(jax.random.key(3), x.shape)
+    grads = jax.jit(lambda x, k, ct: jax.vjp(lambda k: layers._depthwise_shift(x, k, 1, 2), k)[1](ct)[0])
+    x_sharded, ct_sharded = (jax.device_put(a, sharding.batch_sharding(mesh)) for a in (x, cotangent))
+    hlo = grads.lower(x_sharded, kernel, ct_sharded).compile().as_text()
+    bodies = re.findall(r'while\(.*?body=%?([\w.\-]+)', hlo)
+    assert bodies  # the loop is there
+    for body in bodies:
+        text = re.search(r'\n%?' + re.escape(body) + r' .*?\{(.*?)\n\}', hlo, re.S).group(1)
+        assert 'all-reduce' not in text and 'all-gather' not in text, body
+    np.testing.assert_allclose(grads(x_sharded, kernel, ct_sharded), grads(x, kernel, cotangent),
+                               rtol=1e-5, atol=1e-4)
 
 
 def test_depthwise_paths_share_parameters_and_outputs():
