@@ -200,3 +200,17 @@ def summed_over_rows(x: jax.Array) -> NamedSharding | None:
     if isinstance(s, NamedSharding) and s.spec and s.spec[0] is not None:
         return NamedSharding(s.mesh, P())
     return None
+
+
+def split_like_rows(x: jax.Array, ndim: int):
+    """x's sharding for an array of `ndim` axes whose leading axis is split like x's rows, the rest whole."""
+    s = jax.typeof(x).sharding
+    rows = s.spec[0] if len(s.spec) else None
+    return s.update(spec=(rows,) + (None,) * (ndim - 1))
+
+
+def row_shards(x: jax.Array) -> int:
+    """How many ways an explicitly sharded mesh splits x's rows (1 when they are not)."""
+    s = jax.typeof(x).sharding
+    axes = (s.spec[0] if len(s.spec) else None) or ()
+    return math.prod(s.mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))

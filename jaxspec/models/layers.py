@@ -9,13 +9,14 @@ compute path a layer uses.
 """
 
 import functools
-import math
 from collections.abc import Callable
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from jaxspec import sharding
 
 DepthwiseImpl = Literal['auto', 'conv', 'shift']
 
@@ -211,24 +212,10 @@ def _depthwise_shift_bwd(stride, pad, residuals, dy):
 _depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
 
 
-def _batch_sharded(x: jax.Array, ndim: int):
-    """x's sharding, for an array of `ndim` axes split like x's leading one only."""
-    sharding = jax.typeof(x).sharding
-    lead = sharding.spec[0] if len(sharding.spec) else None
-    return sharding.update(spec=(lead,) + (None,) * (ndim - 1))
-
-
-def _batch_shards(x: jax.Array) -> int:
-    """How many ways an explicitly sharded mesh splits x's leading axis (1 otherwise)."""
-    sharding = _batch_sharded(x, 1)
-    axes = sharding.spec[0] or ()
-    return math.prod(sharding.mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
-
-
 def _split_batch(x: jax.Array, steps: int) -> jax.Array:
     """(N, ...) -> (N / steps, steps, ...), the leading axis keeping x's sharding."""
     return x.reshape(x.shape[0] // steps, steps, *x.shape[1:],
-                     out_sharding=_batch_sharded(x, x.ndim + 1))
+                     out_sharding=sharding.split_like_rows(x, x.ndim + 1))
 
 
 def _kernel_grad(x: jax.Array, dy: jax.Array, k: int, stride: int,
@@ -243,7 +230,7 @@ def _kernel_grad(x: jax.Array, dy: jax.Array, k: int, stride: int,
     shard of an explicitly batch-sharded array, so each device loops over
     its own images.
     """
-    n, shards = x.shape[0], _batch_shards(x)
+    n, shards = x.shape[0], sharding.row_shards(x)
     iters = max(d for d in range(1, _KGRAD_STEPS + 1) if n % (d * shards) == 0)
     xs, dys = _split_batch(x, iters), _split_batch(dy, iters)
 
@@ -256,7 +243,7 @@ def _kernel_grad(x: jax.Array, dy: jax.Array, k: int, stride: int,
                           for tap in _taps(xi, k, stride, dy.shape[1:3])], axis=1)
 
     zeros = jnp.zeros((n // iters, k * k, x.shape[-1]), dy.dtype,
-                      out_sharding=_batch_sharded(x, 3))
+                      out_sharding=sharding.split_like_rows(x, 3))
     total = jax.lax.fori_loop(0, iters, lambda i, total: total + tap_sums(i), zeros)
     return jnp.sum(total, axis=0)
 
