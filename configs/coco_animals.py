@@ -38,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.task = "detect"
     config.seed = arg.seed
-    config.model = {"name": f"yolov5{arg.scale}"}
+    config.model = {"name": f"yolov5{arg.scale}", "dtype": "float32"}
     config.data = data.default_config(name="coco/2017", train_split="train", val_split="validation",
                                       test_split="validation", image_size=640, max_boxes=300,
                                       num_threads=16, prefetch=64)

@@ -42,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.task = "detect"
     config.seed = arg.seed
-    config.model = {"name": "yolov5n"}
+    config.model = {"name": "yolov5n", "dtype": "float32"}
     config.data = data.default_config(name="scenes", image_size=96, max_boxes=32, num_threads=2, prefetch=8)
     config.data.scenes.num_scenes = (3000, 500, 1000)
     config.data.scenes.canvas = (72, 120)

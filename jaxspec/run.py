@@ -43,9 +43,9 @@ def _load_generalist(config, num_classes: int) -> nnx.Module:
     """The generalist named by `config.generalist.init`: exported model or torchvision weights."""
     init = config.generalist.init
     if init.endswith(TORCHVISION_SUFFIXES):
-        model = models.load_torchvision_file(init, config.model.name)
+        model = models.load_torchvision_file(init, config.model.name, dtype=config.model.dtype)
     else:
-        model, _ = checkpoint.load_model(init)
+        model, _ = checkpoint.load_model(init, dtype=config.model.dtype)
     got = model.head.out_features
     if got != num_classes:
         raise ValueError(
@@ -92,7 +92,7 @@ class Runner:
         """A freshly initialized model of the configured architecture."""
         spec = _model_spec(self.config, num_classes)
         return models.get_model(spec.pop("name"), spec.pop("num_classes"), rngs=nnx.Rngs(seed),
-                                depthwise=self.config.model.depthwise, **spec)
+                                depthwise=self.config.model.depthwise, dtype=self.config.model.dtype, **spec)
 
     def generalist(self) -> methods.Trained:
         """The generalist, trained here (resuming) or loaded from `generalist.init`; computed once."""

@@ -242,6 +242,23 @@ def test_depthwise_kernel_gradient_loop_stays_on_each_device():
                                rtol=1e-5, atol=1e-4)
 
 
+def test_dot_gradients_equal_autodiff_also_on_a_sharded_batch():
+    """`layers.dot`'s custom VJP (the kernel gradient as one contraction over rows) matches `jnp.dot`'s."""
+    x = jax.random.normal(jax.random.key(0), (16, 5, 3, 7))
+    kernel = jax.random.normal(jax.random.key(1), (7, 4))
+    ct = jax.random.normal(jax.random.key(2), (16, 5, 3, 4))
+
+    def vjp(f):
+        return jax.jit(lambda x, k, ct: jax.vjp(f, x, k)[1](ct))
+
+    want = vjp(jnp.dot)(x, kernel, ct)
+    x_sharded, ct_sharded = (jax.device_put(a, sharding.batch_sharding(sharding.make_mesh())) for a in (x, ct))
+    for args in ((x, kernel, ct), (x_sharded, kernel, ct_sharded)):
+        np.testing.assert_allclose(layers.dot(*args[:2]), jnp.dot(x, kernel), rtol=1e-5, atol=1e-5)
+        for got, ref in zip(vjp(layers.dot)(*args), want, strict=True):
+            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_depthwise_paths_share_parameters_and_outputs():
     conv, shift = _small(depthwise='conv'), _small(depthwise='shift')
     conv_state, shift_state = (

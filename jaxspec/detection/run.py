@@ -62,7 +62,8 @@ class Runner:
         self._generalist: methods.Trained | None = None
 
     def new_model(self, num_classes: int, seed: int) -> nnx.Module:
-        return models.get_model(self.config.model.name, num_classes, rngs=nnx.Rngs(seed))
+        return models.get_model(self.config.model.name, num_classes, rngs=nnx.Rngs(seed),
+                                dtype=self.config.model.dtype)
 
     def constrained(self, source, subset: Sequence[int] | None):
         """`source` kept to images with an object of `subset` and to its boxes; global labels (None: all)."""

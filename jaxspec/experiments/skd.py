@@ -42,7 +42,8 @@ def teacher(r, config) -> methods.Trained:
     """The large generalist, trained once per workdir (checkpoint `teacher`)."""
     t, n = config.skd.teacher, r.info.num_classes
     model = models.get_model(t.name, n, rngs=nnx.Rngs(config.seed), width_multiplier=t.width_multiplier,
-                             dropout_rate=config.model.dropout_rate, depthwise=config.model.depthwise)
+                             dropout_rate=config.model.dropout_rate, depthwise=config.model.depthwise,
+                             dtype=config.model.dtype)
     d, s = r.train_phase("teacher", model, r.train, r.val, config.skd.teacher_phase, config.seed)
     return methods.Trained(d, s, tuple(range(n)))
 

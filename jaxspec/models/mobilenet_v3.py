@@ -148,14 +148,18 @@ class MobileNetV3(nnx.Module):
     """MobileNetV3 classifier on NHWC float inputs of any size >= 32 px.
 
     `model.train()` / `model.eval()` switch BatchNorm statistics and dropout.
-    Layer names for `intermediates` are in `layer_names`.
+    Layer names for `intermediates` are in `layer_names`. `dtype` is the
+    convolutional trunk's activation dtype (`layers.compute_dtype`); the
+    pooled features, the classifier and the logits are always float32, so
+    losses and extracted specialists see the same logits either way.
     """
 
     def __init__(self, arch: str, num_classes: int, *, rngs: nnx.Rngs,
                  width_multiplier: float = 1.0, dropout_rate: float = 0.2,
                  depthwise: layers.DepthwiseImpl = 'auto',
-                 in_channels: int = 3):
+                 in_channels: int = 3, dtype='float32'):
         cfg = arch_config(arch, width_multiplier)
+        self.dtype = layers.compute_dtype(dtype)
         self.arch = arch
         self.num_classes = num_classes
         self.width_multiplier = width_multiplier
@@ -182,14 +186,14 @@ class MobileNetV3(nnx.Module):
     def _forward(self, x: jax.Array,
                  rngs: nnx.Rngs | None) -> Iterator[tuple[str, jax.Array]]:
         """Yields `(name, activation)` in forward order; stop early at will."""
-        x = self.stem(x)
+        x = self.stem(x.astype(self.dtype))
         yield 'stem', x
         for i, block in enumerate(self.blocks):
             x = block(x)
             yield f'block{i}', x
         x = self.last_conv(x)
         yield 'last_conv', x
-        x = jnp.mean(x, axis=(1, 2))
+        x = jnp.mean(x, axis=(1, 2), dtype=jnp.float32)
         yield 'pool', x
         x = jax.nn.hard_swish(self.hidden(x))
         yield 'pre_logits', x
@@ -208,7 +212,8 @@ class MobileNetV3(nnx.Module):
 
     def intermediates(self, x: jax.Array, names: Sequence[str] | None = None,
                       *, rngs: nnx.Rngs | None = None) -> dict[str, jax.Array]:
-        """Activations by layer name in forward order, e.g. for CKA.
+        """Activations by layer name in forward order, e.g. for CKA; float32
+        whatever the model's dtype, for analyses and distillation losses.
 
         Only runs the network as far as the last requested layer.
         """
@@ -221,7 +226,7 @@ class MobileNetV3(nnx.Module):
         out = {}
         for name, value in self._forward(x, rngs):
             if name in wanted:
-                out[name] = value
+                out[name] = value.astype(jnp.float32)
                 if len(out) == len(wanted):
                     break
         return out
@@ -231,21 +236,21 @@ def mobilenet_v3_small(num_classes: int, *, rngs: nnx.Rngs,
                        width_multiplier: float = 1.0,
                        dropout_rate: float = 0.2,
                        depthwise: layers.DepthwiseImpl = 'auto',
-                       in_channels: int = 3) -> MobileNetV3:
+                       in_channels: int = 3, dtype='float32') -> MobileNetV3:
     """MobileNetV3-Small; 2,542,856 parameters at 1000 classes, width 1."""
     return MobileNetV3('mobilenet_v3_small', num_classes, rngs=rngs,
                        width_multiplier=width_multiplier,
                        dropout_rate=dropout_rate, depthwise=depthwise,
-                       in_channels=in_channels)
+                       in_channels=in_channels, dtype=dtype)
 
 
 def mobilenet_v3_large(num_classes: int, *, rngs: nnx.Rngs,
                        width_multiplier: float = 1.0,
                        dropout_rate: float = 0.2,
                        depthwise: layers.DepthwiseImpl = 'auto',
-                       in_channels: int = 3) -> MobileNetV3:
+                       in_channels: int = 3, dtype='float32') -> MobileNetV3:
     """MobileNetV3-Large; 5,483,032 parameters at 1000 classes, width 1."""
     return MobileNetV3('mobilenet_v3_large', num_classes, rngs=rngs,
                        width_multiplier=width_multiplier,
                        dropout_rate=dropout_rate, depthwise=depthwise,
-                       in_channels=in_channels)
+                       in_channels=in_channels, dtype=dtype)

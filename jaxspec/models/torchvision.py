@@ -91,11 +91,12 @@ def _shape_mismatches(entries: _Entries,
 def from_torchvision(state_dict: Mapping[str, np.ndarray], arch: str, *,
                      rngs: nnx.Rngs | None = None, dropout_rate: float = 0.2,
                      depthwise: layers.DepthwiseImpl = 'auto',
-                     ) -> mnv3.MobileNetV3:
+                     dtype='float32') -> mnv3.MobileNetV3:
     """Builds a `MobileNetV3` from a torchvision state dict of NumPy arrays.
 
     The model is returned in its constructed (train) mode, as torch does;
-    call `.eval()` for inference. `rngs` seeds only dropout.
+    call `.eval()` for inference. `rngs` seeds only dropout; `dtype` is the
+    activation dtype (the weights stay float32).
     """
     mnv3.check_arch(arch)
     state = {k: np.asarray(v) for k, v in state_dict.items()
@@ -112,7 +113,7 @@ def from_torchvision(state_dict: Mapping[str, np.ndarray], arch: str, *,
     base = mnv3.arch_config(arch).last_channel
     ratio = state['classifier.0.weight'].shape[0] / base
     kwargs = dict(dropout_rate=dropout_rate, depthwise=depthwise,
-                  in_channels=in_channels)
+                  in_channels=in_channels, dtype=dtype)
     widths = list(dict.fromkeys((round(ratio * 20) / 20, round(ratio, 4))))
     # Every parameter and statistic comes from the state dict, so build the
     # model abstractly (eager random init costs seconds) and fill it in.

@@ -94,10 +94,8 @@ class ConvKernel(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...]
         if kernel.shape[0] == 1 and self.stride == 1 and self.pad == 0:
-            return jnp.dot(x, kernel[0, 0])
-        return jax.lax.conv_general_dilated(
-            x, kernel, (self.stride, self.stride), ((self.pad, self.pad),) * 2,
-            dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+            return layers.dot(x, kernel[0, 0])
+        return layers.conv(x, kernel, self.stride, self.pad)
 
 
 class Conv(nnx.Module):
@@ -194,7 +192,9 @@ class HeadConv(nnx.Module):
         self.bias = nnx.Param(noise + jnp.asarray(bias_prior, jnp.float32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jnp.dot(x, self.kernel[0, 0]) + self.bias[...]
+        # float32 out: box regression, objectness and class logits feed the losses.
+        return jnp.dot(x, self.kernel[0, 0].astype(x.dtype),
+                       preferred_element_type=jnp.float32) + self.bias[...]
 
 
 class Detect(nnx.Module):
@@ -230,15 +230,17 @@ class YOLOv5(nnx.Module):
 
     `__call__` returns the raw head outputs, one `[B, H/s, W/s, 3, 5 + nc]`
     array per stride s in (8, 16, 32); `decode` turns them into boxes.
-    `model.train()` / `model.eval()` switch BatchNorm statistics.
+    `model.train()` / `model.eval()` switch BatchNorm statistics. `dtype` is
+    the activation dtype (`layers.compute_dtype`); head outputs are float32.
     """
 
-    def __init__(self, scale: str, num_classes: int, *, rngs: nnx.Rngs):
+    def __init__(self, scale: str, num_classes: int, *, rngs: nnx.Rngs, dtype='float32'):
         if scale not in SCALES:
             raise ValueError(f'Unknown YOLOv5 scale {scale!r}; choose from {list(SCALES)}.')
         if num_classes < 1:
             raise ValueError(f'num_classes must be >= 1, got {num_classes}.')
         depth, width = SCALES[scale]
+        self.dtype = layers.compute_dtype(dtype)
         self.scale = scale
         self.num_classes = num_classes
         self.anchors = ANCHORS
@@ -275,6 +277,7 @@ class YOLOv5(nnx.Module):
         h, w = x.shape[1:3]
         if h % STRIDES[-1] or w % STRIDES[-1]:
             raise ValueError(f'Image sides must be multiples of {STRIDES[-1]}, got {h}x{w}.')
+        x = x.astype(self.dtype)
         outputs = []
         for source, layer in zip(self.sources, self.layers):
             if isinstance(source, int):
@@ -285,10 +288,10 @@ class YOLOv5(nnx.Module):
         return x
 
 
-def yolov5(scale: str, num_classes: int, *, rngs: nnx.Rngs) -> YOLOv5:
+def yolov5(scale: str, num_classes: int, *, rngs: nnx.Rngs, dtype='float32') -> YOLOv5:
     """YOLOv5{n,s,m,l,x}; at 80 classes 1,872,157 / 7,235,389 / 21,190,557 /
     46,563,709 / 86,749,405 parameters, as torch counts them."""
-    return YOLOv5(scale, num_classes, rngs=rngs)
+    return YOLOv5(scale, num_classes, rngs=rngs, dtype=dtype)
 
 
 def decode(outputs: list[jax.Array], anchors=ANCHORS, strides=STRIDES

@@ -90,8 +90,8 @@ def export_model(directory: str | pathlib.Path, model, spec: dict) -> None:
     os.replace(tmp, directory / "model.json")
 
 
-def load_model(directory: str | pathlib.Path):
-    """Rebuilds a model saved by `export_model`; returns (model, spec)."""
+def load_model(directory: str | pathlib.Path, dtype="float32"):
+    """Rebuilds a model saved by `export_model`, computing in `dtype`; returns (model, spec)."""
 
     directory = pathlib.Path(directory).absolute()
     if not (directory / "model.json").exists() or not (directory / "weights").exists():
@@ -105,6 +105,7 @@ def load_model(directory: str | pathlib.Path):
         rngs=nnx.Rngs(0),
         width_multiplier=spec["width_multiplier"],
         dropout_rate=spec["dropout_rate"],
+        dtype=dtype,
     )
     _, params, batch_stats, _ = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
     target = jax.tree.map(
