@@ -73,6 +73,8 @@ def test_torch_worker_builds_torchvisions_model():
     ours = nnx.eval_shape(lambda: models.mobilenet_v3_small(7, rngs=nnx.Rngs(0)))
     assert params == sum(x.size for x in jax.tree.leaves(nnx.state(ours, nnx.Param)))
     assert worker.seconds("t", "train", 1) > 0 and worker.seconds("t", "eval", 1) > 0
+    assert worker.setup("amp", res=32, batch=2, classes=7, amp="bfloat16") == params  # autocast, channels-last
+    assert worker.seconds("amp", "train", 1) > 0 and worker.seconds("amp", "eval", 1) > 0
     assert worker.close()["threads"] == 1
 
 
@@ -88,5 +90,15 @@ def test_run_keeps_a_live_torch_worker_out_of_the_report(monkeypatch):
     monkeypatch.setitem(bench.BENCHMARKS, "fake", lambda s: [])
     s = bench.Settings(quick=True, repeats=1, steps=1, warmup=0, specialists=2, torch=Worker())
     report = bench.run(s, ["fake"])
-    assert report["settings"] == {"quick": True, "repeats": 1, "steps": 1, "warmup": 0, "specialists": 2}
+    assert report["settings"] == {"quick": True, "repeats": 1, "steps": 1, "warmup": 0, "specialists": 2,
+                                  "dtype": "float32"}
     assert report["memory"]["torch_worker_peak_rss_mib"] == 1.0
+
+
+def test_dtype_reaches_the_models_and_the_settings_column():
+    from jaxspec.bench import core
+
+    s = bench.Settings(quick=True, repeats=1, steps=1, warmup=0, specialists=2, torch=None, dtype="bfloat16")
+    assert nnx.eval_shape(lambda: core._model(s, 5, 0.25)).dtype == jax.numpy.bfloat16
+    assert core._setting(s, "32px", 0.25) == "32px, width 0.25, bfloat16"
+    assert core._setting(bench.Settings(True, 1, 1, 0, 2, None), "32px", 1.0) == "32px"

@@ -10,12 +10,14 @@ readable table to stderr.
   python -m jaxspec.bench --out=bench.json                      # torch in this venv, or no torch rows
   python -m jaxspec.bench --torch_python=/path/to/venv/bin/python  # torch from another interpreter
   python -m jaxspec.bench --quick                               # tiny sizes, seconds (the tests use it)
+  python -m jaxspec.bench --dtype=bfloat16   # mixed precision; torch with AMP (bfloat16, channels-last)
 
 Timing: each figure is the median of `--repeats` rounds of `--steps` steps
 after `--warmup`; jaxspec and torch alternate round by round, and a ratio is
 the median of the per-round ratios, so load that drifts during a run on a
 shared machine hits both sides alike. Torch always runs in a subprocess
-(this interpreter, or `--torch_python`) with `--torch_threads` threads.
+(this interpreter, or `--torch_python`) with `--torch_threads` threads, on
+CUDA when JAX runs on a GPU.
 
 More benchmarks plug in with `@register("name")`: a function of `Settings`
 returning rows (dicts with at least `benchmark`, `setting`, `jaxspec`, `unit`).
@@ -32,3 +34,4 @@ from jaxspec.bench.core import (  # noqa: F401
     run,
     table,
 )
+from jaxspec.bench.torch_ref import TorchWorker  # noqa: F401

@@ -22,6 +22,9 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds per figure.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Steps per timed round.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compiling.")
 _SPECIALISTS = flags.DEFINE_integer("specialists", 3, "K for the vmapped-specialists benchmark.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "Activation dtype of jaxspec's models; bfloat16 also runs torch with AMP in bfloat16 "
+                           "and channels-last tensors.")
 
 
 def main(argv) -> None:
@@ -30,7 +33,7 @@ def main(argv) -> None:
     worker, note = torch_worker(_TORCH_PYTHON.value, _TORCH_THREADS.value)
     settings = Settings(quick=quick, repeats=1 if quick else _REPEATS.value, steps=1 if quick else _STEPS.value,
                         warmup=1 if quick else _WARMUP.value, specialists=2 if quick else _SPECIALISTS.value,
-                        torch=worker)
+                        torch=worker, dtype=_DTYPE.value)
     report = run(settings, _ONLY.value) | {"torch_note": note}
     text = json.dumps(report, indent=1)
     if _OUT.value:

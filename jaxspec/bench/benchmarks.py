@@ -7,15 +7,15 @@ import os
 import jax
 import ml_collections
 import numpy as np
-from flax import nnx
 
-from jaxspec import models, route, sharding, specialize
+from jaxspec import route, sharding, specialize
 from jaxspec.bench.core import (
     MEAN,
     STD,
     Settings,
     _batch,
     _compile,
+    _model,
     _model_settings,
     _rounds,
     _row,
@@ -35,13 +35,13 @@ def _torch_ref(s: Settings, mode: str, res: int, batch: int, classes: int, width
     if s.torch is None or width != 1.0:
         return None
     key = f"{res}/{batch}/{classes}"
-    s.torch.setup(key, res, batch, classes)
+    s.torch.setup(key, res, batch, classes, device="cuda" if jax.default_backend() == "gpu" else "cpu",
+                  amp=None if s.dtype == "float32" else s.dtype)
     return lambda n: s.torch.seconds(key, mode, n)
 
 
 def _train_row(s: Settings, mesh, res: int, batch: int, classes: int, width: float) -> dict:
-    model = models.mobilenet_v3_small(classes, rngs=nnx.Rngs(0), width_multiplier=width)
-    _, state, step = _train_step(model, mesh)
+    _, state, step = _train_step(_model(s, classes, width), mesh)
     data = sharding.put_batch(_batch(res, batch, classes), mesh)
     compiled, compile_s, temp = _compile(steps.jit_train_step(step, mesh), state, data)
     holder = [state]
@@ -51,19 +51,18 @@ def _train_row(s: Settings, mesh, res: int, batch: int, classes: int, width: flo
         return metrics
 
     timing = _rounds(s, _timed(one), _torch_ref(s, "train", res, batch, classes, width))
-    return _row("train", _setting(res, batch, classes, width), batch, timing, compile_seconds=compile_s,
-                xla_temp_mib=None if temp is None else temp / 2**20)
+    return _row("train", _setting(s, f"{res}px, batch {batch}, {classes} classes", width), batch, timing,
+                compile_seconds=compile_s, xla_temp_mib=None if temp is None else temp / 2**20)
 
 
 def _eval_row(s: Settings, mesh, res: int, batch: int, classes: int, width: float) -> dict:
-    model = models.mobilenet_v3_small(classes, rngs=nnx.Rngs(0), width_multiplier=width)
-    modeldef, state, _ = _train_step(model, mesh)
+    modeldef, state, _ = _train_step(_model(s, classes, width), mesh)
     step = steps.make_eval_step(modeldef, mean=MEAN, std=STD, num_classes=classes)
     data = sharding.put_batch(_batch(res, batch, classes, mask=True), mesh)
     compiled, compile_s, temp = _compile(steps.jit_eval_step(step, mesh), state, data)
     timing = _rounds(s, _timed(lambda: compiled(state, data)), _torch_ref(s, "eval", res, batch, classes, width))
-    return _row("eval", _setting(res, batch, classes, width), batch, timing, compile_seconds=compile_s,
-                xla_temp_mib=None if temp is None else temp / 2**20)
+    return _row("eval", _setting(s, f"{res}px, batch {batch}, {classes} classes", width), batch, timing,
+                compile_seconds=compile_s, xla_temp_mib=None if temp is None else temp / 2**20)
 
 
 @register("train")
@@ -138,7 +137,7 @@ def bench_multi(s: Settings) -> list[dict]:
     res, batch, _, width = _model_settings(s)[0]
     k = s.specialists
     batch = min(batch, 128)  # the default specialist phase's batch
-    generalist = models.mobilenet_v3_small(10 * k, rngs=nnx.Rngs(0), width_multiplier=width)
+    generalist = _model(s, 10 * k, width)
     mesh = sharding.make_mesh()
     singles = []
     for i in range(k):
@@ -165,7 +164,7 @@ def bench_multi(s: Settings) -> list[dict]:
         return metrics
 
     timing = _rounds(s, _timed(together), _timed(sequential))  # ref: K sequential single steps
-    setting = f"K={k} specialists, {res}px, batch {batch} each" + ("" if width == 1.0 else f", width {width}")
+    setting = _setting(s, f"K={k} specialists, {res}px, batch {batch} each", width)
     return [_row("multi", setting, k * batch, timing, reference="sequential", ratio=1 / timing["ratio"],
                  speedup_vs_sequential=timing["ratio"], compile_seconds=multi_s, single_compile_seconds=single_s,
                  xla_temp_mib=None if temp is None else temp / 2**20)]
@@ -180,7 +179,7 @@ def bench_routed(s: Settings) -> list[dict]:
 
 def _routed_row(s: Settings, res: int, batch: int, width: float) -> dict:
     k = s.specialists
-    generalist = models.mobilenet_v3_small(10 * k, rngs=nnx.Rngs(0), width_multiplier=width)
+    generalist = _model(s, 10 * k, width)
     groups = [list(range(10 * i, 10 * i + 10)) for i in range(k)]
     system = route.build_routed(generalist, [specialize.extract(generalist, g) for g in groups], groups,
                                 mean=MEAN, std=STD, mesh=sharding.make_mesh())
@@ -188,6 +187,6 @@ def _routed_row(s: Settings, res: int, batch: int, width: float) -> dict:
     t = route.throughput(system, images, repeats=max(3, s.repeats * s.steps))
     timing = {"seconds": batch / t["routed_images_per_s"], "rounds": [batch / t["routed_images_per_s"]],
               "ref_seconds": batch / t["generalist_images_per_s"], "ref_rounds": [batch / t["generalist_images_per_s"]]}
-    setting = f"K={k} specialists, {res}px, batch {batch}" + ("" if width == 1.0 else f", width {width}")
+    setting = _setting(s, f"K={k} specialists, {res}px, batch {batch}", width)
     return _row("routed", setting, batch, timing, reference="generalist", ratio=t["cost_vs_generalist"],
                 specialist_examples_per_image=t["specialist_examples_per_image"], chunk=t["chunk"])

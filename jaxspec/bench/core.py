@@ -14,8 +14,9 @@ from collections.abc import Callable
 import jax
 import numpy as np
 import optax
+from flax import nnx
 
-from jaxspec import sharding
+from jaxspec import models, sharding
 from jaxspec.bench.torch_ref import TorchWorker
 from jaxspec.train import steps
 from jaxspec.train.state import create_state
@@ -39,6 +40,7 @@ class Settings:
     warmup: int
     specialists: int
     torch: TorchWorker | None
+    dtype: str = "float32"  # the models' activation dtype; other than float32, torch runs with AMP in it
     results: list[dict] = dataclasses.field(default_factory=list)  # rows so far, for cross-references
 
 
@@ -114,6 +116,10 @@ def _compile(fn, *args) -> tuple[Callable, float, int | None]:
     return compiled, seconds, None if mem is None else int(mem.temp_size_in_bytes)
 
 
+def _model(s: Settings, classes: int, width: float):
+    return models.mobilenet_v3_small(classes, rngs=nnx.Rngs(0), width_multiplier=width, dtype=s.dtype)
+
+
 def _train_step(model, mesh, seed: int = 0):
     tx = optax.adam(1e-4)
     modeldef, state = create_state(model, tx, seed)
@@ -126,8 +132,9 @@ def _model_settings(s: Settings):
     return QUICK_SETTINGS if s.quick else MODEL_SETTINGS
 
 
-def _setting(res, batch, classes, width) -> str:
-    return f"{res}px, batch {batch}, {classes} classes" + ("" if width == 1.0 else f", width {width}")
+def _setting(s: Settings, head: str, width: float) -> str:
+    """`head` plus the width and dtype where they are not the defaults."""
+    return head + ("" if width == 1.0 else f", width {width}") + ("" if s.dtype == "float32" else f", {s.dtype}")
 
 
 def _machine() -> dict:

@@ -8,38 +8,49 @@ import subprocess
 import sys
 
 _TORCH_WORKER = r"""
-import json, resource, sys, time
+import contextlib, json, resource, sys, time
 import torch, torchvision
 torch.set_num_threads(int(sys.argv[1]))
 models = {}
-def train(m, opt, lossf, x, y):
+def train(m, opt, lossf, x, y, amp):
     m.train()
     opt.zero_grad(set_to_none=True)
-    lossf(m(x), y).backward()
+    with amp():
+        loss = lossf(m(x), y)
+    loss.backward()
     opt.step()
-def evaluate(m, opt, lossf, x, y):
+def evaluate(m, opt, lossf, x, y, amp):
     m.eval()
-    with torch.no_grad():
+    with torch.no_grad(), amp():
         m(x)
 for line in sys.stdin:
     req = json.loads(line)
     if req["op"] == "setup":
         torch.manual_seed(0)
-        m = torchvision.models.mobilenet_v3_small(num_classes=req["classes"])
-        x = torch.randn(req["batch"], 3, req["res"], req["res"])
-        y = torch.randint(0, req["classes"], (req["batch"],))
+        dev, amp = torch.device(req["device"]), req["amp"]
+        # AMP as PyTorch recommends it: autocast to `amp` with channels-last tensors.
+        fmt = torch.channels_last if amp else torch.contiguous_format
+        m = torchvision.models.mobilenet_v3_small(num_classes=req["classes"]).to(dev, memory_format=fmt)
+        x = torch.randn(req["batch"], 3, req["res"], req["res"], device=dev).to(memory_format=fmt)
+        y = torch.randint(0, req["classes"], (req["batch"],), device=dev)
+        ctx = ((lambda: torch.autocast(dev.type, dtype=getattr(torch, amp))) if amp
+               else contextlib.nullcontext)
         models[req["key"]] = (m, torch.optim.Adam(m.parameters(), 1e-4),
-                              torch.nn.CrossEntropyLoss(label_smoothing=0.1), x, y)
+                              torch.nn.CrossEntropyLoss(label_smoothing=0.1), x, y, ctx)
         out = {"params": sum(p.numel() for p in m.parameters())}
     elif req["op"] == "time":
         fn = train if req["mode"] == "train" else evaluate
+        args = models[req["key"]]
         t = time.perf_counter()
         for _ in range(req["steps"]):
-            fn(*models[req["key"]])
+            fn(*args)
+        if args[3].is_cuda:
+            torch.cuda.synchronize()
         out = {"seconds": time.perf_counter() - t}
     else:
         out = {"torch": torch.__version__, "torchvision": torchvision.__version__,
                "threads": torch.get_num_threads(),
+               "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     print(json.dumps(out), flush=True)
 """
@@ -62,8 +73,11 @@ class TorchWorker:
             raise RuntimeError(f"The torch worker ({self.python}) exited (rc {self._proc.wait()}); see stderr above")
         return json.loads(line)
 
-    def setup(self, key: str, res: int, batch: int, classes: int) -> int:
-        return self._ask(op="setup", key=key, res=res, batch=batch, classes=classes)["params"]
+    def setup(self, key: str, res: int, batch: int, classes: int, *, device: str = "cpu",
+              amp: str | None = None) -> int:
+        """Builds the model on torch `device`; `amp` (e.g. "bfloat16") autocasts with channels-last tensors."""
+        return self._ask(op="setup", key=key, res=res, batch=batch, classes=classes, device=device,
+                         amp=amp)["params"]
 
     def seconds(self, key: str, mode: str, steps: int) -> float:
         return self._ask(op="time", key=key, mode=mode, steps=steps)["seconds"]
