@@ -56,6 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sharding = dict(fsdp=1)
     config.log_every = 50
     config.checkpoint_every = 500
+    config.overwrite = False  # True: move a workdir's phases made with other settings aside, then rerun
 
     if arg.tiny:  # a seconds-long run on the synthetic fixture, for tests
         config.model.width_multiplier = 0.25

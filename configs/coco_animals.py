@@ -55,4 +55,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sharding = dict(fsdp=1)  # e.g. -1 on a pod: YOLOv5l/x params and optimizer state split over all chips
     config.log_every = 100
     config.checkpoint_every = 2000
+    config.overwrite = False  # True: move a workdir's phases made with other settings aside, then rerun
     return config

@@ -81,4 +81,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sharding = dict(fsdp=1)
     config.log_every = 500
     config.checkpoint_every = 5000
+    config.overwrite = False  # True: move a workdir's phases made with other settings aside, then rerun
     return config

@@ -32,10 +32,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxspec import sharding
+from jaxspec import models, sharding
 from jaxspec.data import pipeline
 from jaxspec.models import layers
-from jaxspec.train import checkpoint, loop, optimizers, steps
+from jaxspec.train import checkpoint, loop, optimizers, steps, workdir
 from jaxspec.train.state import ModelDef, TrainState, create_state
 
 Pairs = tuple[tuple[str, str], ...]  # (teacher layer, student layer) in forward order
@@ -231,7 +231,11 @@ def train_skd(r, name: str, model: nnx.Module, teacher_def: ModelDef, teacher_st
     student_def, state = create_distill_state(student, teacher_def, teacher_state, tx, seed)
     state = sharding.replicate(state, r.mesh)
     data_iter = pipeline.train_iterator(source, r.config.data, batch_size=phase.batch_size, seed=seed)
-    ckpt = checkpoint.Checkpointer(r.workdir / "checkpoints" / name)
+    fingerprint = workdir.phase_fingerprint(phase=phase, seed=seed, data_cfg=r.config.data, source=source,
+                                            start=student, spec=models.describe(model), skd=skd.to_dict(),
+                                            teacher_weights=workdir.weights_digest(teacher))
+    ckpt = checkpoint.Checkpointer(r.workdir / "checkpoints" / name, fingerprint=fingerprint,
+                                   overwrite=r.config.get("overwrite", False))
     if ckpt.latest_step() is not None:
         state = ckpt.restore(checkpoint.abstract_like(state), data_iter)
     if int(state.step) < phase.steps:

@@ -3,10 +3,10 @@
 Overrides: `--config.specialize.steps=100`; an unknown key is an error.
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from jaxspec.cli import start
+from jaxspec.cli import run_main, start
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries and results.")
@@ -25,4 +25,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_main(main)

@@ -10,14 +10,12 @@ detector runs (`jaxspec.detection.run`, scored by F and mAP) get the same layout
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
 from collections.abc import Sequence
 
 import numpy as np
 
-from jaxspec import evaluate, plots
+from jaxspec import evaluate, files, plots
 from jaxspec.train import history
 
 PLOTS_DIR = "plots"
@@ -244,18 +242,14 @@ def write_run_report(workdir: str | pathlib.Path, results: dict) -> pathlib.Path
         out += [f"The generalist was loaded from `{c['generalist']['init']}`: it has no curves here.", ""]
 
     path = workdir / "report.md"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(out))
-    os.replace(tmp, path)
+    files.write_atomic(path, "\n".join(out))
     return path
 
 
 def finish(workdir: str | pathlib.Path, results: dict, tables: Sequence[str], summary: str) -> pathlib.Path:
     """The end of a main job: results.json (atomically), the tables and `summary` on the terminal, report.md."""
     workdir = pathlib.Path(workdir)
-    tmp = workdir / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, workdir / "results.json")
+    files.write_json(workdir / "results.json", results, indent=1)
     print("\n" + "\n\n".join(tables))
     print(f"\n{summary}")
     print(f"results: {workdir / 'results.json'}  ({results['seconds']:.0f}s)", flush=True)

@@ -20,11 +20,12 @@ import ml_collections
 from clu import metric_writers
 from flax import nnx
 
-from jaxspec import evaluate, methods, models, sharding, specialize
+from jaxspec import evaluate, methods, models, sharding, specialize, validate
 from jaxspec.data import pipeline, sources
 from jaxspec.data.constrain import ConstrainedSource
 from jaxspec.data.subsets import resolve_subset
 from jaxspec.train import checkpoint, freeze, history, loop, optimizers, steps
+from jaxspec.train import workdir as wdir
 from jaxspec.train.state import ModelDef, TrainState, create_state
 
 TORCHVISION_SUFFIXES = (".pth", ".pt", ".safetensors", ".npz")
@@ -109,7 +110,6 @@ class Runner:
     def export(self, name: str, trained: methods.Trained, subset) -> None:
         """Writes `trained` to workdir/models/<name> with what a user needs to read its outputs."""
         checkpoint.export_model(self.workdir / "models" / name, trained.model, {
-            **_model_spec(self.config, len(trained.classes)),
             "subset": list(subset),
             "class_names": [self.info.class_names[c] for c in subset],
             "output_classes": list(trained.classes),
@@ -146,7 +146,11 @@ class Runner:
         modeldef, state = create_state(model, tx, seed)
         state = sharding.place_state(state, self.mesh)  # replicated, or split over 'fsdp'
         data_iter = pipeline.train_iterator(source, self.config.data, batch_size=phase.batch_size, seed=seed)
-        ckpt = checkpoint.Checkpointer(self.workdir / "checkpoints" / name)
+        fingerprint = wdir.phase_fingerprint(phase=phase, seed=seed, data_cfg=self.config.data, source=source,
+                                                start=model, spec=models.describe(model),
+                                                columns=None if columns is None else list(columns))
+        ckpt = checkpoint.Checkpointer(self.workdir / "checkpoints" / name, fingerprint=fingerprint,
+                                       overwrite=self.config.get("overwrite", False))
         if ckpt.latest_step() is not None:
             state = ckpt.restore(checkpoint.abstract_like(state), data_iter)
             logging.info("%s: resumed from step %d", name, int(state.step))
@@ -202,7 +206,17 @@ def specialize_stage(r: Runner, parent: methods.Trained, subset, k: int) -> tupl
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs the whole job and returns (and writes) its results."""
+    """Runs the whole job and returns (and writes) its results.
+
+    The config is checked whole first (`jaxspec.validate`), then the workdir
+    is locked and checked against it (`jaxspec.train.workdir`).
+    """
+    validate.check(config)
+    with wdir.opened(workdir, config.to_dict(), overwrite=config.get("overwrite", False)):
+        return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     t0 = time.time()
     r = Runner(config, workdir)
     info = r.info

@@ -158,8 +158,9 @@ def test_evaluator_agrees_with_pycocotools_on_the_scenes_json(finished):
 def test_a_bad_method_is_named(manifest, tmp_path):
     config = tiny(detect_animals.get_config("tiny"), manifest)
     config.specialize.method = "extract"
-    with pytest.raises(ValueError, match=r"Unknown specialize.method 'extract'; choose one of \['suppress', 'slice'\]"):
-        run.Runner(config, str(tmp_path))
+    with pytest.raises(ValueError, match=r"^specialize.method='extract' is not allowed: one of \['suppress', 'slice'\]"):
+        run.run(config, str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_gradual_experiment_cell_and_plot(finished, manifest, tmp_path):

@@ -10,7 +10,6 @@ umap_relevant.png (UMAP of both models' penultimate features).
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 from collections.abc import Sequence
 
@@ -19,7 +18,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from jaxspec import sharding
+from jaxspec import files, sharding
 from jaxspec.analysis import cka, features, umap_plot
 from jaxspec.cli import start
 from jaxspec.data import sources
@@ -125,9 +124,7 @@ def analyse(workdir, *, out=None, split: str = "", per_class: int = 50, batch_si
         cka.plot_same_layer(result, out / "cka_same_layer.png", names=names)
         umap_plot.umap_figures({"generalist": feats[0]["pre_logits"], specialist: feats[1]["pre_logits"]},
                                umap_source.labels, info.class_names, subset, out, seed=seed)
-        tmp = out / "cka.json.tmp"
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, out / "cka.json")
+        files.write_json(out / "cka.json", record, indent=1)
         same = "  ".join(f"{k} {v:.3f}" for k, v in record["same_layer"].items() if v is not None)
         print(f"same-layer CKA: {same}\nwrote {out}/{{cka.json, cka_heatmap.png, cka_same_layer.png, "
               f"umap.png, umap_relevant.png}}", flush=True)

@@ -22,13 +22,14 @@ import ml_collections
 from clu import metric_writers
 from flax import nnx
 
-from jaxspec import methods, models, sharding
+from jaxspec import methods, models, sharding, validate
 from jaxspec.detection import data
 from jaxspec.detection import specialize as dspec
 from jaxspec.detection import train as dtrain
 from jaxspec.run import parse_stages, restricted
 from jaxspec.specialize import compose_subsets
 from jaxspec.train import checkpoint, history, loop, steps
+from jaxspec.train import workdir as wdir
 from jaxspec.train.state import ModelDef, TrainState, create_state
 
 METHODS = ("suppress", "slice", "scratch")
@@ -39,9 +40,6 @@ class Runner:
     """Shared context of one detection run: mesh, data, writer, workdir (as `jaxspec.run.Runner`)."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-        if config.specialize.method not in METHODS[:2]:
-            raise ValueError(f"Unknown specialize.method {config.specialize.method!r}; choose one of {list(METHODS[:2])}"
-                             " (a scratch specialist is specialize.scratch=True)")
         self.config = config
         self.workdir = pathlib.Path(workdir).absolute()
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -108,7 +106,12 @@ class Runner:
         modeldef, state = create_state(model, tx, seed)
         state = sharding.place_state(state, self.mesh)  # replicated, or split over 'fsdp'
         data_iter = data.train_iterator(train_src, cfg.data, batch_size=phase.batch_size, seed=seed)
-        ckpt = checkpoint.Checkpointer(self.workdir / "checkpoints" / name)
+        fingerprint = wdir.phase_fingerprint(phase=phase, seed=seed, data_cfg=cfg.data, source=train_src, start=model,
+                                             spec=models.describe(model), classes=list(classes),
+                                             columns=None if columns is None else list(columns),
+                                             hyp=cfg.hyp.to_dict())
+        ckpt = checkpoint.Checkpointer(self.workdir / "checkpoints" / name, fingerprint=fingerprint,
+                                       overwrite=cfg.get("overwrite", False))
         if ckpt.latest_step() is not None:
             state = ckpt.restore(checkpoint.abstract_like(state), data_iter)
         if int(state.step) < phase.steps:
@@ -135,7 +138,6 @@ class Runner:
     def export(self, name: str, trained: methods.Trained) -> None:
         """workdir/models/<name>: weights + what a user needs to read the outputs."""
         checkpoint.export_model(self.workdir / "models" / name, trained.model, {
-            "name": self.config.model.name, "num_classes": len(trained.classes),
             "output_classes": list(trained.classes),
             "class_names": [self.info.class_names[c] for c in trained.classes],
             "columns": None if trained.columns is None else list(trained.columns),
@@ -206,7 +208,13 @@ def results_table(rows: Sequence[tuple[str, dict]], title: str) -> str:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs the whole detection job and returns (and writes) its results."""
+    """Runs the whole detection job and returns (and writes) its results (config checked, workdir locked)."""
+    validate.check(config)
+    with wdir.opened(workdir, config.to_dict(), overwrite=config.get("overwrite", False)):
+        return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     t0 = time.time()
     r = Runner(config, workdir)
     info, lead = r.info, jax.process_index() == 0

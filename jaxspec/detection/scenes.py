@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image
 
+from jaxspec import files
 from jaxspec.data import embedded, embedded_files
 from jaxspec.data.sources import DatasetInfo
 
@@ -181,10 +182,7 @@ def write_split(directory: str, split: str, cfg: SceneConfig, *, data_dir: str |
     }
     os.makedirs(directory, exist_ok=True)
     json_path = os.path.join(directory, f"{split}.json")
-    tmp = f"{json_path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(coco_json(scenes), f)
-    os.replace(tmp, json_path)
+    files.write_json(json_path, coco_json(scenes))
     npz_path = os.path.join(directory, f"{split}.npz")
     embedded._save_atomically(npz_path, arrays)  # written last: its presence marks a complete split
     return npz_path

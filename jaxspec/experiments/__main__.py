@@ -4,10 +4,10 @@ Runs the config's grid of cells (see `jaxspec.experiments.grid`); rerunning on
 the same workdir skips finished cells. Overrides as for `jaxspec.main`.
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from jaxspec.cli import start
+from jaxspec.cli import run_main, start
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, cell results and the report.")
@@ -22,4 +22,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_main(main)

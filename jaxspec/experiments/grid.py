@@ -19,16 +19,16 @@ from __future__ import annotations
 import importlib
 import itertools
 import json
-import os
-import pathlib
+import pkgutil
 import time
 
 import jax
 import ml_collections
 import numpy as np
 
-from jaxspec import groupings, methods, run
+from jaxspec import files, groupings, methods, run, validate
 from jaxspec.data.constrain import ConstrainedSource
+from jaxspec.train import workdir as wdir
 
 AVERAGE = "average over groups"
 
@@ -138,14 +138,23 @@ def markdown(rows: list[dict], metrics: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def _write(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def kinds() -> list[str]:
+    """The experiment kinds: the modules of `jaxspec.experiments` that define `run_cell`."""
+    package = importlib.import_module("jaxspec.experiments")
+    names = [m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_") and m.name != "grid"]
+    return sorted(n for n in names if hasattr(importlib.import_module(f"jaxspec.experiments.{n}"), "run_cell"))
 
 
 def run_grid(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs (or resumes) every cell, then writes results.json and report.md."""
+    """Runs (or resumes) every cell, then writes results.json and report.md (workdir locked and checked)."""
+    validate.check(config)
+    if config.experiment.kind not in kinds():
+        validate.fail("experiment.kind", config.experiment.kind, f"one of {kinds()}")
+    with wdir.opened(workdir, config.to_dict(), overwrite=config.get("overwrite", False)):
+        return _run_grid(config, workdir)
+
+
+def _run_grid(config: ml_collections.ConfigDict, workdir: str) -> dict:
     t0 = time.time()
     kind = importlib.import_module(f"jaxspec.experiments.{config.experiment.kind}")
     r = getattr(kind, "make_runner", run.Runner)(config, workdir)  # a kind may bring its own (detection)
@@ -170,7 +179,7 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str) -> dict:
         metrics = {k: float(v) for k, v in kind.run_cell(r, config, cell).items()}
         record = {"cell": cell, "metrics": metrics, "seconds": time.time() - start}
         if lead:
-            _write(path, json.dumps(record, indent=1))
+            files.write_json(path, record, indent=1)
         results.append(record)
 
     rows = aggregate(results, group_sets(config.experiment.grid.to_dict(), r))
@@ -185,7 +194,7 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary = {"config": config.to_dict(), "groups": {k: list(r.groups[k]) for ks in r.groupings.values() for k in ks},
                "cells": results, "rows": rows, "plots": plots, "seconds": time.time() - t0}
     if lead:
-        _write(r.workdir / "results.json", json.dumps(summary, indent=1))
+        files.write_json(r.workdir / "results.json", summary, indent=1)
         title = config.experiment.get("title", config.experiment.kind)
         report = [f"# {title}", "", config.experiment.get("description", ""), "",
                   f"Data: {r.info.name} ({r.info.num_classes} classes), model {config.model.name} "
@@ -193,7 +202,7 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str) -> dict:
                   f"seeds {sorted({c.get('seed') for c in cells})}; "
                   "mean ± std over seeds (sample std), accuracies in %.", "", table, ""]
         report += [f"![{p}]({p})" for p in plots]
-        _write(r.workdir / "report.md", "\n".join(report) + "\n")
+        files.write_atomic(r.workdir / "report.md", "\n".join(report) + "\n")
         print("\n" + table + f"\n\nreport: {r.workdir / 'report.md'}  ({summary['seconds']:.0f}s)", flush=True)
     r.writer.close()
     return summary

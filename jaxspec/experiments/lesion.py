@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
 
 import numpy as np
 
-from jaxspec import methods
+from jaxspec import files, methods
 from jaxspec.analysis import lesion
 from jaxspec.data.constrain import ConstrainedSource
 from jaxspec.data.subsets import resolve_subset
@@ -80,9 +79,7 @@ def _ranking(r, ev: lesion.LesionEval, trained: methods.Trained, path: str, task
         return np.asarray(json.loads(file.read_text())["drops"])
     _, drops = lesion.lesion_impact(ev, trained.state, ConstrainedSource(r.val, task), name=f"rank {path}")
     file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"path": path, "task": list(task), "drops": drops.tolist()}))
-    os.replace(tmp, file)
+    files.write_json(file, {"path": path, "task": list(task), "drops": drops.tolist()})
     return drops
 
 

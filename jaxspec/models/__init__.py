@@ -28,9 +28,27 @@ def get_model(name: str, num_classes: int, *, rngs: nnx.Rngs,
     return _FACTORIES[name](num_classes, rngs=rngs, **kwargs)
 
 
+def describe(model: nnx.Module) -> dict:
+    """The constructor arguments that rebuild `model`'s structure (see `from_spec`), read off the model itself."""
+    if isinstance(model, MobileNetV3):
+        return {'name': model.arch, 'num_classes': model.num_classes,
+                'width_multiplier': model.width_multiplier, 'dropout_rate': model.dropout.rate}
+    if isinstance(model, YOLOv5):
+        return {'name': f'yolov5{model.scale}', 'num_classes': model.num_classes}
+    raise TypeError(f'Cannot describe a {type(model).__name__}; expected a MobileNetV3 or a YOLOv5')
+
+
+def from_spec(spec: dict, *, rngs: nnx.Rngs, **kwargs) -> nnx.Module:
+    """A freshly initialized model of the structure `describe` recorded in `spec`."""
+    args = {k: spec[k] for k in ('width_multiplier', 'dropout_rate') if k in spec}
+    return get_model(spec['name'], spec['num_classes'], rngs=rngs, **args, **kwargs)
+
+
 __all__ = [
     'MobileNetV3',
     'YOLOv5',
+    'describe',
+    'from_spec',
     'from_torchvision',
     'get_model',
     'load_torchvision_file',

@@ -29,10 +29,10 @@ def _fmt_time(seconds: float) -> str:
 class Progress:
     """One status line (rewritten in place on a terminal): step, loss, rate, ETA."""
 
-    def __init__(self, name: str, total: int, start: int, batch_size: int, stream=sys.stderr):
+    def __init__(self, name: str, total: int, start: int, batch_size: int, stream=None):
         self.name, self.total, self.batch_size = name, total, batch_size
-        self._stream = stream
-        self._tty = stream.isatty()
+        self._stream = stream or sys.stderr  # looked up now, so a redirected stderr (pytest's capsys) is used
+        self._tty = self._stream.isatty()
         self._t0, self._s0 = time.perf_counter(), start
 
     def rate(self, step: int, t: float) -> float:
@@ -68,13 +68,20 @@ class Progress:
             self._stream.write("\n")
 
 
+def last_good(ckpts: list[Checkpointer]) -> str:
+    """Where a stopped run resumes: each phase's newest step that verifies now (in-flight saves finished first)."""
+    out = []
+    for c in ckpts:
+        step = c.last_good_step()
+        out.append(f"{c.directory.name}: no checkpoint verifies, a rerun starts the phase over" if step is None
+                   else f"{c.directory.name}: step {step} verified, a rerun resumes there")
+    return "; ".join(out)
+
+
 def _check_finite(step: int, metrics: dict[str, float], ckpt: Checkpointer) -> None:
     bad = {k: v for k, v in metrics.items() if k in ("loss", "grad_norm") and not np.isfinite(v)}
     if bad:
-        raise FloatingPointError(
-            f"Non-finite {bad} at step {step}; stopping. The last good checkpoint "
-            f"(step {ckpt.latest_step()}) in {ckpt.directory} is intact."
-        )
+        raise FloatingPointError(f"Non-finite {bad} at step {step}; stopping ({last_good([ckpt])}).")
 
 
 def fit(
@@ -121,6 +128,7 @@ def fit(
         if save:
             flush()  # synchronous: never checkpoint a state not known to be finite
             ckpt.save(state, data_iter, force=step == num_steps)
+            writer.flush()  # the curve up to a checkpoint survives a kill as the checkpoint does
         if eval_fn is not None and eval_every and (step % eval_every == 0 or step == num_steps):
             values = eval_fn(state)
             writer.write_scalars(step, {f"{name}/{k}": v for k, v in values.items()})

@@ -33,7 +33,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxspec import sharding
 from jaxspec.data import pipeline
-from jaxspec.train import checkpoint, freeze, loop, optimizers, steps
+from jaxspec.models import describe
+from jaxspec.train import checkpoint, freeze, loop, optimizers, steps, workdir
 from jaxspec.train.state import ModelDef, TrainState, create_state
 
 AXES = ("spec", "data")
@@ -113,11 +114,17 @@ def put_batches(batches: Sequence[dict[str, np.ndarray]], mesh: jax.sharding.Mes
 class _Specialists:
     """Per-specialist data iterators and checkpointers of one vmapped run."""
 
-    def __init__(self, runner, names, sources, phase, seeds):
+    def __init__(self, runner, names, models, sources, phase, seeds):
         self.names = list(names)
         self.iters = [pipeline.train_iterator(s, runner.config.data, batch_size=phase.batch_size, seed=seed)
                       for s, seed in zip(sources, seeds)]
-        self.ckpts = [checkpoint.Checkpointer(runner.workdir / "checkpoints" / n) for n in self.names]
+        self.ckpts = [
+            checkpoint.Checkpointer(runner.workdir / "checkpoints" / n,
+                                    overwrite=runner.config.get("overwrite", False),
+                                    fingerprint=workdir.phase_fingerprint(
+                                        phase=phase, seed=seed, data_cfg=runner.config.data, source=s, start=m,
+                                        spec=describe(m), columns=None))
+            for n, m, s, seed in zip(self.names, models, sources, seeds)]
 
     def restore(self, states: list[TrainState]) -> list[TrainState]:
         """Restores every specialist at the newest step all of them have (or keeps `states`)."""
@@ -170,7 +177,7 @@ def train_specialists(runner, models: Sequence[nnx.Module], sources: Sequence, v
     created = [create_state(m, tx, seed) for m, seed in zip(models, seeds)]
     modeldef = created[0][0]
     states = [sharding.replicate(s, runner.mesh) for _, s in created]
-    spec = _Specialists(runner, names, sources, phase, seeds)
+    spec = _Specialists(runner, names, models, sources, phase, seeds)
     states = spec.restore(states)
     mesh = spec_mesh(k, runner.mesh.devices.flat)
     stacked = jax.device_put(stack(states), state_sharding(mesh))
@@ -198,10 +205,8 @@ def _check_finite(step: int, metrics: dict[str, np.ndarray], spec: _Specialists)
     bad = [n for i, n in enumerate(spec.names)
            if not (np.isfinite(metrics["loss"][i]) and np.isfinite(metrics["grad_norm"][i]))]
     if bad:
-        last = {n: c.latest_step() for n, c in zip(spec.names, spec.ckpts)}
-        raise FloatingPointError(
-            f"Non-finite loss or gradient for specialists {bad} at step {step}; stopping. The last good "
-            f"checkpoints (steps {last}) are intact.")
+        raise FloatingPointError(f"Non-finite loss or gradient for specialists {bad} at step {step}; stopping "
+                                 f"({loop.last_good(spec.ckpts)}).")
 
 
 def fit(stacked: TrainState, multi_step: Callable, spec: _Specialists, mesh: jax.sharding.Mesh, *,
@@ -238,6 +243,7 @@ def fit(stacked: TrainState, multi_step: Callable, spec: _Specialists, mesh: jax
         if save:
             flush()  # never checkpoint a state not known to be finite
             spec.save(stacked, force=step == num_steps)
+            writer.flush()
         if eval_fn is not None and eval_every and (step % eval_every == 0 or step == num_steps):
             values = eval_fn(stacked)
             writer.write_scalars(step, values)

@@ -1,0 +1,162 @@
+"""The whole config checked before any data is read, any step compiled or any phase trained.
+
+A bad value found after a generalist has trained for an hour costs that hour;
+a bad value found inside a jitted step costs a traceback. Each check raises
+`ConfigError` with one line: the key, the value, and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+import re
+import zipfile
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxspec import methods, models
+from jaxspec.data import embedded_files
+from jaxspec.train import checkpoint, optimizers
+
+TORCHVISION_SUFFIXES = (".pth", ".pt", ".safetensors", ".npz")
+DTYPES = ("float32", "bfloat16")
+DETECTION_METHODS = ("suppress", "slice")  # a scratch detector is specialize.scratch=True
+
+
+class ConfigError(ValueError):
+    """A config value that cannot run; the message is one line."""
+
+
+def fail(key: str, value, allowed: str) -> None:
+    raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def _int_at_least(key: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+        fail(key, value, f"an integer >= {low}")
+
+
+def _number_in(key: str, value, low: float, high: float, *, closed_high: bool = False) -> None:
+    ok = (not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+          and low <= value and (value <= high if closed_high else value < high))
+    if not ok:
+        fail(key, value, f"a number in [{low}, {high}{']' if closed_high else ')'}")
+
+
+def _phases(config: ml_collections.ConfigDict, prefix: str = ""):
+    """(key, section) of every training phase: a section with `steps` and `batch_size`."""
+    for k, v in config.items():
+        if isinstance(v, ml_collections.ConfigDict):
+            if "steps" in v and "batch_size" in v:
+                yield prefix + k, v
+            yield from _phases(v, f"{prefix}{k}.")
+
+
+def check_phase(key: str, phase: ml_collections.ConfigDict) -> None:
+    epochs = phase.get("epochs", 0)
+    if epochs:
+        _number_in(f"{key}.epochs", epochs, 0, 1e9)
+        _int_at_least(f"{key}.steps", phase.steps, 0)
+    else:
+        _int_at_least(f"{key}.steps", phase.steps, 1)
+    _int_at_least(f"{key}.batch_size", phase.batch_size, 1)
+    shards = jax.device_count()
+    if phase.batch_size % shards:
+        fail(f"{key}.batch_size", phase.batch_size, f"a multiple of the {shards} devices the batch is split over")
+    if phase.batch_size % jax.process_count():
+        fail(f"{key}.batch_size", phase.batch_size, f"a multiple of the {jax.process_count()} processes")
+    if "label_smoothing" in phase:
+        _number_in(f"{key}.label_smoothing", phase.label_smoothing, 0.0, 1.0)
+    optim = phase.get("optim")
+    if optim is not None:
+        if optim.optimizer not in optimizers.OPTIMIZERS:
+            fail(f"{key}.optim.optimizer", optim.optimizer, f"one of {list(optimizers.OPTIMIZERS)}")
+        if optim.schedule not in optimizers.SCHEDULES:
+            fail(f"{key}.optim.schedule", optim.schedule, f"one of {list(optimizers.SCHEDULES)}")
+        if not (isinstance(optim.lr, int | float) and math.isfinite(optim.lr) and optim.lr > 0):
+            fail(f"{key}.optim.lr", optim.lr, "a finite number > 0")
+        _int_at_least(f"{key}.optim.warmup_steps", optim.warmup_steps, 0)
+        if optim.schedule == "step":
+            _int_at_least(f"{key}.optim.decay_every", optim.decay_every, 1)
+    for pattern in str(phase.get("freeze", "") or "").split(","):
+        if pattern.strip() and not re.fullmatch(r"blocks:\d+-\d+", pattern.strip()):
+            try:
+                re.compile(pattern.strip())
+            except re.error as e:
+                fail(f"{key}.freeze", phase.freeze, f"comma-separated regexes or block ranges ({e})")
+
+
+def check_init(key: str, init: str) -> None:
+    """`init` names a readable exported model or weights file."""
+    path = pathlib.Path(init)
+    if init.endswith(TORCHVISION_SUFFIXES):
+        if not path.is_file():
+            fail(key, init, "an existing weights file (.pth, .pt, .safetensors, .npz) or an exported model dir")
+        if init.endswith(".npz"):
+            try:
+                with np.load(path) as f:
+                    for name in f.files:
+                        f[name]  # noqa: B018 -- reads every array, so a truncated file fails here
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+                fail(key, init, f"a readable .npz of weights ({type(e).__name__}: {str(e)[:80]})")
+        elif path.stat().st_size == 0:
+            fail(key, init, "a non-empty weights file")
+        return
+    if not path.is_dir():
+        fail(key, init, "an exported model dir (model.json + weights/) or a weights file")
+    problem = checkpoint.export_problem(path.absolute())
+    if problem and problem != "model.json has no weights checksums (an older export)":
+        fail(key, init, f"a complete exported model ({problem})")
+
+
+def check_data(data: ml_collections.ConfigDict) -> None:
+    if data.get("manifest"):
+        if not os.path.isfile(data.manifest):
+            fail("data.manifest", data.manifest, "an existing JSON file naming the raw files")
+        try:
+            embedded_files.read_manifest(data.manifest)
+        except (OSError, ValueError, AttributeError, TypeError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            fail("data.manifest", data.manifest, f"a JSON object {{role: {{path, sha256}}}} ({msg[:100]})")
+    if "image_size" in data:
+        _int_at_least("data.image_size", data.image_size, 8)
+    for key in ("num_threads", "prefetch"):
+        if key in data:
+            _int_at_least(f"data.{key}", data[key], 1 if key == "num_threads" else 0)
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    """Raises `ConfigError` for the first value in `config` that cannot run."""
+    _int_at_least("seed", config.get("seed", 0), 0)
+    if not isinstance(config.get("overwrite", False), bool):
+        fail("overwrite", config.overwrite, "True or False")
+    for key in ("log_every", "checkpoint_every"):
+        if key in config:
+            _int_at_least(key, config[key], 1)
+    if "eval" in config:
+        _int_at_least("eval.batch_size", config.eval.batch_size, 1)
+        _int_at_least("eval.every_steps", config.eval.every_steps, 0)
+    m = config.model
+    if m.name not in models._FACTORIES:
+        fail("model.name", m.name, f"one of {sorted(models._FACTORIES)}")
+    if m.get("dtype", "float32") not in DTYPES:
+        fail("model.dtype", m.dtype, f"one of {list(DTYPES)} (float16 would need loss scaling)")
+    if "width_multiplier" in m and not (isinstance(m.width_multiplier, int | float) and m.width_multiplier > 0):
+        fail("model.width_multiplier", m.width_multiplier, "a number > 0")
+    if "dropout_rate" in m:
+        _number_in("model.dropout_rate", m.dropout_rate, 0.0, 1.0)
+    check_data(config.data)
+    for key, phase in _phases(config):
+        check_phase(key, phase)
+    init = config.get("generalist", {}).get("init", "")
+    if init:
+        check_init("generalist.init", init)
+    method = config.get("specialize", {}).get("method")
+    allowed = DETECTION_METHODS if config.get("task") == "detect" else methods.METHODS
+    if method is not None and method not in allowed:
+        scratch = " (a scratch detector is specialize.scratch=True)" if allowed is DETECTION_METHODS else ""
+        fail("specialize.method", method, f"one of {list(allowed)}{scratch}")
+
