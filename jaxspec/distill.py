@@ -233,6 +233,7 @@ def train_skd(r, name: str, model: nnx.Module, teacher_def: ModelDef, teacher_st
     data_iter = pipeline.train_iterator(source, r.config.data, batch_size=phase.batch_size, seed=seed)
     fingerprint = workdir.phase_fingerprint(phase=phase, seed=seed, data_cfg=r.config.data, source=source,
                                             start=student, spec=models.describe(model), skd=skd.to_dict(),
+                                            extendable=optimizers.length_free(phase.optim),
                                             teacher_weights=workdir.weights_digest(teacher))
     ckpt = checkpoint.Checkpointer(r.workdir / "checkpoints" / name, fingerprint=fingerprint,
                                    overwrite=r.config.get("overwrite", False))

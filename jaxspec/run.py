@@ -148,6 +148,7 @@ class Runner:
         data_iter = pipeline.train_iterator(source, self.config.data, batch_size=phase.batch_size, seed=seed)
         fingerprint = wdir.phase_fingerprint(phase=phase, seed=seed, data_cfg=self.config.data, source=source,
                                                 start=model, spec=models.describe(model),
+                                                extendable=optimizers.length_free(phase.optim),
                                                 columns=None if columns is None else list(columns))
         ckpt = checkpoint.Checkpointer(self.workdir / "checkpoints" / name, fingerprint=fingerprint,
                                        overwrite=self.config.get("overwrite", False))

@@ -31,7 +31,8 @@ def get_model(name: str, num_classes: int, *, rngs: nnx.Rngs,
 def describe(model: nnx.Module) -> dict:
     """The constructor arguments that rebuild `model`'s structure (see `from_spec`), read off the model itself."""
     if isinstance(model, MobileNetV3):
-        return {'name': model.arch, 'num_classes': model.num_classes,
+        # The head's width, not `num_classes`: an extracted specialist keeps its generalist's attribute.
+        return {'name': model.arch, 'num_classes': model.head.out_features,
                 'width_multiplier': model.width_multiplier, 'dropout_rate': model.dropout.rate}
     if isinstance(model, YOLOv5):
         return {'name': f'yolov5{model.scale}', 'num_classes': model.num_classes}

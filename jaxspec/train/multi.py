@@ -123,7 +123,8 @@ class _Specialists:
                                     overwrite=runner.config.get("overwrite", False),
                                     fingerprint=workdir.phase_fingerprint(
                                         phase=phase, seed=seed, data_cfg=runner.config.data, source=s, start=m,
-                                        spec=describe(m), columns=None))
+                                        spec=describe(m), columns=None,
+                                        extendable=optimizers.length_free(phase.optim)))
             for n, m, s, seed in zip(self.names, models, sources, seeds)]
 
     def restore(self, states: list[TrainState]) -> list[TrainState]:

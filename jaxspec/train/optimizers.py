@@ -51,6 +51,11 @@ def make_schedule(cfg, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([ramp, main], [warmup])
 
 
+def length_free(cfg) -> bool:
+    """True when `make_schedule(cfg, n)` is the same function for every n (training can be extended)."""
+    return cfg.schedule in ("constant", "step")
+
+
 def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Returns the optimizer and its schedule (logged as the learning rate)."""
     lr = make_schedule(cfg, total_steps)

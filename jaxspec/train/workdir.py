@@ -140,21 +140,27 @@ def data_fingerprint(data_cfg: dict, source) -> dict:
         out["data.manifest"] = hashlib.sha256(pathlib.Path(manifest).read_bytes()).hexdigest()
     out["data.examples"] = len(source)
     labels = getattr(source, "labels", None)
+    if labels is None and hasattr(source, "box_labels"):  # detection: each image's box labels
+        per_image = source.box_labels
+        labels = np.concatenate([[len(b) for b in per_image], *per_image]) if len(per_image) else np.zeros(0)
     if labels is not None:
-        out["data.labels"] = hashlib.sha256(np.ascontiguousarray(np.asarray(labels)).tobytes()).hexdigest()
+        out["data.labels"] = hashlib.sha256(np.ascontiguousarray(np.asarray(labels, np.int64)).tobytes()).hexdigest()
     out["data.class_names"] = list(source.info.class_names)
     return out
 
 
-def phase_fingerprint(*, phase, seed: int, data_cfg, source, start, spec: dict, **extra) -> dict:
+def phase_fingerprint(*, phase, seed: int, data_cfg, source, start, spec: dict, extendable: bool = False,
+                      **extra) -> dict:
     """Everything that determines a training phase, as a flat JSON dict.
 
     `phase` is its config section, `start` the model (or weights pytree) it
     starts from: its digest stands for the parent phase or the init file;
     `extra` holds what else the kind of phase depends on (columns, teacher).
+    `extendable`: no step depends on the phase's length (e.g. a constant
+    schedule), so a rerun with more steps continues the same phase.
     """
     section = phase.to_dict() if hasattr(phase, "to_dict") else dict(phase)
-    out = {f"phase.{k}": v for k, v in _flat(_jsonable(section)).items()}
+    out = {f"phase.{k}": v for k, v in _flat(_jsonable(section)).items() if not (extendable and k == "steps")}
     out["seed"] = int(seed)
     out.update(data_fingerprint(data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else data_cfg, source))
     out.update({f"model.{k}": v for k, v in _jsonable(spec).items()})
