@@ -124,6 +124,8 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"No checkpoint in {self.directory}")
+        if not (self.directory / str(step)).is_dir():
+            raise FileNotFoundError(f"No checkpoint of step {step} in {self.directory}")
         problem = step_problem(self.directory / str(step))
         if problem:
             raise ValueError(f"checkpoint step {step} in {self.directory} cannot be used: {problem}")

@@ -1,0 +1,74 @@
+"""Paired statistics for the reproduction: t-intervals over seeds, a paired bootstrap over test images, verdicts.
+
+Every comparison is paired: both models of a pair come from the same seed's
+generalist and are scored on the same test images. Over seeds, the unit is a
+seed's difference (`t_interval`); over images, the unit is an image, resampled
+with both models' outcomes on it kept together (`paired_bootstrap`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+from scipy import stats
+
+
+@dataclasses.dataclass(frozen=True)
+class Interval:
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    @property
+    def half_width(self) -> float:
+        return (self.high - self.low) / 2
+
+
+def t_interval(differences, confidence: float = 0.95) -> Interval:
+    """Student-t interval of the mean of per-seed differences (needs >= 2 seeds for a width)."""
+    x = np.asarray(differences, np.float64)
+    n, mean = len(x), float(np.mean(x))
+    if n < 2:
+        return Interval(mean, -math.inf, math.inf, n)
+    half = float(stats.t.ppf((1 + confidence) / 2, n - 1) * np.std(x, ddof=1) / math.sqrt(n))
+    return Interval(mean, mean - half, mean + half, n)
+
+
+def paired_bootstrap(hits_a, hits_b, *, resamples: int = 10_000, confidence: float = 0.95,
+                     seed: int = 0) -> Interval:
+    """Percentile interval of mean(a) - mean(b) over images resampled with replacement, pairs kept together.
+
+    `hits_a[i]`, `hits_b[i]`: the two models' outcomes (e.g. top-1 correct) on
+    image i; with several seeds, pass the seeds' images stacked (each seed's
+    pair on its own images), so the pooled difference is resampled as one set.
+    """
+    a, b = np.asarray(hits_a, np.float64), np.asarray(hits_b, np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired outcomes need equal 1-d shapes; got {a.shape} and {b.shape}")
+    d = a - b
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for start in range(0, resamples, 1000):  # bounded memory for large test sets
+        idx = rng.integers(0, len(d), size=(min(1000, resamples - start), len(d)))
+        means[start:start + len(idx)] = d[idx].mean(axis=1)
+    tail = (1 - confidence) / 2
+    return Interval(float(d.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail)), len(d))
+
+
+def seeds_to_resolve(sd: float, effect: float, confidence: float = 0.95, max_n: int = 10_000) -> int | None:
+    """The fewest seeds whose t-interval half-width, at per-seed s.d. `sd`, is at most `effect` (None: > max_n)."""
+    for n in range(2, max_n + 1):
+        if stats.t.ppf((1 + confidence) / 2, n - 1) * sd / math.sqrt(n) <= effect:
+            return n
+    return None
+
+
+def verdict(interval: Interval, direction: int = 1) -> str:
+    """'reproduced' if the interval excludes 0 in the claimed direction (+1 or -1), 'contradicted' if in the
+    other, else 'inconclusive'."""
+    if interval.low > 0 or interval.high < 0:
+        return "reproduced" if (interval.low > 0) == (direction > 0) else "contradicted"
+    return "inconclusive"
