@@ -63,9 +63,10 @@ def frozen(r, model: nnx.Module, classes: Sequence[int], columns=None) -> Traine
     return Trained(modeldef, sharding.replicate(state, r.mesh), tuple(classes), columns)
 
 
-def evaluate_on(r, trained: Trained, source: ConstrainedSource) -> dict:
-    """top-1/top-2/loss/per-class accuracy on `source` (labels are S's positions)."""
-    ev = r.evaluator(trained.modeldef, trained.num_scored, columns=trained.columns)
+def evaluate_on(r, trained: Trained, source: ConstrainedSource, per_example: bool = False) -> dict:
+    """top-1/top-2/loss/per-class accuracy on `source` (labels are S's positions); `per_example` adds
+    `hits`, each example's top-1 outcome in `source`'s order."""
+    ev = r.evaluator(trained.modeldef, trained.num_scored, columns=trained.columns, per_example=per_example)
     out = ev(trained.state, source)
     out["per_class_top1"] = out["per_class_top1"][: len(source.subset)]  # a dustbin is not a class of S
     return out

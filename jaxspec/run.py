@@ -87,7 +87,7 @@ class Runner:
         self.groups = dict(self.info.groups)  # named subsets; the experiments command adds groupings
         self.groupings: dict[str, tuple[str, ...]] = {}  # grouping name -> its group names
         self._evaluators: dict = {}
-        self._generalist: methods.Trained | None = None
+        self._generalists: dict[int, methods.Trained] = {}
 
     def new_model(self, num_classes: int, seed: int) -> nnx.Module:
         """A freshly initialized model of the configured architecture."""
@@ -95,17 +95,23 @@ class Runner:
         return models.get_model(spec.pop("name"), spec.pop("num_classes"), rngs=nnx.Rngs(seed),
                                 depthwise=self.config.model.depthwise, dtype=self.config.model.dtype, **spec)
 
-    def generalist(self) -> methods.Trained:
-        """The generalist, trained here (resuming) or loaded from `generalist.init`; computed once."""
-        if self._generalist is None:
-            config, n = self.config, self.info.num_classes
+    def generalist(self, seed: int | None = None) -> methods.Trained:
+        """The generalist of `seed` (default `config.seed`), trained here (resuming) or loaded from
+        `generalist.init` (the same for every seed); computed once per seed.
+
+        Paired experiments train one per seed, so that seeds are independent
+        replicates of the whole pipeline; `config.seed`'s is the phase `generalist`.
+        """
+        config, n = self.config, self.info.num_classes
+        seed = config.seed if seed is None or config.generalist.init else int(seed)
+        if seed not in self._generalists:
             if config.generalist.init:
-                self._generalist = methods.frozen(self, _load_generalist(config, n), range(n))
+                self._generalists[seed] = methods.frozen(self, _load_generalist(config, n), range(n))
             else:
-                d, s = self.train_phase("generalist", self.new_model(n, config.seed), self.train, self.val,
-                                        config.generalist, config.seed)
-                self._generalist = methods.Trained(d, s, tuple(range(n)))
-        return self._generalist
+                name = "generalist" if seed == config.seed else f"generalist-seed{seed}"
+                d, s = self.train_phase(name, self.new_model(n, seed), self.train, self.val, config.generalist, seed)
+                self._generalists[seed] = methods.Trained(d, s, tuple(range(n)))
+        return self._generalists[seed]
 
     def export(self, name: str, trained: methods.Trained, subset) -> None:
         """Writes `trained` to workdir/models/<name> with what a user needs to read its outputs."""
@@ -116,9 +122,10 @@ class Runner:
             "columns": None if trained.columns is None else list(trained.columns),
         })
 
-    def evaluator(self, modeldef: ModelDef, num_classes: int, columns=None, confusion: bool = False):
+    def evaluator(self, modeldef: ModelDef, num_classes: int, columns=None, confusion: bool = False,
+                  per_example: bool = False):
         """An `Evaluator`, compiled once per model structure and column choice."""
-        key = (modeldef.graphdef, num_classes, None if columns is None else tuple(columns), confusion)
+        key = (modeldef.graphdef, num_classes, None if columns is None else tuple(columns), confusion, per_example)
         if key not in self._evaluators:
             self._evaluators[key] = evaluate.Evaluator(
                 modeldef,
@@ -130,6 +137,7 @@ class Runner:
                 num_classes=num_classes,
                 columns=columns,
                 confusion=confusion,
+                per_example=per_example,
             )
         return self._evaluators[key]
 

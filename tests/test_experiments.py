@@ -7,8 +7,8 @@ import pathlib
 import numpy as np
 import pytest
 
-from configs.experiments import forgetting, methods as methods_cfg, table1, table2
-from jaxspec.experiments import grid
+from configs.experiments import c1_sweep, forgetting, methods as methods_cfg, table1, table2
+from jaxspec.experiments import grid, stats
 from tests.synthetic_embedded import write_fixture
 
 
@@ -82,6 +82,33 @@ def test_tiny_grid_end_to_end_and_resume(fixture_data, tmp_path, monkeypatch, ca
     again = grid.run_grid(config, str(tmp_path))
     assert [c["seed"] for c in calls] == [1, 1]
     assert json.dumps(again["rows"]) == json.dumps(out["rows"])  # restored checkpoints: identical numbers
+
+
+def test_c1_sweep_pairs_each_setting_with_its_equal_length_control_per_seed_generalist(fixture_data, tmp_path):
+    config = tiny(c1_sweep, fixture_data, steps=[2, 4], lr=[1e-4], freeze_bn_stats=[False], seed=[0, 1])
+    out = grid.run_grid(config, str(tmp_path))
+    ckpts = tmp_path / "checkpoints"
+    assert (ckpts / "generalist").is_dir() and (ckpts / "generalist-seed1").is_dir()  # one generalist per seed
+    for seed in (0, 1):
+        for steps in (2, 4):
+            control = ckpts / f"control-seed{seed}-freeze_bn_stats=False,lr=0.0001,steps={steps}"
+            assert (control / str(steps)).is_dir()  # as long as its specialist
+    cell = out["cells"][0]
+    m, n_test = cell["metrics"], 10 * 4  # 10 animal classes x 4 test images each in the fixture
+    assert {"gain_vs_control_top1", "gain_vs_control_val_top1", "specialist_val_top1"} <= set(m)
+    hits = {k: grid.unpack_hits(v) for k, v in cell["hits"].items()}
+    assert {len(h) for h in hits.values()} == {n_test}
+    assert hits["specialist_hits"].mean() == pytest.approx(m["specialist_top1"])
+    paired = {row["cell"]["steps"]: row for row in out["paired"]}
+    row = paired[2]
+    assert row["n"] == 2
+    per_seed = [c["metrics"]["gain_vs_control_top1"] for c in out["cells"] if c["cell"]["steps"] == 2]
+    t = stats.t_interval(per_seed)
+    assert row["t_interval"]["gain_vs_control_top1"] == pytest.approx([t.mean, t.low, t.high])
+    low, high = row["bootstrap"]["gain_vs_control_top1"][1:]
+    assert low <= row["bootstrap"]["gain_vs_control_top1"][0] <= high
+    assert "Paired effects" in (tmp_path / "report.md").read_text()
+    assert out["machine"]["cpus"] >= 1 and out["machine"]["devices"].endswith("cpu")
 
 
 def test_methods_curves_and_forgetting_plots(fixture_data, tmp_path):

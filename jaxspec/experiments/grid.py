@@ -16,10 +16,16 @@ over seeds.
 
 from __future__ import annotations
 
+import base64
 import importlib
 import itertools
 import json
+import os
+import pathlib
 import pkgutil
+import platform
+import socket
+import subprocess
 import time
 
 import jax
@@ -28,6 +34,7 @@ import numpy as np
 
 from jaxspec import files, groupings, methods, run, validate
 from jaxspec.data.constrain import ConstrainedSource
+from jaxspec.experiments import stats
 from jaxspec.train import workdir as wdir
 
 AVERAGE = "average over groups"
@@ -138,6 +145,18 @@ def markdown(rows: list[dict], metrics: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
+def machine() -> dict:
+    """Where the cells ran: host, processor, cores, devices, and the jaxspec commit when in a git checkout."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=pathlib.Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {"host": socket.gethostname(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "devices": f"{jax.device_count()} {jax.default_backend()}",
+            "commit": commit}
+
+
 def kinds() -> list[str]:
     """The experiment kinds: the modules of `jaxspec.experiments` that define `run_cell`."""
     package = importlib.import_module("jaxspec.experiments")
@@ -176,8 +195,11 @@ def _run_grid(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if lead:
             print(f"[experiment {config.experiment.kind}] cell {i + 1}/{len(cells)}: {cell_id(cell)}", flush=True)
         start = time.time()
-        metrics = {k: float(v) for k, v in kind.run_cell(r, config, cell).items()}
-        record = {"cell": cell, "metrics": metrics, "seconds": time.time() - start}
+        values = kind.run_cell(r, config, cell)
+        record = {"cell": cell, "metrics": {k: float(v) for k, v in values.items() if not k.endswith("_hits")},
+                  "seconds": time.time() - start}
+        if any(k.endswith("_hits") for k in values):
+            record["hits"] = {k: pack_hits(v) for k, v in values.items() if k.endswith("_hits")}
         if lead:
             files.write_json(path, record, indent=1)
         results.append(record)
@@ -185,6 +207,10 @@ def _run_grid(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rows = aggregate(results, group_sets(config.experiment.grid.to_dict(), r))
     columns = list(config.experiment.get("columns", ())) or None
     table = markdown(rows, columns)
+    paired = paired_statistics(results, getattr(kind, "PAIRED", {}))
+    if any(row["t_interval"] for row in paired):
+        table += "\n\nPaired effects (per-seed differences; same generalist and test images):\n\n"
+        table += paired_markdown(paired)
     plots = kind.plots(r, config, results, r.workdir) if hasattr(kind, "plots") else []
     if lead:  # the generalist's training and validation curves, when it was trained in this workdir
         from jaxspec import plots as run_plots, report as run_report  # matplotlib only once a report is written
@@ -192,7 +218,8 @@ def _run_grid(config: ml_collections.ConfigDict, workdir: str) -> dict:
         panels = run_plots.DETECTION_PANELS if config.get("task") == "detect" else run_plots.PANELS
         plots += run_report.write_curves(r.workdir, ["generalist"], panels=panels)
     summary = {"config": config.to_dict(), "groups": {k: list(r.groups[k]) for ks in r.groupings.values() for k in ks},
-               "cells": results, "rows": rows, "plots": plots, "seconds": time.time() - t0}
+               "cells": results, "rows": rows, "paired": paired, "plots": plots, "seconds": time.time() - t0,
+               "machine": machine()}
     if lead:
         files.write_json(r.workdir / "results.json", summary, indent=1)
         title = config.experiment.get("title", config.experiment.kind)
@@ -208,7 +235,67 @@ def _run_grid(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return summary
 
 
-def score(r: run.Runner, trained: methods.Trained, subset, prefix: str) -> dict[str, float]:
-    """`{prefix}_top1`, `{prefix}_top2` of `trained` on the test images of `subset`."""
-    m = methods.evaluate_on(r, trained, ConstrainedSource(r.test, subset))
-    return {f"{prefix}_top1": m["top1"], f"{prefix}_top2": m["top2"]}
+def score(r: run.Runner, trained: methods.Trained, subset, prefix: str, *, split: str = "test",
+          hits: bool = False) -> dict:
+    """`{prefix}_top1`, `{prefix}_top2` of `trained` on the `split` ('test' or 'val') images of `subset`;
+    `hits` adds `{prefix}_hits`, each image's top-1 outcome, for the paired bootstrap."""
+    source = {"test": r.test, "val": r.val}[split]
+    m = methods.evaluate_on(r, trained, ConstrainedSource(source, subset), per_example=hits)
+    tag = "" if split == "test" else f"_{split}"
+    out = {f"{prefix}{tag}_top1": m["top1"], f"{prefix}{tag}_top2": m["top2"]}
+    if hits:
+        out[f"{prefix}{tag}_hits"] = m["hits"]
+    return out
+
+
+def pack_hits(hits: np.ndarray) -> str:
+    """Boolean outcomes -> a compact string for a cell's JSON record (`unpack_hits` reverses it)."""
+    return f"{len(hits)}:" + base64.b64encode(np.packbits(np.asarray(hits, bool))).decode()
+
+
+def unpack_hits(text: str) -> np.ndarray:
+    n, _, data = text.partition(":")
+    return np.unpackbits(np.frombuffer(base64.b64decode(data), np.uint8))[: int(n)].astype(bool)
+
+
+def paired_statistics(results: list[dict], pairs: dict[str, tuple[str, str]]) -> list[dict]:
+    """Per set of cells differing only in seed, for each `metric: (a, b)` of `pairs` (metric = a - b per seed):
+    the 95% t-interval over seeds and a paired bootstrap over the pooled test images of every seed."""
+    by: dict[tuple, list[dict]] = {}
+    for rec in results:
+        by.setdefault(_without(rec["cell"], "seed"), []).append(rec)
+    out = []
+    for key, recs in by.items():
+        row = {"cell": dict(key), "n": len(recs), "t_interval": {}, "bootstrap": {}, "seeds_for_0.5": {}}
+        for metric, (a, b) in pairs.items():
+            values = [rec["metrics"][metric] for rec in recs if metric in rec["metrics"]]
+            if len(values) < len(recs):
+                continue
+            t = stats.t_interval(values)
+            row["t_interval"][metric] = [t.mean, t.low, t.high]
+            if len(values) > 1:
+                row["seeds_for_0.5"][metric] = stats.seeds_to_resolve(float(np.std(values, ddof=1)), 0.005)
+            hits = [rec.get("hits", {}) for rec in recs]
+            if all(f"{a}_hits" in h and f"{b}_hits" in h for h in hits):
+                ha = np.concatenate([unpack_hits(h[f"{a}_hits"]) for h in hits])
+                hb = np.concatenate([unpack_hits(h[f"{b}_hits"]) for h in hits])
+                boot = stats.paired_bootstrap(ha, hb)
+                row["bootstrap"][metric] = [boot.mean, boot.low, boot.high]
+        out.append(row)
+    return out
+
+
+def paired_markdown(rows: list[dict]) -> str:
+    """The paired effects in top-1 points: mean, 95% t-interval over seeds, bootstrap interval, seeds for ±0.5."""
+    lines = []
+    for row in rows:
+        for metric, (mean, low, high) in row["t_interval"].items():
+            boot = row["bootstrap"].get(metric)
+            lines.append(f"| {cell_id(row['cell'])} | {metric} | {row['n']} | {100 * mean:+.2f} | "
+                         f"[{100 * low:+.2f}, {100 * high:+.2f}] | "
+                         + (f"[{100 * boot[1]:+.2f}, {100 * boot[2]:+.2f}]" if boot else "-") + " | "
+                         + str(row["seeds_for_0.5"].get(metric, "-")) + " |")
+    if not lines:
+        return ""
+    return "\n".join(["| cells | effect | seeds | mean (points) | 95% t-interval | paired bootstrap (images) | "
+                      "seeds for ±0.5 |", "|---|---|---:|---:|---:|---:|---:|", *lines])

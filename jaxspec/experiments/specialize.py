@@ -2,11 +2,21 @@
 
 Cell axes: `group` (a named subset), `method` (see `jaxspec.methods`),
 `seed`, and any field of `config.specialize` (e.g. `freeze`,
-`freeze_bn_stats`, `dustbin_fraction`) to vary it across cells. Metrics on
-the group's test images: generalist restricted to S, the `continued` control
-restricted to S (one per seed, shared by all groups), the specialist, and
-the gains. With `experiment.curves`, `plots` draws validation accuracy over
-fine-tuning steps per method (the paper's Fig. 5a).
+`freeze_bn_stats`, `dustbin_fraction`; `lr` stands for `optim.lr`) to vary
+it across cells. Metrics on the group's test images: generalist
+restricted to S, the `continued` control restricted to S, the specialist,
+and the gains (`PAIRED`: per seed, same generalist, same images; each
+image's outcome is kept for the paired bootstrap).
+
+The control trains as long and as the specialist does: the cell's overrides
+of `CONTROL_FIELDS` apply to it too, so a sweep over lengths or learning
+rates compares each specialist with its equal-length control (one control
+per seed and setting, shared by the groups). `experiment.generalist_per_seed`
+trains one generalist per seed, so seeds replicate the whole pipeline;
+`experiment.validation` also scores every model on the validation images,
+for choosing a setting without looking at test. With `experiment.curves`,
+`plots` draws validation accuracy over fine-tuning steps per method (the
+paper's Fig. 5a).
 """
 
 from __future__ import annotations
@@ -26,30 +36,55 @@ from jaxspec.run import restricted  # noqa: E402
 from jaxspec.train import history  # noqa: E402
 
 _CELL_AXES = ("group", "method", "seed")
+CONTROL_FIELDS = ("steps", "batch_size", "label_smoothing", "optim", "freeze_bn_stats")
+ALIASES = {"lr": "optim.lr"}  # config keys cannot hold dots, so nested fields get short axis names
+PAIRED = {"gain_top1": ("specialist", "generalist"), "gain_vs_control_top1": ("specialist", "control")}
 
 
-def phase_for(config: ml_collections.ConfigDict, cell: dict) -> ml_collections.ConfigDict:
-    """`config.specialize` with the cell's overrides; an axis that is not a field is an error."""
+def phase_for(config: ml_collections.ConfigDict, cell: dict, fields=None) -> ml_collections.ConfigDict:
+    """`config.specialize` with the cell's overrides (only those under `fields`, when given); an axis that
+    is not a field is an error."""
     phase = ml_collections.ConfigDict(config.specialize.to_dict())
     for k, v in cell.items():
-        if k in _CELL_AXES:
+        field = ALIASES.get(k, k)
+        if k in _CELL_AXES or (fields is not None and field.split(".")[0] not in fields):
             continue
-        if k not in phase:
+        *parents, leaf = field.split(".")
+        node = phase
+        for p in parents:
+            node = node.get(p) if isinstance(node, ml_collections.ConfigDict) else None
+        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
             raise ValueError(f"grid axis {k!r} is neither one of {_CELL_AXES} nor a field of config.specialize "
                              f"({sorted(phase)})")
-        phase[k] = v
+        node[leaf] = v
     return phase
+
+
+def _control_name(cell: dict, seed: int) -> str:
+    own = {k: v for k, v in cell.items() if k not in _CELL_AXES and ALIASES.get(k, k).split(".")[0] in CONTROL_FIELDS}
+    return f"control-seed{seed}" + (f"-{cell_id(own)}" if own else "")
 
 
 def _name(cell: dict) -> str:
     return f"cell-{cell_id(cell)}"
 
 
+def _generalist(r, config, seed: int):
+    return r.generalist(seed if config.experiment.get("generalist_per_seed", False) else None)
+
+
 def prepare(r, config, cells: list[dict], max_k: int) -> None:
-    """Trains the cells' vmappable specialists together (`methods.train_together`) before the cells run."""
-    jobs = [methods.Job(tuple(r.groups[c["group"]]), c.get("method", phase.method), int(c.get("seed", 0)), _name(c),
-                        phase) for c in cells if c.get("group") in r.groups for phase in [phase_for(config, c)]]
-    methods.train_together(r, r.generalist(), jobs, max_k)
+    """Trains the cells' vmappable specialists together (`methods.train_together`) before the cells run,
+    K at a time from each generalist."""
+    by_parent: dict[int, list] = {}
+    for c in cells:
+        if c.get("group") in r.groups:
+            phase, seed = phase_for(config, c), int(c.get("seed", 0))
+            job = methods.Job(tuple(r.groups[c["group"]]), c.get("method", phase.method), seed, _name(c), phase)
+            key = seed if config.experiment.get("generalist_per_seed", False) else None
+            by_parent.setdefault(key, []).append(job)
+    for key, jobs in by_parent.items():
+        methods.train_together(r, r.generalist(key), jobs, max_k)
 
 
 def run_cell(r, config, cell: dict) -> dict[str, float]:
@@ -60,17 +95,24 @@ def run_cell(r, config, cell: dict) -> dict[str, float]:
     subset, seed = r.groups[cell["group"]], int(cell.get("seed", 0))
     phase = phase_for(config, cell)
     method = cell.get("method", phase.method)
-    gen = r.generalist()
-    out = score(r, restricted(gen, subset), subset, "generalist")
-    spec = methods.specialize_from(r, gen, subset, method, seed=seed, name=_name(cell), phase=phase)
-    out |= score(r, spec, subset, "specialist")
-    out["gain_top1"] = out["specialist_top1"] - out["generalist_top1"]
-    out["gain_top2"] = out["specialist_top2"] - out["generalist_top2"]
+    gen = _generalist(r, config, seed)
+    models = {"generalist": restricted(gen, subset),
+              "specialist": methods.specialize_from(r, gen, subset, method, seed=seed, name=_name(cell), phase=phase)}
     if config.specialize.control:
-        control = methods.specialize_from(r, gen, subset, "continued", seed=seed, name=f"control-seed{seed}",
-                                          phase=config.specialize)
-        out |= score(r, control, subset, "control")
-        out["gain_vs_control_top1"] = out["specialist_top1"] - out["control_top1"]
+        models["control"] = methods.specialize_from(r, gen, subset, "continued", seed=seed,
+                                                    name=_control_name(cell, seed),
+                                                    phase=phase_for(config, cell, CONTROL_FIELDS))
+    out = {}
+    for prefix, trained in models.items():
+        out |= score(r, trained, subset, prefix, hits=True)
+        if config.experiment.get("validation", False):
+            out |= score(r, trained, subset, prefix, split="val")
+    for tag in ("", "_val"):
+        if f"specialist{tag}_top1" in out:
+            out[f"gain{tag}_top1"] = out[f"specialist{tag}_top1"] - out[f"generalist{tag}_top1"]
+            out[f"gain{tag}_top2"] = out[f"specialist{tag}_top2"] - out[f"generalist{tag}_top2"]
+            if "control" in models:
+                out[f"gain_vs_control{tag}_top1"] = out[f"specialist{tag}_top1"] - out[f"control{tag}_top1"]
     return out
 
 

@@ -91,6 +91,7 @@ def make_eval_step(
     num_classes: int,
     columns: Sequence[int] | None = None,
     confusion: bool = False,
+    per_example: bool = False,
 ) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
     """Sums of correct predictions over a batch (masked for padding).
 
@@ -98,6 +99,7 @@ def make_eval_step(
     argmax over S's logits only), and labels index into `columns`.
     `num_classes` is the size of the label space being scored, for per-class counts.
     `confusion` adds the [true, predicted] count matrix (for confusion groupings).
+    `per_example` adds each example's top-1 hit and mask, for paired tests over images.
     """
     cols = None if columns is None else np.asarray(columns, np.int32)
 
@@ -123,6 +125,8 @@ def make_eval_step(
         if confusion:
             out["confusion"] = jnp.matmul(onehot.T, jax.nn.one_hot(top2[:, 0], logits.shape[-1]),
                                           out_sharding=sharding.summed_over_rows(onehot))
+        if per_example:
+            out["hits"], out["mask"] = top1_hit > 0, mask > 0
         return out
 
     return eval_step
