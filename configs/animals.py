@@ -49,6 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         batch_size=gen_batch,
         label_smoothing=0.1,
         optim=common.optimizer(optimizer="adam", lr=2e-3, schedule="cosine", warmup_steps=200),
+        reestimate_bn=True,
     )
 
     config.eval = dict(batch_size=500, every_steps=500)

@@ -47,6 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         batch_size=batch,
         label_smoothing=0.1,
         optim=common.optimizer(optimizer="adam", lr=2e-3, schedule="cosine", warmup_steps=500),
+        reestimate_bn=True,
     )
     config.eval = dict(batch_size=1000, every_steps=1000)
     # fsdp > 1 (or -1: all devices) splits params and optimizer state over an 'fsdp' mesh axis.

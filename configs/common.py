@@ -56,16 +56,20 @@ def data(**overrides) -> ml_collections.ConfigDict:
     return cfg
 
 
-def phase(*, steps: int, batch_size: int, label_smoothing: float, optim) -> ml_collections.ConfigDict:
+def phase(*, steps: int, batch_size: int, label_smoothing: float, optim,
+          reestimate_bn: bool = False) -> ml_collections.ConfigDict:
     """A training phase (generalist, specialist, scratch).
 
     `freeze`: comma-separated regexes on parameter paths ('blocks/0/.*') or
     block ranges ('blocks:0-5') whose parameters stay fixed;
-    `freeze_bn_stats`: BatchNorm uses (and keeps) its running statistics.
+    `freeze_bn_stats`: BatchNorm uses (and keeps) its running statistics;
+    `reestimate_bn`: after training, BatchNorm's running statistics are
+    recomputed for the final weights on the phase's data (on for models
+    trained from random init, whose running averages trail their weights).
     """
     return ml_collections.ConfigDict(
         dict(steps=steps, batch_size=batch_size, label_smoothing=label_smoothing, optim=optim,
-             freeze="", freeze_bn_stats=False)
+             freeze="", freeze_bn_stats=False, reestimate_bn=reestimate_bn)
     )
 
 

@@ -72,6 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # method=scratch: the generalist's recipe on the animal classes only.
     config.scratch = ml_collections.ConfigDict(config.generalist.to_dict())
     del config.scratch["init"]
+    config.scratch.reestimate_bn = True  # trained from random init: running statistics trail the weights
     sub_epoch = SUBSET_EXAMPLES // batch
     config.scratch.steps = arg.epochs * sub_epoch
     config.scratch.optim.warmup_steps = 5 * sub_epoch

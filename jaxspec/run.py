@@ -24,7 +24,7 @@ from jaxspec import evaluate, methods, models, sharding, specialize, validate
 from jaxspec.data import pipeline, sources
 from jaxspec.data.constrain import ConstrainedSource
 from jaxspec.data.subsets import resolve_subset
-from jaxspec.train import checkpoint, freeze, history, loop, optimizers, steps
+from jaxspec.train import batchnorm, checkpoint, freeze, history, loop, optimizers, steps
 from jaxspec.train import workdir as wdir
 from jaxspec.train.state import ModelDef, TrainState, create_state
 
@@ -146,7 +146,8 @@ class Runner:
         """Trains `model` on `source` for `phase.steps` (validating on `val`), resuming from checkpoints.
 
         `phase.freeze` / `phase.freeze_bn_stats` freeze parameters and BatchNorm
-        statistics; `columns` suppresses every other output (see `make_train_step`).
+        statistics; `phase.reestimate_bn` recomputes the statistics for the final
+        weights on `source` (`jaxspec.train.batchnorm`); `columns` suppresses every other output (see `make_train_step`).
         `extra_eval(state) -> {name: value}` adds values to each validation.
         """
         tx, schedule = optimizers.make_optimizer(phase.optim, phase.steps)
@@ -186,6 +187,10 @@ class Runner:
                 eval_fn=lambda s: {"val_top1": val_eval(s, val)["top1"], **(extra_eval(s) if extra_eval else {})},
             )
         ckpt.close()
+        if phase.get("reestimate_bn", False):
+            batches = pipeline.eval_iterator(source, self.config.data, batch_size=phase.batch_size)
+            state = batchnorm.reestimate(modeldef, state, batches, mesh=self.mesh, mean=self.info.mean,
+                                         std=self.info.std)
         return modeldef, state
 
 
