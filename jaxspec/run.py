@@ -28,9 +28,6 @@ from jaxspec.train import batchnorm, checkpoint, freeze, history, loop, optimize
 from jaxspec.train import workdir as wdir
 from jaxspec.train.state import ModelDef, TrainState, create_state
 
-TORCHVISION_SUFFIXES = (".pth", ".pt", ".safetensors", ".npz")
-
-
 def _model_spec(config, num_classes: int) -> dict:
     return dict(
         name=config.model.name,
@@ -43,7 +40,7 @@ def _model_spec(config, num_classes: int) -> dict:
 def _load_generalist(config, num_classes: int) -> nnx.Module:
     """The generalist named by `config.generalist.init`: exported model or torchvision weights."""
     init = config.generalist.init
-    if init.endswith(TORCHVISION_SUFFIXES):
+    if init.endswith(validate.TORCHVISION_SUFFIXES):
         model = models.load_torchvision_file(init, config.model.name, dtype=config.model.dtype)
     else:
         model, _ = checkpoint.load_model(init, dtype=config.model.dtype)
