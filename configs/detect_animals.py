@@ -67,6 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_every = 20
     config.checkpoint_every = 200
     config.overwrite = False  # True: move a workdir's phases made with other settings aside, then rerun
+    config.smoke = arg.tiny  # a plumbing check: the run says its near-chance numbers are expected
 
     if arg.tiny:  # seconds-long steps on the synthetic fixture, for tests
         config.data.image_size = 64

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import logging
 import pathlib
 import time
 
@@ -160,7 +159,7 @@ class Runner:
                                        overwrite=self.config.get("overwrite", False))
         if ckpt.latest_step() is not None:
             state = ckpt.restore(checkpoint.abstract_like(state), data_iter)
-            logging.info("%s: resumed from step %d", name, int(state.step))
+            loop.announce_restore(name, int(state.step), phase.steps)
         if int(state.step) < phase.steps:
             train_step = steps.make_train_step(
                 modeldef, tx, schedule, mean=self.info.mean, std=self.info.std, label_smoothing=phase.label_smoothing,
@@ -184,11 +183,15 @@ class Runner:
                 eval_fn=lambda s: {"val_top1": val_eval(s, val)["top1"], **(extra_eval(s) if extra_eval else {})},
             )
         ckpt.close()
-        if phase.get("reestimate_bn", False):
-            batches = pipeline.eval_iterator(source, self.config.data, batch_size=phase.batch_size)
-            state = batchnorm.reestimate(modeldef, state, batches, mesh=self.mesh, mean=self.info.mean,
-                                         std=self.info.std)
-        return modeldef, state
+        return modeldef, self.final_bn_stats(modeldef, state, source, phase)
+
+    def final_bn_stats(self, modeldef: ModelDef, state, source, phase):
+        """`state`, with BatchNorm statistics recomputed on `source` for its final weights if
+        `phase.reestimate_bn` (models trained from scratch, whose running averages lag the weights)."""
+        if not phase.get("reestimate_bn", False):
+            return state
+        batches = pipeline.eval_iterator(source, self.config.data, batch_size=phase.batch_size)
+        return batchnorm.reestimate(modeldef, state, batches, mesh=self.mesh, mean=self.info.mean, std=self.info.std)
 
 
 def restricted(trained: methods.Trained, subset) -> methods.Trained:

@@ -96,7 +96,7 @@ def test_c1_sweep_pairs_each_setting_with_its_equal_length_control_per_seed_gene
     cell = out["cells"][0]
     m, n_test = cell["metrics"], 10 * 4  # 10 animal classes x 4 test images each in the fixture
     assert {"gain_vs_control_top1", "gain_vs_control_val_top1", "specialist_val_top1"} <= set(m)
-    hits = {k: grid.unpack_hits(v) for k, v in cell["hits"].items()}
+    hits = {k: stats.unpack_hits(v) for k, v in cell["hits"].items()}
     assert {len(h) for h in hits.values()} == {n_test}
     assert hits["specialist_hits"].mean() == pytest.approx(m["specialist_top1"])
     paired = {row["cell"]["steps"]: row for row in out["paired"]}
@@ -109,6 +109,10 @@ def test_c1_sweep_pairs_each_setting_with_its_equal_length_control_per_seed_gene
     assert low <= row["bootstrap"]["gain_vs_control_top1"][0] <= high
     assert "Paired effects" in (tmp_path / "report.md").read_text()
     assert out["machine"]["cpus"] >= 1 and out["machine"]["devices"].endswith("cpu")
+    plan = json.loads((tmp_path / "plan.json").read_text())  # what `results --collect` copies: the compute
+    assert plan["cells"] == [grid.cell_id(c["cell"]) for c in out["cells"]]
+    (run,) = plan["invocations"]
+    assert run["cells"] == 4 and run["seconds"] >= sum(c["seconds"] for c in out["cells"])
 
 
 def test_methods_curves_and_forgetting_plots(fixture_data, tmp_path):

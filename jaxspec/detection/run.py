@@ -114,6 +114,7 @@ class Runner:
                                        overwrite=cfg.get("overwrite", False))
         if ckpt.latest_step() is not None:
             state = ckpt.restore(checkpoint.abstract_like(state), data_iter)
+            loop.announce_restore(name, int(state.step), phase.steps)
         if int(state.step) < phase.steps:
             scored = len(classes) if columns is None else len(columns)
             step = dtrain.make_train_step(

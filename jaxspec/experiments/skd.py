@@ -14,7 +14,8 @@ and every seed draws different ones) and scores on S's test images:
 Every student gets the same steps whatever |S|. Both generalists are
 trained once per workdir (checkpoints `teacher` and `generalist`); students
 go to `skd-<student>-<size>-seed<seed>`. Returns top1/top2 (fractions), loss
-and the deployed parameter count.
+and the deployed parameter count, and each test image's top-1 outcome (`model_hits`), so students of one
+seed and subset are compared image by image (`jaxspec.experiments.results`).
 """
 
 from __future__ import annotations
@@ -75,9 +76,9 @@ def run_cell(r, config, cell: dict) -> dict[str, float]:
         raise ValueError(f"Unknown student {student!r} in cell {cell}; choose one of {list(STUDENTS)}")
     subset = draw_subset(r.info.num_classes, int(cell["subset_size"]), seed)
     trained = _student(r, config, student, subset, seed)
-    m = methods.evaluate_on(r, trained, ConstrainedSource(r.test, subset))
+    m = methods.evaluate_on(r, trained, ConstrainedSource(r.test, subset), per_example=True)
     return {"top1": m["top1"], "top2": m["top2"], "loss": m["loss"],
-            "params": float(distill.student_params(trained.model))}
+            "params": float(distill.student_params(trained.model)), "model_hits": m["hits"]}
 
 
 def plots(r, config, results: list[dict], out_dir: pathlib.Path) -> list[str]:
