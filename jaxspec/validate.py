@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxspec import methods, models
 from jaxspec.data import custom, embedded_files, sources
+from jaxspec.data.subsets import resolve_subset
 from jaxspec.train import checkpoint, optimizers
 
 TORCHVISION_SUFFIXES = (".pth", ".pt", ".safetensors", ".npz")
@@ -163,6 +164,28 @@ def check_dataset(data: ml_collections.ConfigDict) -> None:
                  f"never shrinks), but {big}; 'imagenet' resizes")
 
 
+def check_batches_fit(config: ml_collections.ConfigDict) -> None:
+    """Each phase's batch fits the training examples it reads: all of them for the generalist, S's for a
+    specialist. Own data may be small, and a specialist's batch found too big after the generalist
+    trained would cost that training."""
+    data = config.data
+    train = sources.open_split(data, data.train_split)
+    if not config.generalist.get("init") and config.generalist.batch_size > len(train):
+        fail("generalist.batch_size", config.generalist.batch_size,
+             f"at most the {len(train)} training examples of {data.name}")
+    spec = config.specialize
+    phase = "scratch" if spec.method == "scratch" else "specialize"
+    for part in str(spec.subset).split(">"):
+        try:
+            subset = resolve_subset(part, train.info)
+        except ValueError as e:
+            fail("specialize.subset", spec.subset, str(e))
+        count = int(np.isin(train.labels, subset).sum())
+        if config[phase].batch_size > count:
+            fail(f"{phase}.batch_size", config[phase].batch_size,
+                 f"at most the {count} training examples of S={part!r} in {data.name}")
+
+
 def check(config: ml_collections.ConfigDict) -> None:
     """Raises `ConfigError` for the first value in `config` that cannot run."""
     _int_at_least("seed", config.get("seed", 0), 0)
@@ -186,6 +209,8 @@ def check(config: ml_collections.ConfigDict) -> None:
     check_data(config.data)
     if config.get("task") != "detect":
         check_dataset(config.data)
+        if custom.is_own(config.data.name):
+            check_batches_fit(config)
     for key, phase in _phases(config):
         check_phase(key, phase)
     init = config.get("generalist", {}).get("init", "")

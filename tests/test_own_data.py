@@ -218,6 +218,20 @@ def test_bad_input_is_one_config_error_line_naming_the_file(tmp_path, case):
     assert "\n" not in message and message.startswith(f"{key}=") and str(named) in message, message
 
 
+def test_batches_that_do_not_fit_the_training_examples_are_refused_before_training(tmp_path):
+    name, _ = _folder(tmp_path)  # 3 training images per class
+    config = tiny_config(name)
+    with pytest.raises(validate.ConfigError, match=r"^generalist.batch_size=32 is not allowed: at most the 9 "):
+        validate.check(config)
+    config.generalist.batch_size, config.specialize.subset = 8, "cat,dog"
+    with pytest.raises(validate.ConfigError, match=r"^specialize.batch_size=32 is not allowed: at most the 6 "
+                                                   r"training examples of S='cat,dog'"):
+        validate.check(config)
+    config.specialize.batch_size, config.specialize.subset = 8, "cat,unicorn"
+    with pytest.raises(validate.ConfigError, match=r"^specialize.subset='cat,unicorn' is not allowed: Unknown"):
+        validate.check(config)
+
+
 def test_an_image_that_breaks_after_opening_is_named_when_read(tmp_path):
     name, root = _folder(tmp_path)
     path = root / "cat" / "001.png"
