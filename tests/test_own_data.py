@@ -259,6 +259,23 @@ def test_groups_file_adds_named_groups_everywhere_groups_are_used(tmp_path):
         sources.get_info("embedded", groups_file=str(groups))
 
 
+def test_experiment_groupings_expand_over_a_groups_file(tmp_path):
+    from configs.experiments import table1
+    from jaxspec.experiments import grid
+
+    name, _ = _folder(tmp_path)
+    groups = tmp_path / "groups.json"
+    groups.write_text(json.dumps({"mammals": ["cat", "dog"], "water": ["fish"]}))
+    config = table1.get_config("tiny")
+    config.data.name, config.data.groups_file, config.specialize.subset = name, str(groups), "mammals"
+    config.groupings.lex.k = 3
+    r = run.Runner(config, str(tmp_path / "work"))
+    grid.add_groupings(r, config)
+    cells = grid.expand({"group": ["@semantic", "@lex", "water"], "seed": [0]}, r)
+    assert [c["group"] for c in cells] == ["mammals", "water", "lex0", "lex1", "lex2", "water"]
+    assert r.groups["mammals"] == (0, 1) and sorted(map(len, (r.groups["random0"], r.groups["random1"]))) == [1, 2]
+
+
 def test_workdir_fingerprint_follows_the_files_and_older_records_still_match(tmp_path):
     name, root = _folder(tmp_path)
     config = tiny_config(name)
