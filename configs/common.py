@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from jaxspec.data import custom
+
 
 def optimizer(**overrides) -> ml_collections.ConfigDict:
     """An optimizer + schedule section (see `jaxspec.train.optimizers`)."""
@@ -32,12 +34,16 @@ def optimizer(**overrides) -> ml_collections.ConfigDict:
 
 
 def data(**overrides) -> ml_collections.ConfigDict:
-    """A data section (see `jaxspec.data.pipeline`)."""
+    """A data section (see `jaxspec.data.pipeline`; own data: `jaxspec.data.custom`, docs/data.md)."""
     cfg = ml_collections.ConfigDict(
         dict(
-            name="embedded",  # embedded | cifar100 | imagenet2012
+            name="embedded",  # embedded | cifar100 | imagenet2012 | folder:DIR | npz:FILE | tfds:NAME
             data_dir="",  # tfds data_dir, or the embedded data's cache dir
             manifest="",  # embedded only: JSON naming local raw files and their hashes
+            groups_file=custom.DEFAULTS["groups_file"],  # JSON {"group": [class names]}: more named groups
+            image_key=custom.DEFAULTS["image_key"],  # tfds:NAME: the image feature
+            label_key=custom.DEFAULTS["label_key"],  # tfds:NAME: the class-label feature
+            split_fractions=custom.DEFAULTS["split_fractions"],  # folder, npz: train/val/test shares drawn
             train_split="train",
             val_split="validation",
             test_split="test",

@@ -108,7 +108,8 @@ def semantic(info: DatasetInfo, *, level: str | None = None) -> Groups:
 
     embedded: animals / clothing / digits; cifar100: its 20 superclasses;
     imagenet2012: WordNet's animals / artifacts / miscellaneous, or with
-    `level="fine"` the 9 WordNet groups. `level` is None (or "coarse") except
+    `level="fine"` the 9 WordNet groups; own data: the groups of its
+    `data.groups_file`, which must then partition the classes. `level` is None (or "coarse") except
     for ImageNet, the only dataset here with a second level.
     """
     if level not in (None, "coarse", "fine"):
@@ -124,8 +125,11 @@ def semantic(info: DatasetInfo, *, level: str | None = None) -> Groups:
         if tuple(info.class_names) != wnids:
             raise ValueError("imagenet2012's class names are not the 1000 sorted wnids of the WordNet table")
         groups = imagenet_wordnet_groups(level or "coarse")
+    elif info.groups:  # own data: the groups of its data.groups_file
+        groups = dict(info.groups)
     else:
-        raise ValueError(f"No semantic grouping for dataset {info.name!r}; known: embedded, cifar100, imagenet2012")
+        raise ValueError(f"No semantic grouping for dataset {info.name!r}: give it a data.groups_file whose groups "
+                         "partition its classes (built in for embedded, cifar100, imagenet2012)")
     _check_partition(groups, info.num_classes, f"The semantic groups of {info.name!r}")
     return groups
 

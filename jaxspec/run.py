@@ -73,10 +73,8 @@ class Runner:
         if jax.process_index() == 0:
             self.writer = metric_writers.MultiWriter([self.writer, history.JsonlWriter(self.workdir / "metrics.jsonl")])
         d = config.data
-        kw = dict(data_dir=d.data_dir, manifest=d.manifest)
-        self.train = sources.get_source(d.name, d.train_split, **kw)
-        self.val = sources.get_source(d.name, d.val_split, **kw)
-        self.test = sources.get_source(d.name, d.test_split, **kw)
+        self.train, self.val, self.test = (sources.open_split(d, split)
+                                           for split in (d.train_split, d.val_split, d.test_split))
         self.info = self.train.info
         self.stages = parse_stages(config.specialize.subset, self.info)
         self.subset = self.stages[0]

@@ -1,5 +1,6 @@
 """Grouping generators and the ImageNet WordNet table (and the script that derives it)."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -147,9 +148,13 @@ def test_semantic_errors():
         groupings.semantic(embedded, level="fine")
     with pytest.raises(ValueError, match="'middle'"):
         groupings.semantic(embedded, level="middle")
-    toy = DatasetInfo("toy", ("a", "b"), {"all": (0, 1)}, (0.5,), (0.5,))
-    with pytest.raises(ValueError, match="'toy'"):
+    toy = DatasetInfo("toy", ("a", "b"), {}, (0.5,), (0.5,))
+    with pytest.raises(ValueError, match="No semantic grouping for dataset 'toy'"):
         groupings.semantic(toy)
+    # Own data's groups (data.groups_file) are its semantic grouping when they partition its classes.
+    assert groupings.semantic(dataclasses.replace(toy, groups={"all": (0, 1)})) == {"all": (0, 1)}
+    with pytest.raises(ValueError, match="The semantic groups of 'toy' do not partition"):
+        groupings.semantic(dataclasses.replace(toy, groups={"first": (0,)}))
     shuffled = DatasetInfo("imagenet2012", tuple(reversed(json.loads(SHIPPED.read_text())["classes"])), {}, (0,), (1,))
     with pytest.raises(ValueError, match="sorted wnids"):
         groupings.semantic(shuffled)

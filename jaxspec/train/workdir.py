@@ -35,12 +35,16 @@ import numpy as np
 from flax import nnx
 
 from jaxspec import files
+from jaxspec.data import custom
 
 # Settings that change how a run is carried out or reported, never its numbers.
 IGNORED = frozenset({
     "overwrite", "smoke", "log_every", "checkpoint_every", "eval.batch_size", "eval.every_steps",
     "data.data_dir", "data.num_threads", "data.prefetch", "sharding.fsdp", "experiment.grid",
 })
+# Keys added after workdirs were written, at the values that change nothing: left out of the records
+# there, so a workdir written before they existed still resumes.
+ADDED_DEFAULTS = {f"data.{k}": v for k, v in custom.DEFAULTS.items()}
 
 
 class WorkdirError(ValueError):
@@ -69,9 +73,11 @@ def _jsonable(value):
 
 
 def determinants(config_dict: dict) -> dict:
-    """The flat config without `IGNORED` keys (nor keys under them), JSON-normalized."""
+    """The flat config without `IGNORED` keys (nor keys under them) and `ADDED_DEFAULTS`, JSON-normalized."""
     flat = _flat(_jsonable(config_dict))
-    return {k: v for k, v in flat.items() if not any(k == i or k.startswith(i + ".") for i in IGNORED)}
+    added = _jsonable(ADDED_DEFAULTS)
+    return {k: v for k, v in flat.items()
+            if not any(k == i or k.startswith(i + ".") for i in IGNORED) and not (k in added and v == added[k])}
 
 
 def differing(old: dict, new: dict) -> list[str]:
@@ -133,11 +139,19 @@ def weights_digest(model_or_tree) -> str:
 
 
 def data_fingerprint(data_cfg: dict, source) -> dict:
-    """The data a phase reads: its config (manifest by content), size, labels and class names."""
+    """The data a phase reads: its config (manifest by content), size, labels, class names and, for own
+    data, its files' digest.
+
+    A groups file only names subsets, so it is left out: a phase on a subset records the classes it
+    resolved to (labels, class names), and the generalist does not depend on it.
+    """
     out = determinants({"data": data_cfg})
+    out.pop("data.groups_file", None)
     manifest = out.get("data.manifest")
     if manifest and os.path.isfile(manifest):
         out["data.manifest"] = hashlib.sha256(pathlib.Path(manifest).read_bytes()).hexdigest()
+    if source.info.digest:
+        out["data.files"] = source.info.digest
     out["data.examples"] = len(source)
     labels = getattr(source, "labels", None)
     if labels is None and hasattr(source, "box_labels"):  # detection: each image's box labels
