@@ -7,7 +7,8 @@ import re
 import runpy
 import sys
 
-# TensorFlow (behind tfds and clu's writers) prints C++ start-up notices; errors still show.
+# TensorFlow only reads data and writes summaries here (tfds, clu); its C++ notices would bury the progress
+# line. Errors still show.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
@@ -15,10 +16,17 @@ from absl import app, flags, logging  # noqa: E402
 
 from jaxspec import sharding  # noqa: E402
 
-def start(argv) -> None:
-    """Rejects stray arguments, joins a multi-process run, and caches compiled steps on disk."""
+def start(argv, *, tf_defaults: bool = False) -> None:
+    """Rejects stray arguments, joins a multi-process run, and caches compiled steps on disk.
+
+    TensorFlow's oneDNN kernels announce themselves past TF_CPP_MIN_LOG_LEVEL and speed up TF math that the
+    training commands do not run, so they are off there unless the environment says otherwise;
+    `tf_defaults` keeps them (the benchmark's tf.data reference). TensorFlow must not be imported yet.
+    """
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not tf_defaults:
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     # Quiet by default: progress lines, tables and warnings only; `--verbosity=0` brings back absl's INFO
     # lines (checkpointing, metric writers, backend discovery).
     if not flags.FLAGS["verbosity"].present:

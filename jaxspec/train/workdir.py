@@ -45,6 +45,15 @@ IGNORED = frozenset({
 # Keys added after workdirs were written, at the values that change nothing: left out of the records
 # there, so a workdir written before they existed still resumes.
 ADDED_DEFAULTS = {f"data.{k}": v for k, v in custom.DEFAULTS.items()}
+ADDED_PHASE_DEFAULTS = {"reestimate_bn": False}  # a field of every training phase section
+
+
+def _added(key: str, value) -> bool:
+    """`key` (flat, e.g. `generalist.reestimate_bn`) was added to the configs later and is at its no-op value."""
+    leaf = key.rsplit(".", 1)[-1]
+    if key in ADDED_DEFAULTS:
+        return value == _jsonable(ADDED_DEFAULTS[key])
+    return leaf in ADDED_PHASE_DEFAULTS and value == ADDED_PHASE_DEFAULTS[leaf]
 
 
 class WorkdirError(ValueError):
@@ -75,9 +84,8 @@ def _jsonable(value):
 def determinants(config_dict: dict) -> dict:
     """The flat config without `IGNORED` keys (nor keys under them) and `ADDED_DEFAULTS`, JSON-normalized."""
     flat = _flat(_jsonable(config_dict))
-    added = _jsonable(ADDED_DEFAULTS)
     return {k: v for k, v in flat.items()
-            if not any(k == i or k.startswith(i + ".") for i in IGNORED) and not (k in added and v == added[k])}
+            if not any(k == i or k.startswith(i + ".") for i in IGNORED) and not _added(k, v)}
 
 
 def differing(old: dict, new: dict) -> list[str]:
@@ -174,7 +182,8 @@ def phase_fingerprint(*, phase, seed: int, data_cfg, source, start, spec: dict, 
     schedule), so a rerun with more steps continues the same phase.
     """
     section = phase.to_dict() if hasattr(phase, "to_dict") else dict(phase)
-    out = {f"phase.{k}": v for k, v in _flat(_jsonable(section)).items() if not (extendable and k == "steps")}
+    out = {f"phase.{k}": v for k, v in _flat(_jsonable(section)).items()
+           if not (extendable and k == "steps") and not _added(f"phase.{k}", v)}
     out["seed"] = int(seed)
     out.update(data_fingerprint(data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else data_cfg, source))
     out.update({f"model.{k}": v for k, v in _jsonable(spec).items()})
