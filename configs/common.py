@@ -118,23 +118,3 @@ def grouping(kind: str, **kw) -> ml_collections.ConfigDict:
     """A grouping section (see `jaxspec.groupings.make_groups`)."""
     return ml_collections.ConfigDict(dict(kind=kind, k=kw.pop("k", 0), sizes=kw.pop("sizes", ()),
                                           seed=kw.pop("seed", 0), level=kw.pop("level", "coarse"), **kw))
-
-
-def experiment_base(arg: str | None, **defaults) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
-    """The run config an experiment grid builds on, and the parsed config-path argument.
-
-    `data=embedded` (default; `tiny` for tests), `data=cifar100` or
-    `data=imagenet` (the real recipes; not run in CI); `seeds=N`.
-    """
-    from configs import animals, cifar100_animals, imagenet_animals  # they import this module
-
-    arg = parse_arg(arg, data="embedded", tiny=False, seeds=3, **defaults)
-    bases = {"embedded": lambda: animals.get_config("tiny" if arg.tiny else None),
-             "cifar100": cifar100_animals.get_config, "imagenet": imagenet_animals.get_config}
-    if arg.data not in bases:
-        raise ValueError(f"Unknown data={arg.data!r}; choose one of {sorted(bases)}")
-    config = bases[arg.data]()
-    lex_k = {"embedded": 5, "cifar100": 5, "imagenet": 5}[arg.data]  # Table 1: 5 x 200 on ImageNet
-    config.groupings = dict(lex=grouping("lexicographic", k=lex_k), semantic=grouping("semantic"),
-                            random=grouping("random"))  # random: the semantic groups' sizes
-    return config, arg

@@ -87,22 +87,3 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.log_every = 2
         config.checkpoint_every = 2
     return config
-
-
-def experiment_base(arg: str | None, **defaults) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
-    """The run config a detection experiment grid builds on, and the parsed config-path argument.
-
-    `data=embedded` (default; `tiny` for tests) or `data=coco` (`configs/coco_animals.py`, the paper's
-    recipe; not run in CI); `seeds=N`. `arg.subset` is the specialization group of the chosen data.
-    """
-    from configs import coco_animals  # it imports this module
-
-    arg = common.parse_arg(arg, data="embedded", tiny=False, seeds=3, **defaults)
-    if arg.data == "embedded":
-        config = get_config("tiny" if arg.tiny else None)
-    elif arg.data == "coco":
-        config = coco_animals.get_config()
-    else:
-        raise ValueError(f"Unknown data={arg.data!r}; choose one of ['coco', 'embedded']")
-    arg.subset = config.specialize.subset
-    return config, arg
