@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxspec import evaluate, files, plots
+from jaxspec import files, plots, tables
 from jaxspec.train import history
 
 PLOTS_DIR = "plots"
@@ -47,11 +47,8 @@ def stage_title(results: dict, k: int) -> str:
 
 def results_markdown(results: dict) -> str:
     """The run's results tables (one per stage of specialization), as printed at the end of a run."""
-    if is_detection(results):  # the detection job's own table (F, mAP)
-        from jaxspec.detection.run import results_table
-    else:
-        results_table = evaluate.results_table
-    return "\n\n".join(results_table(list(stage["test_on_S"].items()), stage_title(results, k))
+    table = tables.detection if is_detection(results) else tables.classification  # F and mAP, or top-1/top-2
+    return "\n\n".join(table(list(stage["test_on_S"].items()), stage_title(results, k))
                        for k, stage in enumerate(results["stages"]))
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from configs.experiments import c1_sweep, forgetting, methods as methods_cfg, table1, table2
+from jaxspec import tables
 from jaxspec.experiments import grid, stats
 from tests.synthetic_embedded import write_fixture
 
@@ -25,7 +26,7 @@ def test_aggregate_is_mean_and_sample_std_over_seeds_with_group_average():
     avg = rows[grid.AVERAGE]
     np.testing.assert_allclose(avg["mean"]["top1"], vals.mean(0).mean())
     np.testing.assert_allclose(avg["std"]["top1"], vals.mean(0).std(ddof=1))
-    table = grid.markdown(list(rows.values()))
+    table = tables.grid_means(list(rows.values()))
     assert f"{100 * vals[0].mean():.2f} ± {100 * vals[0].std(ddof=1):.2f}" in table
     one_group = [r for r in results if r["cell"]["group"] == "a"]
     assert [r["cell"]["group"] for r in grid.aggregate(one_group)] == ["a"]  # no average of a single group

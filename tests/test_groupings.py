@@ -12,6 +12,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from jaxspec import groupings
 from jaxspec.data import make_imagenet_wordnet as mkwn
+from jaxspec.data import wordnet
 from jaxspec.data.sources import DatasetInfo, get_info
 
 SHIPPED = pathlib.Path(groupings.__file__).parent / "data" / "imagenet_wordnet.json"
@@ -159,7 +160,7 @@ def test_semantic_errors():
     with pytest.raises(ValueError, match="sorted wnids"):
         groupings.semantic(shuffled)
     with pytest.raises(ValueError, match="'medium'"):
-        groupings.imagenet_wordnet_groups("medium")
+        wordnet.groups("medium")
 
 
 def test_shipped_wordnet_table_is_consistent():
@@ -167,9 +168,9 @@ def test_shipped_wordnet_table_is_consistent():
     wnids = list(table["classes"])
     assert len(wnids) == 1000 and wnids == sorted(wnids)
     assert [c["index"] for c in table["classes"].values()] == list(range(1000))
-    coarse = groupings.imagenet_wordnet_groups("coarse")
+    coarse = wordnet.groups("coarse")
     assert [len(v) for v in coarse.values()] == [398, 522, 80]
-    assert list(groupings.imagenet_wordnet_groups("fine")) == table["fine_groups"]
+    assert list(wordnet.groups("fine")) == table["fine_groups"]
 
 
 # -- confusion --------------------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from jaxspec.data import wordnet
+
 _PKG_DATA = pathlib.Path(__file__).parent
 
 
@@ -173,13 +175,11 @@ def _cifar100_info() -> DatasetInfo:
 def _imagenet_info() -> DatasetInfo:
     import tensorflow_datasets as tfds
 
-    # Imported here: jaxspec.groupings imports this module.
-    from jaxspec.groupings import imagenet_wordnet_groups
 
     wnids = tuple(tfds.builder("imagenet2012").info.features["label"].names)
     # WordNet's animals/artifacts/miscellaneous (398/522/80; animals are classes 0-397)
     # and its 9 finer groups; the names do not collide.
-    groups = {**imagenet_wordnet_groups("coarse"), **imagenet_wordnet_groups("fine"), "non_animals": tuple(range(398, 1000))}
+    groups = {**wordnet.groups("coarse"), **wordnet.groups("fine"), "non_animals": tuple(range(398, 1000))}
     return DatasetInfo(
         name="imagenet2012",
         class_names=wnids,

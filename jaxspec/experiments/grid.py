@@ -34,7 +34,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxspec import files, groupings, methods, run, validate
+from jaxspec import files, groupings, methods, run, tables, validate
 from jaxspec.data.constrain import ConstrainedSource
 from jaxspec.experiments import stats
 from jaxspec.train import workdir as wdir
@@ -127,26 +127,6 @@ def group_sets(grid: dict, r: run.Runner) -> dict[str, set] | None:
     return {f"{AVERAGE} ({name})": set(r.groupings[name]) for name in names}
 
 
-def markdown(rows: list[dict], metrics: list[str] | None = None) -> str:
-    """One table: the cell's axes, then each metric as mean ± std (in % for metrics named like accuracies)."""
-    if not rows:
-        return "(no results)"
-    axes = list(rows[0]["cell"])
-    metrics = metrics or list(rows[0]["mean"])
-    head = "| " + " | ".join([*axes, "n", *metrics]) + " |"
-    lines = [head, "|" + "---|" * len(axes) + "---:|" + "---:|" * len(metrics)]
-    for row in rows:
-        cells = [str(row["cell"][a]) for a in axes] + [str(row["n"])]
-        for m in metrics:
-            if m not in row["mean"]:
-                cells.append("")
-                continue
-            fmt = (lambda x: f"{100 * x:.2f}") if ("top" in m or "acc" in m) else (lambda x: f"{x:.4g}")
-            cells.append(fmt(row["mean"][m]) + (f" ± {fmt(row['std'][m])}" if row["n"] > 1 else ""))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def machine() -> dict:
     """Where the cells ran: host, processor, cores, devices, and the jaxspec commit when in a git checkout."""
     try:
@@ -219,7 +199,7 @@ def _run_grid(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     rows = aggregate(results, group_sets(config.experiment.grid.to_dict(), r))
     columns = list(config.experiment.get("columns", ())) or None
-    table = markdown(rows, columns)
+    table = tables.grid_means(rows, columns)
     paired = paired_statistics(results, getattr(kind, "PAIRED", {}))
     if any(row["t_interval"] for row in paired):
         table += "\n\nPaired effects (per-seed differences; same generalist and test images):\n\n"

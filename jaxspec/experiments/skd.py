@@ -27,7 +27,6 @@ from flax import nnx
 
 from jaxspec import distill, methods, models, specialize
 from jaxspec.data.constrain import ConstrainedSource
-from jaxspec.run import restricted
 
 STUDENTS = ("teacher", "generalist", "scratch", "finetuned", "skd", "skd_finetuned")
 
@@ -53,9 +52,9 @@ def _student(r, config, student: str, subset, seed: int) -> methods.Trained:
     train_s, val_s = ConstrainedSource(r.train, subset), ConstrainedSource(r.val, subset)
     name = f"skd-{student}-{len(subset)}-seed{seed}"
     if student == "teacher":
-        return restricted(teacher(r, config), subset)
+        return methods.restricted(teacher(r, config), subset)
     if student == "generalist":
-        return restricted(r.generalist(), subset)
+        return methods.restricted(r.generalist(), subset)
     if student == "scratch":
         d, s = r.train_phase(name, r.new_model(len(subset), seed), train_s, val_s, config.scratch, seed)
         return methods.Trained(d, s, subset)
