@@ -16,6 +16,7 @@ from absl import app, flags, logging  # noqa: E402
 
 from jaxspec import sharding  # noqa: E402
 
+
 def start(argv, *, tf_defaults: bool = False) -> None:
     """Rejects stray arguments, joins a multi-process run, and caches compiled steps on disk.
 
