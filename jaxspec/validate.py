@@ -129,6 +129,10 @@ def check_data(data: ml_collections.ConfigDict) -> None:
     for key in ("num_threads", "prefetch"):
         if key in data:
             _int_at_least(f"data.{key}", data[key], 1 if key == "num_threads" else 0)
+    workers = data.get("num_workers", 0)
+    if isinstance(workers, bool) or not isinstance(workers, int | np.integer) or workers < -1:
+        fail("data.num_workers", workers, "0 (batches made in this process), a number of worker processes, "
+             "or -1 (one per core)")
 
 
 def check(config: ml_collections.ConfigDict) -> None:

@@ -39,7 +39,7 @@ from jaxspec import files
 # Settings that change how a run is carried out or reported, never its numbers.
 IGNORED = frozenset({
     "overwrite", "log_every", "checkpoint_every", "eval.batch_size", "eval.every_steps",
-    "data.data_dir", "data.num_threads", "data.prefetch", "sharding.fsdp", "experiment.grid",
+    "data.data_dir", "data.num_threads", "data.num_workers", "data.prefetch", "sharding.fsdp", "experiment.grid",
 })
 
 
