@@ -109,7 +109,7 @@ def rand_augment(image, num_ops: int, magnitude: int, num_bins: int = 31):
     for _ in range(num_ops):
         k = tf.random.uniform([], 0, len(ops), tf.int32)
         m = tf.where(signed[k] & (tf.random.uniform([]) < 0.5), -base[k], base[k])
-        image = tf.switch_case(k, [lambda op=op: _APPLY[op](image, m) for op in ops])
+        image = tf.switch_case(k, [lambda op=op, im=image, m=m: _APPLY[op](im, m) for op in ops])
         image.set_shape([h, w, 3])
     return image
 
