@@ -10,7 +10,9 @@ over `spec_epochs` on the animal images (domain constraining + output
 suppression); the scratch specialist trains 300 epochs on them.
 
 Needs COCO prepared in tfds' data_dir (`--config.data.data_dir=...`; about 25
-GB). Not run in CI; the tests build it and its pipeline under tfds mock data.
+GB). CI runs `coco_animals.py:tiny` (YOLOv5n at 64 px, 4 steps a phase) end to
+end on a small real `coco/2017` of JPEGs (`jaxspec.data.synthetic_tfds`).
+Batches are made in one worker process per core (`data.num_workers=-1`).
 """
 
 from __future__ import annotations
@@ -34,14 +36,14 @@ def yolov5_sgd(**overrides) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = common.parse_arg(arg, seed=0, epochs=300, spec_epochs=30, scale="m")
+    arg = common.parse_arg(arg, seed=0, epochs=300, spec_epochs=30, scale="m", tiny=False)
     config = ml_collections.ConfigDict()
     config.task = "detect"
     config.seed = arg.seed
     config.model = {"name": f"yolov5{arg.scale}", "dtype": "float32"}
     config.data = data.default_config(name="coco/2017", train_split="train", val_split="validation",
                                       test_split="validation", image_size=640, max_boxes=300,
-                                      num_threads=16, prefetch=64)
+                                      num_workers=-1, num_threads=2, prefetch=4)  # 4 x 20 MB per worker
     config.hyp = dict(DEFAULT_HYP)
     batch = 16
     config.generalist = detect_animals.phase(epochs=arg.epochs, batch_size=batch, optim=yolov5_sgd())
@@ -56,4 +58,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_every = 100
     config.checkpoint_every = 2000
     config.overwrite = False  # True: move a workdir's phases made with other settings aside, then rerun
+
+    if arg.tiny:  # seconds-long steps on a small real JPEG dataset (`jaxspec.data.synthetic_tfds`), for tests
+        config.model.name = "yolov5n"
+        detect_animals.shrink(config)
     return config

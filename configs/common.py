@@ -54,8 +54,11 @@ def data(**overrides) -> ml_collections.ConfigDict:
             randaugment_ops=0,
             randaugment_magnitude=9,
             erasing_prob=0.0,
-            num_threads=4,
-            prefetch=8,  # batches prepared ahead
+            num_threads=4,  # per process making batches
+            prefetch=8,  # batches prepared ahead (per worker process)
+            # Worker processes making batches; 0: this process (32 px batches are one NumPy gather, which
+            # worker processes would only add copies to); -1: one per core (per-image JPEG decoding).
+            num_workers=0,
         )
     )
     cfg.update(overrides)

@@ -70,20 +70,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.smoke = arg.tiny  # a plumbing check: the run says its near-chance numbers are expected
 
     if arg.tiny:  # seconds-long steps on the synthetic fixture, for tests
-        config.data.image_size = 64
-        config.data.max_boxes = 16
+        shrink(config)
         config.data.scenes.num_scenes = (48, 16, 16)
         config.data.scenes.canvas = (64, 96)
         config.data.scenes.scale = (16, 40)
-        config.data.num_threads = 1
-        config.data.prefetch = 2
         config.specialize.scratch = True
-        for p in (config.generalist, config.specialize, config.scratch):
-            p.epochs, p.steps, p.batch_size = 0.0, 4, 8
-        config.generalist.optim.warmup_steps = config.scratch.optim.warmup_steps = 1
-        # Untrained detectors score about 1e-3 x 1/30 and place boxes at random: a low threshold and many
-        # detections per image make their mAP small but not zero, so the tests compare real numbers.
-        config.eval = evaluation(batch_size=16, conf_thres=1e-5, max_det=300, max_nms=3000, coco_max_dets=300)
-        config.log_every = 2
-        config.checkpoint_every = 2
     return config
+
+
+def shrink(config: ml_collections.ConfigDict) -> None:
+    """A detection config's `tiny` setting: 64 px, 4 steps of 8 images a phase, in-process data."""
+    config.data.update(image_size=64, max_boxes=16, num_workers=0, num_threads=1, prefetch=2)
+    for p in (config.generalist, config.specialize, config.scratch):
+        p.epochs, p.steps, p.batch_size = 0.0, 4, 8
+    config.generalist.optim.warmup_steps = config.scratch.optim.warmup_steps = 1
+    # Untrained detectors score about 1e-3 x 1/30 and place boxes at random: a low threshold and many
+    # detections per image make their mAP small but not zero, so the tests compare real numbers.
+    config.eval = evaluation(batch_size=16, conf_thres=1e-5, max_det=300, max_nms=3000, coco_max_dets=300)
+    config.log_every = 2
+    config.checkpoint_every = 2

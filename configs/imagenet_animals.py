@@ -8,8 +8,14 @@ random erasing. Specialist: Adam at 1e-4. To start from torchvision's ImageNet
 weights instead of training 600 epochs, set
 `--config.generalist.init=/path/mobilenet_v3_small-047dcff4.pth`.
 
-Needs ImageNet prepared in tfds' data_dir (manual download). Not run in CI;
-its input pipeline is built under `tfds.testing.mock_data` in the tests.
+Needs ImageNet prepared in tfds' data_dir (manual download). CI runs
+`imagenet_animals.py:tiny` end to end on a small real `imagenet2012` of JPEGs
+(`jaxspec.data.synthetic_tfds`), and the full recipe's input pipeline on it.
+
+Batches are made in one worker process per core (`data.num_workers=-1`): each
+image is a JPEG decoded and augmented in Python and Pillow, ~3 ms of one core
+at 224 px, so a host feeding an accelerator needs all its cores (see
+BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ SUBSET_EXAMPLES = 510_530  # training images of classes 0-397
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = common.parse_arg(arg, seed=0, epochs=600, spec_epochs=10)
+    arg = common.parse_arg(arg, seed=0, epochs=600, spec_epochs=10, tiny=False)
     config = ml_collections.ConfigDict()
     config.seed = arg.seed
     config.model = dict(name="mobilenet_v3_small", width_multiplier=1.0, dropout_rate=0.2, depthwise="auto",
@@ -38,8 +44,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         randaugment_ops=2,
         randaugment_magnitude=9,
         erasing_prob=0.2,
-        num_threads=32,
-        prefetch=16,
+        num_workers=-1,  # one per core
+        num_threads=2,  # per worker: one reads records while one decodes (Pillow releases the GIL)
+        prefetch=2,  # batches per worker: 2 x 77 MB at batch 512
     )
     batch = 512
     epoch = TRAIN_EXAMPLES // batch
@@ -83,4 +90,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_every = 500
     config.checkpoint_every = 5000
     config.overwrite = False  # True: move a workdir's phases made with other settings aside, then rerun
+
+    if arg.tiny:  # seconds-long steps on a small real JPEG dataset (`jaxspec.data.synthetic_tfds`), for tests
+        config.model.width_multiplier = 0.25
+        config.data.image_size = 64  # crops of the 300-500 px JPEGs, so decoding costs what it costs at 224
+        config.data.update(num_workers=0, num_threads=1, prefetch=2)  # worker start-up would dominate
+        for phase in (config.generalist, config.specialize, config.scratch):
+            phase.steps, phase.batch_size = 4, 8
+            phase.optim.warmup_steps, phase.optim.decay_every = 1, 2
+        config.specialize.head_steps = 2
+        config.specialize.control = False
+        config.eval = dict(batch_size=16, every_steps=0)
+        config.log_every = 2
+        config.checkpoint_every = 2
     return config

@@ -95,11 +95,15 @@ def write_curves(workdir: str | pathlib.Path, names: Sequence[str] | None = None
 
 
 def _optimizer(o: dict) -> str:
-    text = f"{o['optimizer']}, lr {o['lr']:g}, {o['schedule']}"
-    if o.get("warmup_steps"):
-        text += f", {o['warmup_steps']} warm-up step{'s' if o['warmup_steps'] != 1 else ''}"
-    if o["schedule"] == "step":
-        text += f", ×{o['decay_rate']:g} every {o['decay_every']} steps"
+    if o["optimizer"] == "yolov5_sgd":  # its own schedule (`jaxspec.detection.train.yolov5_sgd`)
+        text = (f"yolov5_sgd, lr {o['lr']:g} linearly to {o['lr'] * o['lrf']:g}, momentum {o['momentum']:g}, "
+                f"{o['warmup_epochs']:g} warm-up epochs")
+    else:
+        text = f"{o['optimizer']}, lr {o['lr']:g}, {o['schedule']}"
+        if o.get("warmup_steps"):
+            text += f", {o['warmup_steps']} warm-up step{'s' if o['warmup_steps'] != 1 else ''}"
+        if o["schedule"] == "step":
+            text += f", ×{o['decay_rate']:g} every {o['decay_every']} steps"
     if o.get("weight_decay"):
         text += f", weight decay {o['weight_decay']:g}"
     return text

@@ -25,6 +25,7 @@ from jaxspec.train import checkpoint, optimizers
 TORCHVISION_SUFFIXES = (".pth", ".pt", ".safetensors", ".npz")
 DTYPES = ("float32", "bfloat16")
 DETECTION_METHODS = ("suppress", "slice")  # a scratch detector is specialize.scratch=True
+DETECTION_OPTIMIZERS = ("yolov5_sgd",)  # `jaxspec.detection.train`'s own, with its own schedule
 
 
 class ConfigError(ValueError):
@@ -56,7 +57,7 @@ def _phases(config: ml_collections.ConfigDict, prefix: str = ""):
             yield from _phases(v, f"{prefix}{k}.")
 
 
-def check_phase(key: str, phase: ml_collections.ConfigDict) -> None:
+def check_phase(key: str, phase: ml_collections.ConfigDict, *, detect: bool = False) -> None:
     epochs = phase.get("epochs", 0)
     if epochs:
         _number_in(f"{key}.epochs", epochs, 0, 1e9)
@@ -73,15 +74,17 @@ def check_phase(key: str, phase: ml_collections.ConfigDict) -> None:
         _number_in(f"{key}.label_smoothing", phase.label_smoothing, 0.0, 1.0)
     optim = phase.get("optim")
     if optim is not None:
-        if optim.optimizer not in optimizers.OPTIMIZERS:
-            fail(f"{key}.optim.optimizer", optim.optimizer, f"one of {list(optimizers.OPTIMIZERS)}")
-        if optim.schedule not in optimizers.SCHEDULES:
-            fail(f"{key}.optim.schedule", optim.schedule, f"one of {list(optimizers.SCHEDULES)}")
+        allowed = optimizers.OPTIMIZERS + (DETECTION_OPTIMIZERS if detect else ())
+        if optim.optimizer not in allowed:
+            fail(f"{key}.optim.optimizer", optim.optimizer, f"one of {list(allowed)}")
         if not (isinstance(optim.lr, int | float) and math.isfinite(optim.lr) and optim.lr > 0):
             fail(f"{key}.optim.lr", optim.lr, "a finite number > 0")
-        _int_at_least(f"{key}.optim.warmup_steps", optim.warmup_steps, 0)
-        if optim.schedule == "step":
-            _int_at_least(f"{key}.optim.decay_every", optim.decay_every, 1)
+        if optim.optimizer not in DETECTION_OPTIMIZERS:
+            if optim.schedule not in optimizers.SCHEDULES:
+                fail(f"{key}.optim.schedule", optim.schedule, f"one of {list(optimizers.SCHEDULES)}")
+            _int_at_least(f"{key}.optim.warmup_steps", optim.warmup_steps, 0)
+            if optim.schedule == "step":
+                _int_at_least(f"{key}.optim.decay_every", optim.decay_every, 1)
     for pattern in str(phase.get("freeze", "") or "").split(","):
         if pattern.strip() and not re.fullmatch(r"blocks:\d+-\d+", pattern.strip()):
             try:
@@ -127,6 +130,10 @@ def check_data(data: ml_collections.ConfigDict) -> None:
     for key in ("num_threads", "prefetch"):
         if key in data:
             _int_at_least(f"data.{key}", data[key], 1 if key == "num_threads" else 0)
+    workers = data.get("num_workers", 0)
+    if isinstance(workers, bool) or not isinstance(workers, int | np.integer) or workers < -1:
+        fail("data.num_workers", workers, "0 (batches made in this process), a number of worker processes, "
+             "or -1 (one per core)")
 
 
 def _read(data: ml_collections.ConfigDict, split_key: str | None, read):
@@ -212,7 +219,7 @@ def check(config: ml_collections.ConfigDict) -> None:
         if custom.is_own(config.data.name):
             check_batches_fit(config)
     for key, phase in _phases(config):
-        check_phase(key, phase)
+        check_phase(key, phase, detect=config.get("task") == "detect")
     init = config.get("generalist", {}).get("init", "")
     if init:
         check_init("generalist.init", init)

@@ -1,10 +1,12 @@
 """Tests for jaxspec.data.augment against NumPy closed forms."""
 
+import io
 import math
 import re
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from jaxspec.data import augment
 
@@ -206,6 +208,40 @@ def test_random_resized_crop_resizes_bilinearly():
     image = np.full((50, 70, 3), 90, np.uint8)
     out = augment.random_resized_crop(image, _rng(), size=17)
     np.testing.assert_array_equal(out, np.full((17, 17, 3), 90, np.uint8))
+
+
+def _jpeg(image):
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, 'JPEG', quality=90)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize('channels', [1, 3])
+@pytest.mark.parametrize('kwargs', [
+    {}, {'flip': False}, {'randaugment_ops': 2, 'erasing_prob': 0.5},
+    {'randaugment_ops': 3, 'randaugment_magnitude': 20, 'erasing_prob': 1.0}])
+def test_inception_train_is_the_composed_transforms(kwargs, channels):
+    """Same output and draws as the four functions composed, from an array
+    or from its JPEG (decoded to RGB), also for a grayscale JPEG."""
+    image = _image(90, 130, channels)
+    jpeg = _jpeg(image[..., 0] if channels == 1 else image)
+    decoded = np.asarray(Image.open(io.BytesIO(jpeg)).convert('RGB'))
+    for seed in range(8):
+        for source, want_input in ((image, image), (jpeg, decoded)):
+            rng, ref = _rng(seed), _rng(seed)
+            want = augment.random_resized_crop(want_input, ref, size=24)
+            if kwargs.get('flip', True):
+                want = augment.horizontal_flip(want, ref)
+            if kwargs.get('randaugment_ops'):
+                want = augment.rand_augment(
+                    want, ref, num_ops=kwargs['randaugment_ops'],
+                    magnitude=kwargs.get('randaugment_magnitude', 9))
+            if kwargs.get('erasing_prob'):
+                want = augment.random_erasing(
+                    want, ref, p=kwargs['erasing_prob'])
+            got = augment.inception_train(source, rng, size=24, **kwargs)
+            np.testing.assert_array_equal(got, want)
+            assert rng.random() == ref.random()  # and the same draws
 
 
 @pytest.mark.parametrize('shape,window', [
@@ -457,6 +493,13 @@ def _invalid_calls():
         (lambda: augment.random_erasing(image, rng, value='noise'), 'noise'),
         (lambda: augment.random_erasing(image, rng, value=(1, 2)), '(1, 2)'),
         (lambda: augment.random_erasing(image, rng, value=300), '300'),
+        (lambda: augment.inception_train(image, rng, size=0), '0'),
+        (lambda: augment.inception_train(
+            image, rng, size=8, randaugment_magnitude=40), '40'),
+        (lambda: augment.inception_train(
+            image, rng, size=8, erasing_prob=2.0), '2.0'),
+        (lambda: augment.inception_train(image[..., :2], rng, size=8),
+         '(32, 32, 2)'),
     ]
 
 

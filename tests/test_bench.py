@@ -29,11 +29,19 @@ def test_quick_cli_writes_json_with_every_benchmark(tmp_path):
         by_bench.setdefault(row["benchmark"], []).append(row)
         assert row["jaxspec"] > 0 and row["unit"] == "img/s" and len(row["rounds_seconds"]) == 1
     assert sorted(by_bench) == sorted(bench.BENCHMARKS)
-    assert len(by_bench["train"]) == len(by_bench["eval"]) == len(by_bench["pipeline"]) == 2
+    assert len(by_bench["train"]) == len(by_bench["eval"]) == 2
     assert all(r["xla_temp_mib"] > 0 and r["compile_seconds"] > 0 for r in by_bench["train"])
-    # the pipeline is compared with the train step at its resolution
-    for p, t in zip(by_bench["pipeline"], by_bench["train"]):
+    # the in-memory pipelines are compared with the train step at its resolution
+    in_memory, jpeg = by_bench["pipeline"][:2], by_bench["pipeline"][2:]
+    for p, t in zip(in_memory, by_bench["train"]):
         assert p["ratio"] == pytest.approx(p["jaxspec"] / t["jaxspec"])
+    # the JPEG pipeline with tf.data's on 1 (and 2) cores, and 2 workers against 1
+    cores = min(2, len(os.sched_getaffinity(0)))
+    assert [(r["reference"], r["cores"], r["target"]) for r in jpeg] == (
+        [("tf.data", n, 1.0) for n in range(1, cores + 1)] + [("1 worker", 2, 1.8)] * (cores == 2))
+    for r in jpeg:
+        assert r["ratio"] == pytest.approx(r["jaxspec"] / r[r["reference"]]) and "224 px" in r["setting"]
+    assert jpeg[0]["img_s_per_core"] == pytest.approx(jpeg[0]["jaxspec"])
     (m,) = by_bench["multi"]
     assert m["reference"] == "sequential" and m["ratio"] == pytest.approx(1 / m["speedup_vs_sequential"])
     assert m["meets_target"] == (m["ratio"] <= bench.TARGETS["multi"])
@@ -91,7 +99,7 @@ def test_run_keeps_a_live_torch_worker_out_of_the_report(monkeypatch):
     s = bench.Settings(quick=True, repeats=1, steps=1, warmup=0, specialists=2, torch=Worker())
     report = bench.run(s, ["fake"])
     assert report["settings"] == {"quick": True, "repeats": 1, "steps": 1, "warmup": 0, "specialists": 2,
-                                  "dtype": "float32"}
+                                  "dtype": "float32", "jpeg_images": 512, "jpeg_batch": 32}
     assert report["memory"]["torch_worker_peak_rss_mib"] == 1.0
 
 
@@ -102,3 +110,30 @@ def test_dtype_reaches_the_models_and_the_settings_column():
     assert nnx.eval_shape(lambda: core._model(s, 5, 0.25)).dtype == jax.numpy.bfloat16
     assert core._setting(s, "32px", 0.25) == "32px, width 0.25, bfloat16"
     assert core._setting(bench.Settings(True, 1, 1, 0, 2, None), "32px", 1.0) == "32px"
+
+
+def test_tf_reference_does_jaxspecs_transforms():
+    """The tf.data side of the JPEG pipeline rows applies jaxspec's transforms: each RandAugment op as
+    Pillow's within its rounding (rotation's nearest neighbours: 0.1% of pixels), the resize within 4."""
+    import io
+
+    import numpy as np
+    import tensorflow as tf
+    from PIL import Image
+
+    from jaxspec.bench import tf_ref
+    from jaxspec.data import augment, synthetic_tfds
+
+    image = synthetic_tfds.natural_image(np.random.default_rng(0), 300, 280)
+    ours = np.asarray(Image.fromarray(image).resize((224, 224), Image.Resampling.BILINEAR))
+    theirs = tf_ref._resize(tf.constant(image), 224).numpy()
+    assert np.abs(ours.astype(int) - theirs).mean() < 1.5 and np.abs(ours.astype(int) - theirs).max() <= 4
+    for op in augment.RAND_AUGMENT_OPS:
+        m = augment._magnitude(op, 9, 31, 224, 224)
+        want = np.asarray(augment._APPLY[op](Image.fromarray(ours), m)).astype(int)
+        got = tf_ref._APPLY[op](tf.constant(ours), tf.constant(m, tf.float32)).numpy()
+        assert np.abs(want - got).max() <= 1 or np.mean(want != got) < 0.005, op
+    jpeg = io.BytesIO()
+    Image.fromarray(image).save(jpeg, "JPEG")
+    out = tf_ref.train_transform(224, 2, 9, 0.5)(tf.constant(jpeg.getvalue())).numpy()
+    assert out.shape == (224, 224, 3) and out.dtype == np.uint8

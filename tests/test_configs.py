@@ -1,4 +1,4 @@
-"""Every shipped config builds; the tfds pipelines build under mock data."""
+"""Every shipped config builds; CIFAR-100's tfds pipeline builds under mock data."""
 
 import numpy as np
 import pytest
@@ -25,11 +25,9 @@ def test_parse_arg():
         parse_arg("tin", tiny=False)
 
 
-@pytest.mark.parametrize(
-    "module, shape, num_subset",
-    [(imagenet_animals, (8, 224, 224, 3), 398), (cifar100_animals, (8, 32, 32, 3), 45)],
-)
+@pytest.mark.parametrize("module, shape, num_subset", [(cifar100_animals, (8, 32, 32, 3), 45)])
 def test_tfds_pipelines_build_under_mock_data(module, shape, num_subset):
+    """(ImageNet's runs on real JPEGs in tests/test_jpeg_data.py.)"""
     config = module.get_config()
     d = config.data
     with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):

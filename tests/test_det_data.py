@@ -224,7 +224,7 @@ def test_scene_pipeline_and_evaluator(tmp_path):
 
 
 
-def test_coco_animals_config_builds_the_papers_recipe_and_its_pipeline():
+def test_coco_animals_config_builds_the_papers_recipe():
     from flax import nnx
 
     from configs import coco_animals
@@ -240,11 +240,4 @@ def test_coco_animals_config_builds_the_papers_recipe_and_its_pipeline():
     assert sum(p.size for p in jax.tree.leaves(params)) == 21_190_557  # YOLOv5m's 21.2M
     _, schedule = dtrain.make_optimizer(config.generalist, params, steps_per_epoch=coco_animals.TRAIN_IMAGES // 16)
     assert 0 < float(schedule(0)) < 1e-3 * config.generalist.optim.lr  # warm-up from 0
-    records = _tfds_records(16, np.random.default_rng(1))
-    with tfds.testing.mock_data(as_data_source_fn=lambda self, split, **kw: records):
-        source = data.get_source(config.data, config.data.train_split)
-        subset = resolve_subset(config.specialize.subset, source.info)
-        batch = next(data.train_iterator(data.ConstrainedDetectionSource(source, subset, remap=False), config.data,
-                                         batch_size=8, seed=0))
-    assert batch["image"].shape == (8, 640, 640, 3) and batch["boxes"].shape == (8, config.data.max_boxes, 4)
-    assert batch["mask"].any() and np.isin(batch["labels"][batch["mask"]], subset).all()
+    # Its input pipeline runs on real JPEGs in tests/test_jpeg_data.py.

@@ -105,7 +105,7 @@ def test_workdirs_written_before_a_phase_field_existed_still_resume(tmp_path):
 def test_settings_that_cannot_change_results_may_differ(tmp_path):
     config = animals.get_config("tiny")
     workdir.check_run(tmp_path, config.to_dict(), overwrite=False)
-    config.log_every, config.checkpoint_every, config.eval.batch_size = 3, 7, 16
+    config.log_every, config.checkpoint_every, config.eval.batch_size, config.data.num_workers = 3, 7, 16, 2
     workdir.check_run(tmp_path, config.to_dict(), overwrite=False)
     config.specialize.optim.lr = 3e-5
     with pytest.raises(workdir.WorkdirError, match="specialize.optim.lr"):
@@ -296,6 +296,7 @@ BAD = [
     ("generalist.batch_size", 12), ("checkpoint_every", 0), ("log_every", 0), ("eval.batch_size", 0),
     ("specialize.method", "bogus"), ("specialize.optim.optimizer", "adagrad"), ("generalist.optim.lr", -1.0),
     ("specialize.label_smoothing", 1.5), ("model.dtype", "float16"), ("model.name", "resnet50"), ("seed", -1),
+    ("data.num_workers", -2),
 ]
 
 

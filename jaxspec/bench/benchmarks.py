@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import tempfile
 
 import jax
 import ml_collections
@@ -21,10 +24,12 @@ from jaxspec.bench.core import (
     _row,
     _setting,
     _timed,
+    _timing,
     _train_step,
     register,
 )
-from jaxspec.data import embedded, embedded_files, pipeline
+from jaxspec.bench.pipeline_side import Side
+from jaxspec.data import embedded, embedded_files, pipeline, synthetic_tfds
 from jaxspec.data.constrain import ConstrainedSource
 from jaxspec.data.datasets import get_info
 from jaxspec.data.sources import ArraySource, DatasetInfo
@@ -83,7 +88,7 @@ def bench_eval(s: Settings) -> list[dict]:
 def _data_config(**overrides) -> ml_collections.ConfigDict:
     """The `data` fields the pipeline reads (as configs/common.py sets them)."""
     cfg = {"transform": "small", "image_size": 32, "crop_padding": 4, "flip": True, "randaugment_ops": 0,
-           "randaugment_magnitude": 9, "erasing_prob": 0.0, "num_threads": 4, "prefetch": 8}
+           "randaugment_magnitude": 9, "erasing_prob": 0.0, "num_threads": 4, "prefetch": 8, "num_workers": 0}
     return ml_collections.ConfigDict(cfg | overrides)
 
 
@@ -120,7 +125,40 @@ def bench_pipeline(s: Settings) -> list[dict]:
          _data_config(transform="imagenet", image_size=res_big, randaugment_ops=2, erasing_prob=0.2),
          8 if s.quick else 32, res_big),
     ]
-    return [_pipeline_row(s, *case) for case in cases]
+    return [_pipeline_row(s, *case) for case in cases] + _jpeg_rows(s)
+
+
+def _jpeg_rows(s: Settings) -> list[dict]:
+    """The ImageNet recipe from 500x375 JPEGs in ArrayRecord (`synthetic_tfds`) to 224 px batches: jaxspec in
+    1 and 2 worker processes beside tf_ref's tf.data pipeline on as many cores, each side a process pinned to
+    its cores (`pipeline_side`), all sides' rounds alternated; and 2 workers ÷ 1 (scaling)."""
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    counts = range(1, len(cores) + 1)
+    with tempfile.TemporaryDirectory() as data_dir:
+        with contextlib.redirect_stdout(sys.stderr):  # tfds reports its progress on stdout, which carries the JSON
+            synthetic_tfds.build_imagenet(data_dir, {"train": s.jpeg_images}, long_side=(500, 500),
+                                          aspect=(0.75, 0.75))
+        sides = {(kind, n): Side(f"{kind}-{n}", cores[:n], data_dir, s.jpeg_batch)
+                 for n in counts for kind in ("jaxspec", "tfdata")}
+        rounds = {key: [] for key in sides}
+        for _ in range(s.repeats):
+            for (kind, n), side in sides.items():  # warm-up: past worker start-up and the batches made ahead
+                rounds[kind, n].append(side.seconds(max(s.warmup, 2 * n), s.steps) / s.steps)
+        for side in sides.values():
+            side.close()
+    recipe = (f"{s.jpeg_batch} x 500x375 JPEG (ArrayRecord) -> 224 px, RandomResizedCrop + flip + "
+              "RandAugment(2, 9) + erasing 0.2")
+    rows = []
+    for n in counts:
+        timing = _timing(rounds["jaxspec", n], rounds["tfdata", n])
+        rows.append(_row("pipeline", f"{recipe}, {n} core(s): {n} worker(s) vs tf.data", s.jpeg_batch, timing,
+                         reference="tf.data", target=1.0, cores=n,
+                         img_s_per_core=s.jpeg_batch / timing["seconds"] / n))
+    if len(cores) == 2:
+        timing = _timing(rounds["jaxspec", 2], rounds["jaxspec", 1])
+        rows.append(_row("pipeline", f"{recipe}: 2 workers on 2 cores vs 1 on 1", s.jpeg_batch, timing,
+                         reference="1 worker", target=1.8, cores=2))
+    return rows
 
 
 def _pipeline_row(s: Settings, source, desc: str, cfg, batch: int, res: int) -> dict:

@@ -13,8 +13,16 @@ pixels (resizing, RandAugment) goes through Pillow: it is well kept, fast, and
 it is what torchvision's PIL path uses, so these transforms match torchvision's
 semantics (Inception crop, RandAugment, random erasing) without re-deriving
 interpolation or colour maths.
+
+`inception_train` is the ImageNet training recipe in one pass: it takes a
+decoded image or the JPEG/PNG file's bytes, keeps the image in Pillow from
+decoding to the last RandAugment op, and makes the same random draws as the
+functions above composed, so its output is theirs. It saves their NumPy <->
+Pillow copies of the full-size image and the strided flip copy: 1.17-1.27x
+their images/s on 500x375 JPEGs (two A/B runs on one core of a loaded machine).
 """
 
+import io
 import math
 from collections.abc import Sequence
 
@@ -23,6 +31,11 @@ from PIL import Image, ImageEnhance, ImageOps
 
 # Inception crop and random erasing give up after this many rejected samples.
 _MAX_ATTEMPTS = 10
+# torchvision's defaults: RandomResizedCrop's area and aspect ranges,
+# RandomErasing's, and RandAugment's number of magnitude bins.
+_CROP_SCALE, _CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
+_ERASE_SCALE, _ERASE_RATIO = (0.02, 0.33), (0.3, 3.3)
+_BINS = 31
 
 
 def _check_image(
@@ -125,8 +138,8 @@ def pad_crop_flip_batch(
 
 def random_resized_crop(
     image: np.ndarray, rng: np.random.Generator, *, size: int,
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    scale: tuple[float, float] = _CROP_SCALE,
+    ratio: tuple[float, float] = _CROP_RATIO
 ) -> np.ndarray:
     """Inception-style crop (Szegedy et al. 2015) resized to size x size.
 
@@ -139,7 +152,15 @@ def random_resized_crop(
     _check_size(size)
     _check_range('scale', scale, 1.0)
     _check_range('ratio', ratio, math.inf)
-    height, width = image.shape[:2]
+    return _from_pil(_resized_crop(_to_pil(image), rng, size, scale, ratio))
+
+
+def _resized_crop(
+    image: Image.Image, rng: np.random.Generator, size: int,
+    scale: tuple[float, float], ratio: tuple[float, float]
+) -> Image.Image:
+    """`random_resized_crop` on a Pillow image, which may be a JPEG not yet decoded."""
+    width, height = image.size
     # The 10 attempts are drawn at once: same distribution, fewer calls.
     areas = height * width * rng.uniform(scale[0], scale[1], _MAX_ATTEMPTS)
     aspects = np.exp(rng.uniform(
@@ -160,8 +181,8 @@ def random_resized_crop(
             w = round(height * ratio[1])
         top, left = (height - h) // 2, (width - w) // 2
     # Crop before resizing so the filter never reads pixels outside the crop.
-    crop = _to_pil(np.ascontiguousarray(image[top:top + h, left:left + w]))
-    return _from_pil(crop.resize((size, size), Image.Resampling.BILINEAR))
+    crop = image.crop((int(left), int(top), int(left + w), int(top + h)))
+    return crop.resize((size, size), Image.Resampling.BILINEAR)
 
 
 def resize_center_crop(
@@ -191,8 +212,8 @@ def resize_center_crop(
 
 def random_erasing(
     image: np.ndarray, rng: np.random.Generator, *, p: float = 0.25,
-    scale: tuple[float, float] = (0.02, 0.33),
-    ratio: tuple[float, float] = (0.3, 3.3),
+    scale: tuple[float, float] = _ERASE_SCALE,
+    ratio: tuple[float, float] = _ERASE_RATIO,
     value: str | int | Sequence[int] = 'random'
 ) -> np.ndarray:
     """Random erasing (Zhong et al. 2020) with torchvision's semantics.
@@ -221,9 +242,17 @@ def random_erasing(
     elif np.any((np.asarray(value) < 0) | (np.asarray(value) > 255)):
         raise ValueError(f'value must be in [0, 255], got {value!r}.')
     out = image.copy()
+    _erase(out, rng, p, scale, ratio, value)
+    return out
+
+
+def _erase(image: np.ndarray, rng: np.random.Generator, p: float,
+           scale: tuple[float, float], ratio: tuple[float, float],
+           value: str | int | Sequence[int]) -> None:
+    """`random_erasing` in place."""
     if rng.random() >= p:
-        return out
-    height, width = image.shape[:2]
+        return
+    height, width, channels = image.shape
     areas = height * width * rng.uniform(scale[0], scale[1], _MAX_ATTEMPTS)
     aspects = np.exp(rng.uniform(
         math.log(ratio[0]), math.log(ratio[1]), _MAX_ATTEMPTS))
@@ -232,16 +261,15 @@ def random_erasing(
     # Strict inequality as in torchvision: never erase a full row or column.
     fits = np.flatnonzero((heights < height) & (widths < width))
     if not fits.size:
-        return out
+        return
     h, w = heights[fits[0]], widths[fits[0]]
     top = rng.integers(0, height - h + 1)
     left = rng.integers(0, width - w + 1)
     if isinstance(value, str):
-        out[top:top + h, left:left + w] = rng.integers(
+        image[top:top + h, left:left + w] = rng.integers(
             0, 256, size=(h, w, channels), dtype=np.uint8)
     else:
-        out[top:top + h, left:left + w] = np.asarray(value, dtype=image.dtype)
-    return out
+        image[top:top + h, left:left + w] = np.asarray(value, dtype=image.dtype)
 
 
 # RandAugment's ops and how bin `k` of `n` maps to a magnitude, as in
@@ -315,7 +343,7 @@ _APPLY = {
 
 def rand_augment(
     image: np.ndarray, rng: np.random.Generator, *, num_ops: int = 2,
-    magnitude: int = 9, num_magnitude_bins: int = 31,
+    magnitude: int = 9, num_magnitude_bins: int = _BINS,
     ops: Sequence[str] = RAND_AUGMENT_OPS
 ) -> np.ndarray:
     """RandAugment (Cubuk et al. 2020) with torchvision's `RandAugment` policy.
@@ -329,6 +357,12 @@ def rand_augment(
     pixels equal to 255, as in torchvision.
     """
     _check_image(image, pil=True)
+    _check_rand_augment(num_ops, magnitude, num_magnitude_bins, ops)
+    return _from_pil(_rand_augment(
+        _to_pil(image), rng, num_ops, magnitude, num_magnitude_bins, ops))
+
+
+def _check_rand_augment(num_ops, magnitude, num_magnitude_bins, ops) -> None:
     if not isinstance(num_ops, (int, np.integer)) or num_ops < 0:
         raise ValueError(
             f'num_ops must be a non-negative int, got {num_ops!r}.')
@@ -346,12 +380,56 @@ def rand_augment(
         raise ValueError(
             f'ops must be a non-empty subset of {RAND_AUGMENT_OPS}, '
             f'got {tuple(ops)}.')
-    height, width = image.shape[:2]
-    pil_image = _to_pil(image)
+
+
+def _rand_augment(
+    image: Image.Image, rng: np.random.Generator, num_ops: int,
+    magnitude: int, num_magnitude_bins: int, ops: Sequence[str]
+) -> Image.Image:
+    """`rand_augment` on a Pillow image."""
+    width, height = image.size
     for _ in range(num_ops):
         op = ops[rng.integers(len(ops))]
         value = _magnitude(op, magnitude, num_magnitude_bins, height, width)
         if op in _SIGNED and rng.random() < 0.5:
             value = -value
-        pil_image = _APPLY[op](pil_image, value)
-    return _from_pil(pil_image)
+        image = _APPLY[op](image, value)
+    return image
+
+
+def inception_train(
+    image: np.ndarray | bytes, rng: np.random.Generator, *, size: int,
+    flip: bool = True, randaugment_ops: int = 0,
+    randaugment_magnitude: int = 9, erasing_prob: float = 0.0
+) -> np.ndarray:
+    """The ImageNet training recipe: `random_resized_crop` to `size`, then
+    `horizontal_flip` if `flip`, `rand_augment(num_ops=randaugment_ops,
+    magnitude=randaugment_magnitude)` if `randaugment_ops`, and
+    `random_erasing(p=erasing_prob)` if `erasing_prob`, each with its defaults.
+
+    `image` is a uint8 HWC array (1 or 3 channels) or an image file's bytes,
+    decoded here to RGB (as tfds decodes ImageNet's few grayscale and CMYK
+    JPEGs). The random draws are the composed functions' draws, in their
+    order, so the output equals theirs on the decoded image.
+    """
+    _check_size(size)
+    _check_rand_augment(
+        randaugment_ops, randaugment_magnitude, _BINS, RAND_AUGMENT_OPS)
+    _check_probability(erasing_prob)
+    if isinstance(image, bytes):
+        pil = Image.open(io.BytesIO(image))
+        if pil.mode != 'RGB':
+            pil = pil.convert('RGB')
+    else:
+        _check_image(image, pil=True)
+        pil = _to_pil(image)
+    pil = _resized_crop(pil, rng, size, _CROP_SCALE, _CROP_RATIO)
+    if flip and rng.random() < 0.5:
+        pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if randaugment_ops:
+        pil = _rand_augment(pil, rng, randaugment_ops, randaugment_magnitude,
+                            _BINS, RAND_AUGMENT_OPS)
+    out = _from_pil(pil)
+    if erasing_prob:
+        _erase(out, rng, erasing_prob, _ERASE_SCALE, _ERASE_RATIO, 'random')
+    return out

@@ -80,7 +80,14 @@ class ConstrainedSource:
 
     def get_batch(self, indices: np.ndarray) -> dict[str, Any]:
         """Records at `indices`, read in one batch from the source when it can."""
-        batch = read_batch(self._source, self._indices[indices])
+        return self._read(indices, encoded=False)
+
+    def get_encoded(self, indices: np.ndarray) -> dict[str, Any]:
+        """Records at `indices` with the image files' bytes where the source keeps them (see `read_batch`)."""
+        return self._read(indices, encoded=True)
+
+    def _read(self, indices: np.ndarray, encoded: bool) -> dict[str, Any]:
+        batch = read_batch(self._source, self._indices[indices], encoded=encoded)
         return {"image": batch["image"], "label": self._map[batch["label"]]}
 
     @property

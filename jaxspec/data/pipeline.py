@@ -9,12 +9,20 @@ and are normalized on the device by `normalize`. Each process reads its own
 shard of the source, so a multi-host run sees every example once per epoch;
 the iterator's state is saved with the model so a resumed run continues with
 the same data order.
+
+`data.num_workers` > 0 prepares batches in that many worker processes (grain's
+`mp_prefetch`; -1: one per core this process may use), each with
+`data.num_threads` threads: the ImageNet transform is Python and Pillow per
+image, which one process's threads cannot spread over many cores. Batch k is
+the same whichever process makes it (its randomness is seeded by k), and the
+state saved is k alone, so a run may resume with another number of workers.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +31,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 from jaxspec.data import augment
 from jaxspec.data.sources import Source, read_batch
@@ -60,16 +69,9 @@ def _train_map(name: str, size: int, cfg) -> Callable[[Any, np.random.Generator]
         return lambda images, rng: augment.pad_crop_flip_batch(_stack_padded(images, size), rng,
                                                                pad=cfg.crop_padding, flip=cfg.flip)
 
-    def imagenet(im, rng):
-        im = augment.random_resized_crop(im, rng, size=size)
-        if cfg.flip:
-            im = augment.horizontal_flip(im, rng)
-        if cfg.randaugment_ops:
-            im = augment.rand_augment(im, rng, num_ops=cfg.randaugment_ops, magnitude=cfg.randaugment_magnitude)
-        if cfg.erasing_prob:
-            im = augment.random_erasing(im, rng, p=cfg.erasing_prob)
-        return im
-
+    imagenet = functools.partial(augment.inception_train, size=size, flip=cfg.flip,
+                                 randaugment_ops=cfg.randaugment_ops,
+                                 randaugment_magnitude=cfg.randaugment_magnitude, erasing_prob=cfg.erasing_prob)
     return lambda images, rng: np.stack([imagenet(im, rng) for im in images])
 
 
@@ -99,6 +101,57 @@ def _read_options(cfg) -> grain.ReadOptions:
     return grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch)
 
 
+def num_workers(cfg) -> int:
+    """Worker processes for the `data` section `cfg`: `num_workers`, with -1 one per usable core."""
+    n = cfg.get("num_workers", 0)
+    return len(os.sched_getaffinity(0)) if n == -1 else n
+
+
+def iterate(ds: grain.MapDataset, cfg) -> grain.DatasetIterator:
+    """An iterator over `ds`, read ahead by `cfg.num_threads` threads in each of `num_workers(cfg)`
+    worker processes (in this process when 0)."""
+    it = ds.to_iter_dataset(_read_options(cfg))
+    workers = num_workers(cfg)
+    if not workers:
+        return iter(it)
+    if not flags.FLAGS.is_parsed():  # grain's mp_prefetch reads an absl flag; outside an absl app: the defaults
+        flags.FLAGS.mark_as_parsed()
+    return iter(it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers)))
+
+
+class BatchIterator(grain.DatasetIterator):
+    """Iterates `ds` (element k: batch k, its randomness seeded by k) as `iterate` does, with the
+    position as all its state, `{'next_index': k}` as grain's in-process iterator saves it: a run
+    resumes whatever `num_workers` made its batches before, and from checkpoints of either."""
+
+    def __init__(self, ds: grain.MapDataset, cfg):
+        super().__init__()
+        self._ds, self._cfg, self._next, self._it = ds, cfg, 0, None
+
+    def __next__(self):
+        if self._it is None:  # started on first use, so restoring a state first starts no workers twice
+            self._it = iterate(self._ds[self._next:], self._cfg)
+        batch = next(self._it)
+        self._next += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"next_index": self._next}
+
+    def set_state(self, state: dict) -> None:
+        self._stop()
+        self._next = int(state["next_index"])
+
+    def close(self) -> None:
+        self._stop()
+        self._closed = True
+
+    def _stop(self) -> None:
+        if self._it is not None:
+            self._it.close()
+            self._it = None
+
+
 class _EpochOrder:
     """Positions in one process's endless example stream -> indices into the source.
 
@@ -113,6 +166,9 @@ class _EpochOrder:
         self._shard, self._seed = shard, seed
         # Per instance; a batch needs at most two epochs (len(shard) >= batch size).
         self._epoch = functools.lru_cache(maxsize=2)(self._permute)
+
+    def __reduce__(self):  # to worker processes without the cache, which does not pickle
+        return _EpochOrder, (self._shard, self._seed)
 
     def _permute(self, epoch: int) -> np.ndarray:
         return np.random.default_rng((self._seed, epoch)).permutation(self._shard)
@@ -136,14 +192,15 @@ def train_iterator(source: Source, cfg, *, batch_size: int, seed: int) -> grain.
     fn = _train_map(cfg.transform, cfg.image_size, cfg)
     local = _local_batch_size(batch_size)
     order = _EpochOrder(np.arange(len(source))[jax.process_index() :: jax.process_count()], seed)
+    # The ImageNet transform decodes file bytes itself, where a source keeps them (see `read_batch`).
+    encoded = cfg.transform == "imagenet"
 
     def load(step: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        batch = read_batch(source, order(step * local, (step + 1) * local))
+        batch = read_batch(source, order(step * local, (step + 1) * local), encoded=encoded)
         return {"image": fn(batch["image"], rng), "label": batch["label"]}
 
-    # Element k is local batch k: the iterator's checkpointed state is just k.
-    ds = grain.MapDataset.range(sys.maxsize).random_map(load, seed=seed)
-    return iter(ds.to_iter_dataset(_read_options(cfg)))
+    # Element k is local batch k, its randomness seeded by k: the iterator's checkpointed state is just k.
+    return BatchIterator(grain.MapDataset.range(sys.maxsize).random_map(load, seed=seed), cfg)
 
 
 def eval_iterator(source: Source, cfg, *, batch_size: int):
@@ -162,8 +219,7 @@ def eval_iterator(source: Source, cfg, *, batch_size: int):
         batch = read_batch(source, np.minimum(pos, n - 1))
         return {"image": fn(batch["image"]), "label": batch["label"], "mask": pos < n}
 
-    ds = grain.MapDataset.range(len(positions) // local).map(load)
-    return iter(ds.to_iter_dataset(_read_options(cfg)))
+    return iterate(grain.MapDataset.range(len(positions) // local).map(load), cfg)
 
 
 def normalize(images: jax.Array, mean, std, channels: int = 3) -> jax.Array:

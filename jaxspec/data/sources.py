@@ -79,14 +79,18 @@ class ArraySource:
         return f"ArraySource({self.info.name}, n={len(self)})"
 
 
-def read_batch(source: Source, indices: np.ndarray) -> dict[str, Any]:
+def read_batch(source: Source, indices: np.ndarray, *, encoded: bool = False) -> dict[str, Any]:
     """The records of `source` at `indices`: `{'image', 'label': int32 [B]}`.
 
     Uses the source's `get_batch` when it has one (then `image` is one NHWC
     array); otherwise reads record by record and `image` is a list of HWC
-    arrays, which may differ in size.
+    arrays, which may differ in size. With `encoded`, a source that keeps its
+    images as files (`get_encoded`) gives a list of their bytes instead, for a
+    transform that decodes them itself.
     """
     indices = np.asarray(indices, np.int64)
+    if encoded and hasattr(source, "get_encoded"):
+        return source.get_encoded(indices)
     if hasattr(source, "get_batch"):
         return source.get_batch(indices)
     records = [source[int(i)] for i in indices]
@@ -97,8 +101,10 @@ class TfdsSource:
     """A `tfds.data_source` (ArrayRecord, random access) as a `Source`.
 
     Labels are read once with image decoding skipped, which is what makes
-    index-based domain constraining cheap even on ImageNet. `image_key` and
-    `label_key` name the features that are the image and the class.
+    index-based domain constraining cheap even on ImageNet. The same undecoded
+    records give the image files' bytes (`get_encoded`), which the ImageNet
+    transform decodes itself. `image_key` and `label_key` name the features
+    that are the image and the class.
     """
 
     def __init__(self, name: str, split: str, info: DatasetInfo, data_dir: str | None, *,
@@ -106,7 +112,7 @@ class TfdsSource:
         import tensorflow_datasets as tfds  # heavy; only when a tfds source is used
 
         self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-        self._label_source = tfds.data_source(
+        self._encoded = tfds.data_source(
             name,
             split=split,
             data_dir=data_dir,
@@ -124,9 +130,15 @@ class TfdsSource:
         record = self._source[index]
         return {"image": np.asarray(record[self._image_key]), "label": np.int32(record[self._label_key])}
 
+    def get_encoded(self, indices: np.ndarray) -> dict[str, Any]:
+        """The records at `indices` with `image` the files' bytes (JPEG for ImageNet), not decoded."""
+        records = self._encoded.__getitems__([int(i) for i in indices])
+        return {"image": [r[self._image_key] for r in records],
+                "label": np.asarray([r[self._label_key] for r in records], np.int32)}
+
     @functools.cached_property
     def labels(self) -> np.ndarray:
-        return np.fromiter((r[self._label_key] for r in self._label_source), np.int32, len(self._label_source))
+        return np.fromiter((r[self._label_key] for r in self._encoded), np.int32, len(self._encoded))
 
     def __repr__(self) -> str:
         return f"TfdsSource({self._name}[{self._split}], n={len(self)})"

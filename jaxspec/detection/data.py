@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from jaxspec.data.constrain import label_map, subset_info
-from jaxspec.data.pipeline import _local_batch_size, _read_options
+from jaxspec.data.pipeline import BatchIterator, _local_batch_size, iterate
 from jaxspec.data.sources import DatasetInfo
 from jaxspec.detection import augment, scenes
 from jaxspec.detection.boxes import xyxy_to_xywh
@@ -71,6 +71,7 @@ def default_config(**overrides) -> ml_collections.ConfigDict:
         "degrees": 0.0, "translate": 0.1, "scale": 0.5, "shear": 0.0,
         "fliplr": 0.5,
         "num_threads": 4, "prefetch": 64,
+        "num_workers": 0,  # worker processes making batches (see `jaxspec.data.pipeline`); -1: one per core
     })
     cfg.update(overrides)
     return cfg
@@ -255,8 +256,7 @@ def train_iterator(source, cfg, *, batch_size: int, seed: int) -> grain.DatasetI
         return train_example(record, rng, cfg, others)
 
     ds = local.shuffle(seed=seed).repeat().random_map(transform, seed=seed)
-    ds = ds.batch(_local_batch_size(batch_size), drop_remainder=True)
-    return iter(ds.to_iter_dataset(_read_options(cfg)))
+    return BatchIterator(ds.batch(_local_batch_size(batch_size), drop_remainder=True), cfg)
 
 
 class _PadToMultiple:
@@ -289,4 +289,4 @@ def eval_iterator(source, cfg, *, batch_size: int):
     ds = grain.MapDataset.source(_PadToMultiple(source, batch_size))
     ds = ds[jax.process_index() :: jax.process_count()]
     ds = ds.map(functools.partial(eval_example, cfg=cfg)).batch(_local_batch_size(batch_size))
-    return iter(ds.to_iter_dataset(_read_options(cfg)))
+    return iterate(ds, cfg)

@@ -40,7 +40,7 @@ from jaxspec.data import custom
 # Settings that change how a run is carried out or reported, never its numbers.
 IGNORED = frozenset({
     "overwrite", "smoke", "log_every", "checkpoint_every", "eval.batch_size", "eval.every_steps",
-    "data.data_dir", "data.num_threads", "data.prefetch", "sharding.fsdp", "experiment.grid",
+    "data.data_dir", "data.num_threads", "data.num_workers", "data.prefetch", "sharding.fsdp", "experiment.grid",
 })
 # Keys added after workdirs were written, at the values that change nothing: left out of the records
 # there, so a workdir written before they existed still resumes.
