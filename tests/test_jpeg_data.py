@@ -11,7 +11,7 @@ from PIL import Image
 
 from configs import coco_animals, imagenet_animals
 from jaxspec import run
-from jaxspec.data import pipeline, sources, synthetic_tfds
+from jaxspec.data import datasets, pipeline, sources, synthetic_tfds
 from jaxspec.data.constrain import ConstrainedSource
 from jaxspec.data.subsets import resolve_subset
 from jaxspec.detection import data as det_data
@@ -33,7 +33,7 @@ def test_tfds_reads_them_as_imagenet_and_coco(data_dir):
     builder = tfds.builder("imagenet2012", data_dir=data_dir)
     assert builder.info.file_format.value == "array_record"
     assert {k: v.num_examples for k, v in builder.info.splits.items()} == {"train": TRAIN, "validation": VALIDATION}
-    src = sources.get_source("imagenet2012", "train", data_dir=data_dir)
+    src = datasets.get_source("imagenet2012", "train", data_dir=data_dir)
     assert src.info.num_classes == 1000 and len(src) == TRAIN
     assert sorted(np.unique(src.labels)) == list(CLASSES) and src.labels.dtype == np.int32
     batch = sources.read_batch(src, [3, 7], encoded=True)
@@ -61,7 +61,7 @@ def _same(a, b):
 def test_the_recipes_pipeline_in_worker_processes_is_the_in_process_one_and_resumes_across_counts(data_dir):
     d = imagenet_animals.get_config().data
     d.update(data_dir=data_dir, num_threads=1, prefetch=1, num_workers=0)
-    full = sources.get_source(d.name, d.train_split, data_dir=data_dir)
+    full = datasets.get_source(d.name, d.train_split, data_dir=data_dir)
     animals = ConstrainedSource(full, resolve_subset("animals", full.info))
     assert len(animals.subset) == 398 and len(animals) == np.isin(full.labels, range(398)).sum() > 8
     here = pipeline.train_iterator(animals, d, batch_size=8, seed=0)
@@ -82,7 +82,7 @@ def test_the_recipes_pipeline_in_worker_processes_is_the_in_process_one_and_resu
     resumed.close()
     here.set_state(state)
     assert _same(_take(here, 2), want[2:])
-    test = sources.get_source(d.name, d.test_split, data_dir=data_dir)
+    test = datasets.get_source(d.name, d.test_split, data_dir=data_dir)
     evals = []
     for workers in (0, 2):
         d.num_workers = workers

@@ -8,7 +8,6 @@ import sys
 import tempfile
 
 import jax
-import ml_collections
 import numpy as np
 
 from jaxspec import route, sharding, specialize
@@ -28,7 +27,7 @@ from jaxspec.bench.core import (
     _train_step,
     register,
 )
-from jaxspec.bench.pipeline_side import Side
+from jaxspec.bench.pipeline_side import Side, data_config
 from jaxspec.data import embedded, embedded_files, pipeline, synthetic_tfds
 from jaxspec.data.constrain import ConstrainedSource
 from jaxspec.data.datasets import get_info
@@ -85,13 +84,6 @@ def bench_eval(s: Settings) -> list[dict]:
     return [_eval_row(s, mesh, *setting) for setting in _model_settings(s)]
 
 
-def _data_config(**overrides) -> ml_collections.ConfigDict:
-    """The `data` fields the pipeline reads (as configs/common.py sets them)."""
-    cfg = {"transform": "small", "image_size": 32, "crop_padding": 4, "flip": True, "randaugment_ops": 0,
-           "randaugment_magnitude": 9, "erasing_prob": 0.0, "num_threads": 4, "prefetch": 8, "num_workers": 0}
-    return ml_collections.ConfigDict(cfg | overrides)
-
-
 def _small_source(quick: bool):
     """The embedded training split if it is already cached (never fetched here), else a synthetic stand-in."""
     path = os.path.join(embedded_files.default_data_dir(), f"embedded-{embedded.cache_key({})}.npz")
@@ -120,9 +112,9 @@ def bench_pipeline(s: Settings) -> list[dict]:
     big = ArraySource(rng.integers(0, 256, (n_big, 256, 320, 3), dtype=np.uint8), np.arange(n_big) % 30, big_info)
     res_small, res_big = (r for r, *_ in _model_settings(s))
     cases = [
-        (small, what, _data_config(image_size=res_small), 16 if s.quick else 256, res_small),
+        (small, what, data_config(image_size=res_small), 16 if s.quick else 256, res_small),
         (big, "synthetic 256x320 RGB, RandomResizedCrop + flip + RandAugment(2, 9) + erasing 0.2",
-         _data_config(transform="imagenet", image_size=res_big, randaugment_ops=2, erasing_prob=0.2),
+         data_config(transform="imagenet", image_size=res_big, randaugment_ops=2, erasing_prob=0.2),
          8 if s.quick else 32, res_big),
     ]
     return [_pipeline_row(s, *case) for case in cases] + _jpeg_rows(s)

@@ -55,13 +55,21 @@ class Side:
         self._proc.wait()
 
 
-def _jaxspec(workers: int, data_dir: str, batch: int):
-    from jaxspec.bench.benchmarks import _data_config
-    from jaxspec.data import pipeline, sources
+def data_config(**overrides):
+    """The `data` fields the pipeline reads (as configs/common.py sets them)."""
+    import ml_collections  # here, not above: a side imports nothing before its affinity is set
 
-    source = sources.get_source("imagenet2012", "train", data_dir=data_dir)
+    cfg = {"transform": "small", "image_size": 32, "crop_padding": 4, "flip": True, "randaugment_ops": 0,
+           "randaugment_magnitude": 9, "erasing_prob": 0.0, "num_threads": 4, "prefetch": 8, "num_workers": 0}
+    return ml_collections.ConfigDict(cfg | overrides)
+
+
+def _jaxspec(workers: int, data_dir: str, batch: int):
+    from jaxspec.data import datasets, pipeline
+
+    source = datasets.get_source("imagenet2012", "train", data_dir=data_dir)
     # jaxspec's ImageNet recipe (configs/imagenet_animals.py), one thread and one batch ahead per worker.
-    cfg = _data_config(transform="imagenet", image_size=224, randaugment_ops=2, erasing_prob=0.2,
+    cfg = data_config(transform="imagenet", image_size=224, randaugment_ops=2, erasing_prob=0.2,
                        num_workers=workers, num_threads=1, prefetch=1)
     rounds = iter(range(sys.maxsize))
     return lambda: pipeline.train_iterator(source, cfg, batch_size=batch, seed=next(rounds))
