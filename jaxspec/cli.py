@@ -10,9 +10,14 @@ from absl import app, flags
 
 from jaxspec import sharding
 
-def start(argv) -> None:
-    """Rejects stray arguments, joins a multi-process run, and caches compiled steps on disk."""
-    if len(argv) > 1:
+class UserError(ValueError):
+    """A mistake in what the user named (a path, a file, a flag's value): one line, exit code 2."""
+
+
+def start(argv, *, positional: bool = False) -> None:
+    """Rejects stray arguments (unless the command takes `positional` ones), joins a multi-process run,
+    and caches compiled steps on disk."""
+    if len(argv) > 1 and not positional:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     sharding.initialize()
     # Compiling the train step takes tens of seconds on CPU; reruns and resumes reuse it.
@@ -60,7 +65,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def run_main(main) -> None:
-    """`app.run(main)`, but user errors (config, workdir) end with their one line and exit code 2."""
+    """`app.run(main)`, but user errors (config, workdir, `UserError`) end with their one line and exit code 2."""
 
     def wrapped(argv):
         try:
@@ -69,7 +74,7 @@ def run_main(main) -> None:
             from jaxspec import validate  # imported late: nothing may touch a backend before `start`
             from jaxspec.train import workdir
 
-            if not isinstance(e, validate.ConfigError | workdir.WorkdirError):
+            if not isinstance(e, validate.ConfigError | workdir.WorkdirError | UserError):
                 raise
             exit_with(str(e))
 
