@@ -24,6 +24,7 @@ import contextlib
 import os
 import pathlib
 import shutil
+import tempfile
 
 import jax
 import numpy as np
@@ -71,27 +72,36 @@ def _input_spec(preprocess: dict, batch):
     return tf.TensorSpec((batch, size, size, channels), tf.uint8, name="images")
 
 
+def _save(serve, preprocess: dict, batch: int | None, path: pathlib.Path) -> None:
+    """`serve` as a SavedModel with one signature, `serving_default(images) -> {logits, probabilities}`, for
+    `batch` images (None: any number)."""
+    import tensorflow as tf
+    from jax.experimental import jax2tf
+
+    converted = jax2tf.convert(serve, with_gradient=False, native_serialization_platforms=("cpu",),
+                               polymorphic_shapes=None if batch else ["(b, ...)"])
+    module = tf.Module()
+    module.serve = tf.function(converted, autograph=False, input_signature=[_input_spec(preprocess, batch)])
+    tf.saved_model.save(module, str(path), signatures=module.serve.get_concrete_function())
+
+
 def export_model(model, preprocess: dict, out: pathlib.Path, name: str, formats=FORMATS) -> dict[str, str]:
     """Writes `model` as `out/<name>.savedmodel/` and/or `out/<name>.tflite`; returns {format: path}."""
     import tensorflow as tf
-    from jax.experimental import jax2tf
 
     serve = _serving_fn(model, preprocess)
     written = {}
     with _gspmd_lowering():
         if "savedmodel" in formats:
-            converted = jax2tf.convert(serve, with_gradient=False, polymorphic_shapes=["(b, ...)"],
-                                       native_serialization_platforms=("cpu",))
-            module = tf.Module()
-            module.serve = tf.function(converted, autograph=False, input_signature=[_input_spec(preprocess, None)])
             path = out / f"{name}.savedmodel"
-            tf.saved_model.save(module, str(path), signatures=module.serve.get_concrete_function())
+            _save(serve, preprocess, None, path)
             written["savedmodel"] = str(path)
         if "tflite" in formats:
-            # Batch 1, static: TF 2.21's converter cannot take the shape-polymorphic module.
-            converted = jax2tf.convert(serve, with_gradient=False, native_serialization_platforms=("cpu",))
-            fn = tf.function(converted, autograph=False, input_signature=[_input_spec(preprocess, 1)])
-            tflite = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], fn).convert()
+            # Batch 1, static: TF 2.21's converter cannot take the shape-polymorphic module. Converted from a
+            # SavedModel so the file keeps the signature's names (input `images`, outputs `logits`, `probabilities`).
+            with tempfile.TemporaryDirectory() as tmp:
+                _save(serve, preprocess, 1, pathlib.Path(tmp))
+                tflite = tf.lite.TFLiteConverter.from_saved_model(tmp).convert()
             path = out / f"{name}.tflite"
             path.write_bytes(tflite)
             written["tflite"] = str(path)
