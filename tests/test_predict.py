@@ -13,7 +13,7 @@ from flax import nnx
 from PIL import Image
 
 from configs import animals
-from jaxspec import models, route, specialize
+from jaxspec import files, models, route, specialize
 from jaxspec.cli import UserError
 from jaxspec.data import pipeline, sources
 from jaxspec.detection import data as det_data
@@ -111,6 +111,18 @@ def test_a_models_directory_is_routed_by_jaxspec_route(setup):
 
     only = predict(setup["dir"], ims, specialists=["clothing"])  # animals then fall back to the generalist
     assert set(only.specialists) <= {"clothing", None}
+
+
+def test_an_older_export_gets_its_records_at_the_next_export_weights_untouched(setup, tmp_path):
+    d = tmp_path / "animals"
+    shutil.copytree(setup["dir"] / "animals", d)
+    spec = json.loads((d / "model.json").read_text())
+    records = {k: spec.pop(k) for k in ("preprocess", "classes")}
+    (d / "model.json").write_text(json.dumps(spec))
+    weights = files.tree_digest(d / "weights")
+    checkpoint.export_model(d, setup["animal"], {}, **records)
+    assert {k: json.loads((d / "model.json").read_text())[k] for k in records} == records
+    assert files.tree_digest(d / "weights") == weights and checkpoint.export_problem(d) == ""
 
 
 @pytest.mark.parametrize("case,message", [

@@ -91,10 +91,14 @@ def _as_uint8(array: np.ndarray, index: int) -> np.ndarray:
     raise UserError(f"image {index} has dtype {array.dtype}; expected uint8 or float in [0, 1]")
 
 
+def _from_pil(image: Image.Image, channels: int) -> np.ndarray:
+    return np.asarray(image.convert("L" if channels == 1 else "RGB"))
+
+
 def _read(path: str | os.PathLike, channels: int) -> np.ndarray:
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("L" if channels == 1 else "RGB"))
+            return _from_pil(im, channels)
     except FileNotFoundError:
         raise UserError(f"image {os.fspath(path)!r} does not exist") from None
     except (UnidentifiedImageError, OSError) as e:
@@ -114,7 +118,7 @@ def load_images(images, channels: int) -> list[np.ndarray]:
         if isinstance(im, (str, os.PathLike)):
             im = _read(im, channels)
         elif isinstance(im, Image.Image):
-            im = np.asarray(im.convert("L" if channels == 1 else "RGB"))
+            im = _from_pil(im, channels)
         out.append(_to_channels(_as_uint8(im, i), channels))
     if not out:
         raise UserError("no images given")
