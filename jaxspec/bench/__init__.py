@@ -3,8 +3,10 @@
 One run measures train-step and eval images/s of MobileNetV3-Small per
 resolution (torchvision's `mobilenet_v3_small` beside it when torch is
 available: same batch, resolution, Adam 1e-4 and label smoothing 0.1), the
-input pipeline with domain constraining, and K vmapped specialists against K
-sequential steps, plus peak memory. JSON goes to stdout (and to `--out`), a
+input pipeline with domain constraining, K vmapped specialists against K
+sequential steps, the routed system against its generalist, and an exported
+generalist against its specialist in LiteRT (`--only=export`: latency and
+file sizes), plus peak memory. JSON goes to stdout (and to `--out`), a
 readable table to stderr.
 
   python -m jaxspec.bench --out=bench.json                      # torch in this venv, or no torch rows

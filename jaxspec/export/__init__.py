@@ -80,9 +80,9 @@ def _save(serve, preprocess: dict, batch: int | None, path: pathlib.Path) -> Non
 
     converted = jax2tf.convert(serve, with_gradient=False, native_serialization_platforms=("cpu",),
                                polymorphic_shapes=None if batch else ["(b, ...)"])
-    module = tf.Module()
-    module.serve = tf.function(converted, autograph=False, input_signature=[_input_spec(preprocess, batch)])
-    tf.saved_model.save(module, str(path), signatures=module.serve.get_concrete_function())
+    fn = tf.function(converted, autograph=False, input_signature=[_input_spec(preprocess, batch)])
+    # Only the signature: a module attribute holding the function too would store the weights twice.
+    tf.saved_model.save(tf.Module(), str(path), signatures=fn.get_concrete_function())
 
 
 def export_model(model, preprocess: dict, out: pathlib.Path, name: str, formats=FORMATS) -> dict[str, str]:
