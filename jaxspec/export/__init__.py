@@ -34,7 +34,7 @@ from jaxspec import files
 from jaxspec.cli import UserError
 from jaxspec.data import pipeline
 from jaxspec.models import layers
-from jaxspec.predict import GENERALIST, Member, build_routed, load_classifier, routed_members
+from jaxspec.predict import GENERALIST, Member, build_routed, is_routed, load_classifier, routed_members
 from jaxspec.train.state import split_model
 
 FORMATS = ("savedmodel", "tflite")
@@ -126,19 +126,24 @@ def export(model_dir: str | os.PathLike, out: str | os.PathLike, formats=FORMATS
     src, out = pathlib.Path(model_dir).absolute(), pathlib.Path(out).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"out={out} exists and is not an empty directory")
-    routed = not (src / "model.json").exists() and (src / GENERALIST / "model.json").exists()
+    routed = is_routed(src)
     members = routed_members(src, specialists) if routed else {src.name: load_classifier(src)}
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    record = {"models": {name: _model_record(m, export_model(m.model, m.spec["preprocess"], tmp, name, formats))
-                         for name, m in members.items()}}
+    record = {}
     if routed:
         tables = build_routed(src, members).tables  # the tables `jaxspec.route` routes with
         record["routed"] = {"generalist": GENERALIST, "specialists": [n for n in members if n != GENERALIST],
                             "label_maps": np.asarray(tables["label_maps"]).tolist(),
                             "class_to_group": np.asarray(tables["class_to_group"]).tolist(),
                             "class_names": members[GENERALIST].names}
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        record["models"] = {name: _model_record(m, export_model(m.model, m.spec["preprocess"], tmp, name, formats))
+                            for name, m in members.items()}
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     files.write_json(tmp / "export.json", record, indent=1)
     if out.exists():
         out.rmdir()

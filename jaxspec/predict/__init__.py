@@ -40,6 +40,11 @@ from jaxspec.train.state import split_model
 GENERALIST = "generalist"  # a routed system's generalist directory; every other model directory is a specialist
 
 
+def is_routed(directory: pathlib.Path) -> bool:
+    """A routed system's directory: no model of its own, a `generalist/` one inside."""
+    return not (directory / "model.json").exists() and (directory / GENERALIST / "model.json").exists()
+
+
 def read_spec(directory: str | pathlib.Path) -> dict:
     """model.json of an exported model whose weights verify and that records how to feed it."""
     directory = pathlib.Path(directory)
@@ -336,7 +341,7 @@ def load(model_dir: str | os.PathLike, *, batch_size: int = 64, specialists: Seq
     predict many times. `specialists` picks a routed system's specialists (default: all of them)."""
     directory = pathlib.Path(model_dir).absolute()
     mesh = sharding.make_mesh() if mesh is None else mesh
-    if not (directory / "model.json").exists() and (directory / GENERALIST / "model.json").exists():
+    if is_routed(directory):
         return RoutedClassifier(directory, specialists, batch_size=batch_size, mesh=mesh)
     spec = read_spec(directory)
     if spec["name"].startswith("yolov5"):
