@@ -58,6 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_every = 50
     config.checkpoint_every = 500
     config.overwrite = False  # True: move a workdir's phases made with other settings aside, then rerun
+    config.smoke = arg.tiny  # a plumbing check: the run says its near-chance numbers are expected
 
     if arg.tiny:  # a seconds-long run on the synthetic fixture, for tests
         config.model.width_multiplier = 0.25

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from jaxspec.data import custom
+
 
 def optimizer(**overrides) -> ml_collections.ConfigDict:
     """An optimizer + schedule section (see `jaxspec.train.optimizers`)."""
@@ -32,12 +34,16 @@ def optimizer(**overrides) -> ml_collections.ConfigDict:
 
 
 def data(**overrides) -> ml_collections.ConfigDict:
-    """A data section (see `jaxspec.data.pipeline`)."""
+    """A data section (see `jaxspec.data.pipeline`; own data: `jaxspec.data.custom`, docs/data.md)."""
     cfg = ml_collections.ConfigDict(
         dict(
-            name="embedded",  # embedded | cifar100 | imagenet2012
+            name="embedded",  # embedded | cifar100 | imagenet2012 | folder:DIR | npz:FILE | tfds:NAME
             data_dir="",  # tfds data_dir, or the embedded data's cache dir
             manifest="",  # embedded only: JSON naming local raw files and their hashes
+            groups_file=custom.DEFAULTS["groups_file"],  # JSON {"group": [class names]}: more named groups
+            image_key=custom.DEFAULTS["image_key"],  # tfds:NAME: the image feature
+            label_key=custom.DEFAULTS["label_key"],  # tfds:NAME: the class-label feature
+            split_fractions=custom.DEFAULTS["split_fractions"],  # folder, npz: train/val/test shares drawn
             train_split="train",
             val_split="validation",
             test_split="test",
@@ -112,23 +118,3 @@ def grouping(kind: str, **kw) -> ml_collections.ConfigDict:
     """A grouping section (see `jaxspec.groupings.make_groups`)."""
     return ml_collections.ConfigDict(dict(kind=kind, k=kw.pop("k", 0), sizes=kw.pop("sizes", ()),
                                           seed=kw.pop("seed", 0), level=kw.pop("level", "coarse"), **kw))
-
-
-def experiment_base(arg: str | None, **defaults) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
-    """The run config an experiment grid builds on, and the parsed config-path argument.
-
-    `data=embedded` (default; `tiny` for tests), `data=cifar100` or
-    `data=imagenet` (the real recipes; not run in CI); `seeds=N`.
-    """
-    from configs import animals, cifar100_animals, imagenet_animals  # they import this module
-
-    arg = parse_arg(arg, data="embedded", tiny=False, seeds=3, **defaults)
-    bases = {"embedded": lambda: animals.get_config("tiny" if arg.tiny else None),
-             "cifar100": cifar100_animals.get_config, "imagenet": imagenet_animals.get_config}
-    if arg.data not in bases:
-        raise ValueError(f"Unknown data={arg.data!r}; choose one of {sorted(bases)}")
-    config = bases[arg.data]()
-    lex_k = {"embedded": 5, "cifar100": 5, "imagenet": 5}[arg.data]  # Table 1: 5 x 200 on ImageNet
-    config.groupings = dict(lex=grouping("lexicographic", k=lex_k), semantic=grouping("semantic"),
-                            random=grouping("random"))  # random: the semantic groups' sizes
-    return config, arg

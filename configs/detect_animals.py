@@ -67,6 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_every = 20
     config.checkpoint_every = 200
     config.overwrite = False  # True: move a workdir's phases made with other settings aside, then rerun
+    config.smoke = arg.tiny  # a plumbing check: the run says its near-chance numbers are expected
 
     if arg.tiny:  # seconds-long steps on the synthetic fixture, for tests
         config.data.image_size = 64
@@ -86,22 +87,3 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.log_every = 2
         config.checkpoint_every = 2
     return config
-
-
-def experiment_base(arg: str | None, **defaults) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
-    """The run config a detection experiment grid builds on, and the parsed config-path argument.
-
-    `data=embedded` (default; `tiny` for tests) or `data=coco` (`configs/coco_animals.py`, the paper's
-    recipe; not run in CI); `seeds=N`. `arg.subset` is the specialization group of the chosen data.
-    """
-    from configs import coco_animals  # it imports this module
-
-    arg = common.parse_arg(arg, data="embedded", tiny=False, seeds=3, **defaults)
-    if arg.data == "embedded":
-        config = get_config("tiny" if arg.tiny else None)
-    elif arg.data == "coco":
-        config = coco_animals.get_config()
-    else:
-        raise ValueError(f"Unknown data={arg.data!r}; choose one of ['coco', 'embedded']")
-    arg.subset = config.specialize.subset
-    return config, arg

@@ -223,6 +223,7 @@ def train_skd(r, name: str, model: nnx.Module, teacher_def: ModelDef, teacher_st
 
     `skd` holds layers, lam, beta, power_iters, normalize. Checkpoints (teacher
     included) go under workdir/checkpoints/<name>; a finished phase only restores.
+    `phase.reestimate_bn` recomputes the student's BatchNorm statistics at the end, as for any phase.
     """
     teacher = teacher_def.merge(teacher_state.params, teacher_state.batch_stats)
     student = make_student(model, teacher, parse_pairs(skd.layers), image_size=r.config.data.image_size,
@@ -239,6 +240,7 @@ def train_skd(r, name: str, model: nnx.Module, teacher_def: ModelDef, teacher_st
                                    overwrite=r.config.get("overwrite", False))
     if ckpt.latest_step() is not None:
         state = ckpt.restore(checkpoint.abstract_like(state), data_iter)
+        loop.announce_restore(name, int(state.step), phase.steps)
     if int(state.step) < phase.steps:
         step = make_skd_train_step(student_def, teacher_def, tx, schedule, mean=r.info.mean, std=r.info.std,
                                    lam=skd.lam, beta=skd.beta, label_smoothing=phase.label_smoothing,
@@ -249,7 +251,7 @@ def train_skd(r, name: str, model: nnx.Module, teacher_def: ModelDef, teacher_st
                          log_every=r.config.log_every, checkpoint_every=r.config.checkpoint_every,
                          eval_every=r.config.eval.every_steps, eval_fn=lambda s: {"val_top1": val_eval(s, val)["top1"]})
     ckpt.close()
-    return student_def, state
+    return student_def, r.final_bn_stats(student_def, state, source, phase)
 
 
 def student_params(model: nnx.Module) -> int:

@@ -64,10 +64,3 @@ class Evaluator:
             "loss": float(totals["loss"]) / n,
             "per_class_top1": [float(x) for x in per_class],
         }
-
-
-def results_table(rows: Sequence[tuple[str, dict]], title: str) -> str:
-    """A Markdown table of top-1/top-2 (in %) for (model, metrics) rows."""
-    lines = [f"| {title} | top-1 | top-2 |", "|---|---:|---:|"]
-    lines += [f"| {name} | {100 * m['top1']:.2f} | {100 * m['top2']:.2f} |" for name, m in rows]
-    return "\n".join(lines)

@@ -13,7 +13,6 @@ to be the `S` of a specialist:
 
 from __future__ import annotations
 
-import functools
 import json
 import pathlib
 from collections.abc import Mapping, Sequence
@@ -21,6 +20,7 @@ from collections.abc import Mapping, Sequence
 import ml_collections
 import numpy as np
 
+from jaxspec.data import wordnet
 from jaxspec.data.sources import DatasetInfo
 
 _PKG_DATA = pathlib.Path(__file__).parent / "data"
@@ -76,28 +76,6 @@ def random_groups(num_classes: int, sizes: Sequence[int], seed: int) -> Groups:
     return {f"random{i}": tuple(int(c) for c in np.sort(p)) for i, p in enumerate(pieces)}
 
 
-@functools.cache
-def _wordnet_table() -> dict:
-    return json.loads((_PKG_DATA / "imagenet_wordnet.json").read_text())
-
-
-def imagenet_wordnet_groups(level: str = "coarse") -> Groups:
-    """ImageNet-1k's WordNet groups from the shipped table (`jaxspec/data/imagenet_wordnet.json`).
-
-    "coarse": the paper's animals (398, classes 0-397), artifacts (522) and
-    miscellaneous (80). "fine": 9 groups named by their WordNet root (animal,
-    artifact, abstraction, matter, geological_formation, person,
-    natural_object, plant, fungus). See `jaxspec/data/make_imagenet_wordnet.py`.
-    """
-    if level not in ("coarse", "fine"):
-        raise ValueError(f"Unknown WordNet level {level!r}; choose 'coarse' or 'fine'")
-    table = _wordnet_table()
-    groups: dict[str, list[int]] = {g: [] for g in table[f"{level}_groups"]}
-    for c in table["classes"].values():
-        groups[c[level]].append(c["index"])
-    return {g: tuple(sorted(v)) for g, v in groups.items()}
-
-
 def _cifar100_superclasses(info: DatasetInfo) -> Groups:
     coarse = json.loads((_PKG_DATA / "cifar100_labels.json").read_text())["coarse_label_names"]
     return {name: tuple(sorted(info.groups[name])) for name in coarse}
@@ -108,7 +86,8 @@ def semantic(info: DatasetInfo, *, level: str | None = None) -> Groups:
 
     embedded: animals / clothing / digits; cifar100: its 20 superclasses;
     imagenet2012: WordNet's animals / artifacts / miscellaneous, or with
-    `level="fine"` the 9 WordNet groups. `level` is None (or "coarse") except
+    `level="fine"` the 9 WordNet groups; own data: the groups of its
+    `data.groups_file`, which must then partition the classes. `level` is None (or "coarse") except
     for ImageNet, the only dataset here with a second level.
     """
     if level not in (None, "coarse", "fine"):
@@ -120,12 +99,15 @@ def semantic(info: DatasetInfo, *, level: str | None = None) -> Groups:
     elif info.name == "cifar100":
         groups = _cifar100_superclasses(info)
     elif info.name == "imagenet2012":
-        wnids = tuple(_wordnet_table()["classes"])
+        wnids = tuple(wordnet.table()["classes"])
         if tuple(info.class_names) != wnids:
             raise ValueError("imagenet2012's class names are not the 1000 sorted wnids of the WordNet table")
-        groups = imagenet_wordnet_groups(level or "coarse")
+        groups = wordnet.groups(level or "coarse")
+    elif info.groups:  # own data: the groups of its data.groups_file
+        groups = dict(info.groups)
     else:
-        raise ValueError(f"No semantic grouping for dataset {info.name!r}; known: embedded, cifar100, imagenet2012")
+        raise ValueError(f"No semantic grouping for dataset {info.name!r}: give it a data.groups_file whose groups "
+                         "partition its classes (built in for embedded, cifar100, imagenet2012)")
     _check_partition(groups, info.num_classes, f"The semantic groups of {info.name!r}")
     return groups
 

@@ -6,9 +6,9 @@ Overrides: `--config.specialize.steps=100`; an unknown key is an error.
 from absl import flags
 from ml_collections import config_flags
 
-from jaxspec.cli import run_main, start
+from jaxspec.cli import config_help, run_main, start
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, config_help(), lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries and results.")
 flags.mark_flags_as_required(["config", "workdir"])
 

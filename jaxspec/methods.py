@@ -173,3 +173,8 @@ def train_together(r, parent: Trained, jobs: Sequence[Job], max_k: int = 8) -> l
                                     [j.name for j in chunk])
             trained += [j.name for j in chunk]
     return trained
+
+
+def restricted(trained: Trained, subset) -> Trained:
+    """`trained` scored on `subset` only: the argmax over S's outputs."""
+    return dataclasses.replace(trained, columns=tuple(specialize.compose_subsets(trained.classes, subset)))

@@ -9,9 +9,6 @@ starting over; a finished phase is only evaluated again.
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
-import logging
 import pathlib
 import time
 
@@ -20,10 +17,10 @@ import ml_collections
 from clu import metric_writers
 from flax import nnx
 
-from jaxspec import evaluate, methods, models, sharding, specialize, validate
+from jaxspec import evaluate, methods, models, sharding, specialize, tables, validate
 from jaxspec.data import pipeline, sources
 from jaxspec.data.constrain import ConstrainedSource
-from jaxspec.data.subsets import resolve_subset
+from jaxspec.data.subsets import parse_stages
 from jaxspec.train import batchnorm, checkpoint, freeze, history, loop, optimizers, steps
 from jaxspec.train import workdir as wdir
 from jaxspec.train.state import ModelDef, TrainState, create_state
@@ -52,14 +49,6 @@ def _load_generalist(config, num_classes: int) -> nnx.Module:
     return model
 
 
-def parse_stages(spec: str, info) -> list[tuple[int, ...]]:
-    """`'animals>livestock'` -> the subsets of gradual specialization, each inside the one before."""
-    stages = [resolve_subset(part, info) for part in str(spec).split(">")]
-    for outer, inner in itertools.pairwise(stages):
-        specialize.compose_subsets(outer, inner)  # raises if a stage widens
-    return stages
-
-
 class Runner:
     """Shared context of one run: mesh, data, writer, workdir."""
 
@@ -74,10 +63,8 @@ class Runner:
         if jax.process_index() == 0:
             self.writer = metric_writers.MultiWriter([self.writer, history.JsonlWriter(self.workdir / "metrics.jsonl")])
         d = config.data
-        kw = dict(data_dir=d.data_dir, manifest=d.manifest)
-        self.train = sources.get_source(d.name, d.train_split, **kw)
-        self.val = sources.get_source(d.name, d.val_split, **kw)
-        self.test = sources.get_source(d.name, d.test_split, **kw)
+        self.train, self.val, self.test = (sources.open_split(d, split)
+                                           for split in (d.train_split, d.val_split, d.test_split))
         self.info = self.train.info
         self.stages = parse_stages(config.specialize.subset, self.info)
         self.subset = self.stages[0]
@@ -161,7 +148,7 @@ class Runner:
                                        overwrite=self.config.get("overwrite", False))
         if ckpt.latest_step() is not None:
             state = ckpt.restore(checkpoint.abstract_like(state), data_iter)
-            logging.info("%s: resumed from step %d", name, int(state.step))
+            loop.announce_restore(name, int(state.step), phase.steps)
         if int(state.step) < phase.steps:
             train_step = steps.make_train_step(
                 modeldef, tx, schedule, mean=self.info.mean, std=self.info.std, label_smoothing=phase.label_smoothing,
@@ -185,16 +172,15 @@ class Runner:
                 eval_fn=lambda s: {"val_top1": val_eval(s, val)["top1"], **(extra_eval(s) if extra_eval else {})},
             )
         ckpt.close()
-        if phase.get("reestimate_bn", False):
-            batches = pipeline.eval_iterator(source, self.config.data, batch_size=phase.batch_size)
-            state = batchnorm.reestimate(modeldef, state, batches, mesh=self.mesh, mean=self.info.mean,
-                                         std=self.info.std)
-        return modeldef, state
+        return modeldef, self.final_bn_stats(modeldef, state, source, phase)
 
-
-def restricted(trained: methods.Trained, subset) -> methods.Trained:
-    """`trained` scored on `subset` only: the argmax over S's outputs."""
-    return dataclasses.replace(trained, columns=tuple(specialize.compose_subsets(trained.classes, subset)))
+    def final_bn_stats(self, modeldef: ModelDef, state, source, phase):
+        """`state`, with BatchNorm statistics recomputed on `source` for its final weights if
+        `phase.reestimate_bn` (models trained from scratch, whose running averages lag the weights)."""
+        if not phase.get("reestimate_bn", False):
+            return state
+        batches = pipeline.eval_iterator(source, self.config.data, batch_size=phase.batch_size)
+        return batchnorm.reestimate(modeldef, state, batches, mesh=self.mesh, mean=self.info.mean, std=self.info.std)
 
 
 def specialize_stage(r: Runner, parent: methods.Trained, subset, k: int) -> tuple[methods.Trained, list]:
@@ -202,9 +188,9 @@ def specialize_stage(r: Runner, parent: methods.Trained, subset, k: int) -> tupl
     cfg, seed = r.config.specialize, r.config.seed + 1 + k
     name = "specialist" if k == 0 else f"specialist_{k + 1}"
     test_s = ConstrainedSource(r.test, subset)
-    rows = [("generalist restricted to S", restricted(r.generalist(), subset))]
+    rows = [("generalist restricted to S", methods.restricted(r.generalist(), subset))]
     if k > 0:
-        rows.append(("parent specialist restricted to S", restricted(parent, subset)))
+        rows.append(("parent specialist restricted to S", methods.restricted(parent, subset)))
     if cfg.control:
         control = methods.specialize_from(r, parent, subset, "continued", seed=seed, name=f"{name}-control")
         rows.append((f"{'generalist' if k == 0 else 'parent'} trained further on its data (control)", control))
@@ -240,7 +226,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     generalist = r.generalist()
     r.export("generalist", generalist, range(info.num_classes))
-    parent, stages, tables = generalist, [], []
+    parent, stages, printed = generalist, [], []
     for k, subset in enumerate(r.stages):
         parent, rows = specialize_stage(r, parent, subset, k)
         metrics = dict(rows)
@@ -256,7 +242,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             stage["extraction_exact"] = untuned["top1"] == ref["top1"] and untuned["top2"] == ref["top2"]
         stages.append(stage)
         spec = config.specialize.subset.split(">")[k]
-        tables.append(evaluate.results_table(rows, f"model (test split, S = {spec}, {len(subset)} classes)"))
+        printed.append(tables.classification(rows, f"model (test split, S = {spec}, {len(subset)} classes)"))
 
     gen_eval = r.evaluator(generalist.modeldef, info.num_classes)
     gen_all = gen_eval(generalist.state, r.test)
@@ -271,7 +257,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if jax.process_index() == 0:
         from jaxspec import report  # matplotlib is imported only once a report is written
 
-        report.finish(r.workdir, results, tables, f"generalist on all {info.num_classes} classes: top-1 "
+        report.finish(r.workdir, results, printed, f"generalist on all {info.num_classes} classes: top-1 "
                       f"{100 * gen_all['top1']:.2f}%; on its training data (eval mode): top-1 "
                       f"{100 * gen_train['top1']:.2f}%, loss {gen_train['loss']:.4f}")
     r.writer.close()

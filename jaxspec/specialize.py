@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxspec.data.subsets import compose_subsets  # noqa: F401 -- part of this module's API
 from jaxspec.models.layers import linear_init
 
 SUPPRESSED = -1e9  # finite (not -inf) so 0 * SUPPRESSED stays 0 in losses
@@ -107,16 +108,3 @@ def add_dustbin(model: nnx.Module, subset: Sequence[int], head: str = "head") ->
     new_layer.bias.value = jnp.concatenate([new_layer.bias[...], jax.nn.logsumexp(bias[rest])[None]])
     new_layer.out_features = len(s) + 1
     return new
-
-
-def compose_subsets(outer: Sequence[int], inner: Sequence[int]) -> list[int]:
-    """Positions of `inner`'s classes among `outer`'s: the subset to extract from `outer`'s specialist.
-
-    Both are global class indices; a specialist for `outer` has output j for
-    class outer[j], so its `inner` specialist keeps outputs [outer.index(c) for c in inner].
-    """
-    pos = {c: j for j, c in enumerate(outer)}
-    missing = [c for c in inner if c not in pos]
-    if missing:
-        raise ValueError(f"classes {missing} are not in the wider subset {list(outer)}: a specialist can only narrow")
-    return [pos[c] for c in inner]

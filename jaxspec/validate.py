@@ -18,7 +18,8 @@ import ml_collections
 import numpy as np
 
 from jaxspec import methods, models
-from jaxspec.data import embedded_files
+from jaxspec.data import custom, embedded_files, sources
+from jaxspec.data.subsets import resolve_subset
 from jaxspec.train import checkpoint, optimizers
 
 TORCHVISION_SUFFIXES = (".pth", ".pt", ".safetensors", ".npz")
@@ -128,6 +129,63 @@ def check_data(data: ml_collections.ConfigDict) -> None:
             _int_at_least(f"data.{key}", data[key], 1 if key == "num_threads" else 0)
 
 
+def _read(data: ml_collections.ConfigDict, split_key: str | None, read):
+    """`read()`, with own data's `DataError` as a `ConfigError` on the key at fault (None: the split's)."""
+    try:
+        return read()
+    except custom.DataError as e:
+        key = e.key or f"data.{split_key}"
+        fail(key, data.get(key.removeprefix("data.")), str(e))
+
+
+def check_dataset(data: ml_collections.ConfigDict) -> None:
+    """A classification dataset's name, and own data's files: each split the config names is opened.
+
+    Opening an image folder reads every image's header and an `.npz` every array (`jaxspec.data.custom`),
+    so an empty class folder, an unreadable image or bad labels stop the run here, named.
+    """
+    own = custom.is_own(data.name)
+    if not own and data.name not in sources.SOURCES:
+        fail("data.name", data.name, f"one of {list(sources.SOURCES)}, or own data: {', '.join(custom.KINDS)}")
+    fractions = data.get("split_fractions", custom.SPLIT_FRACTIONS)
+    if not (isinstance(fractions, tuple | list) and len(fractions) == 3
+            and all(not isinstance(f, bool) and isinstance(f, int | float) and 0 <= f <= 1 for f in fractions)
+            and fractions[0] > 0 and math.isclose(sum(fractions), 1.0)):
+        fail("data.split_fractions", fractions, "three numbers in [0, 1] (train, val, test) summing to 1, train > 0")
+    if not own:
+        if data.get("groups_file"):
+            _read(data, None, lambda: sources.get_info(data.name, groups_file=data.groups_file))
+        return
+    for key in ("train_split", "val_split", "test_split"):
+        source = _read(data, key, lambda: sources.open_split(data, data[key]))  # noqa: B023 -- called at once
+        big = custom.oversized(source, data.image_size) if data.transform == "small" else None
+        if big:
+            fail("data.transform", data.transform, f"images up to data.image_size={data.image_size} (it pads, "
+                 f"never shrinks), but {big}; 'imagenet' resizes")
+
+
+def check_batches_fit(config: ml_collections.ConfigDict) -> None:
+    """Each phase's batch fits the training examples it reads: all of them for the generalist, S's for a
+    specialist. Own data may be small, and a specialist's batch found too big after the generalist
+    trained would cost that training."""
+    data = config.data
+    train = sources.open_split(data, data.train_split)
+    if not config.generalist.get("init") and config.generalist.batch_size > len(train):
+        fail("generalist.batch_size", config.generalist.batch_size,
+             f"at most the {len(train)} training examples of {data.name}")
+    spec = config.specialize
+    phase = "scratch" if spec.method == "scratch" else "specialize"
+    for part in str(spec.subset).split(">"):
+        try:
+            subset = resolve_subset(part, train.info)
+        except ValueError as e:
+            fail("specialize.subset", spec.subset, str(e))
+        count = int(np.isin(train.labels, subset).sum())
+        if config[phase].batch_size > count:
+            fail(f"{phase}.batch_size", config[phase].batch_size,
+                 f"at most the {count} training examples of S={part!r} in {data.name}")
+
+
 def check(config: ml_collections.ConfigDict) -> None:
     """Raises `ConfigError` for the first value in `config` that cannot run."""
     _int_at_least("seed", config.get("seed", 0), 0)
@@ -149,6 +207,10 @@ def check(config: ml_collections.ConfigDict) -> None:
     if "dropout_rate" in m:
         _number_in("model.dropout_rate", m.dropout_rate, 0.0, 1.0)
     check_data(config.data)
+    if config.get("task") != "detect":
+        check_dataset(config.data)
+        if custom.is_own(config.data.name):
+            check_batches_fit(config)
     for key, phase in _phases(config):
         check_phase(key, phase)
     init = config.get("generalist", {}).get("init", "")

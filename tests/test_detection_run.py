@@ -16,7 +16,7 @@ from configs.experiments import table5
 from jaxspec.detection import data, run
 from jaxspec.detection import specialize as dspec
 from jaxspec.experiments import grid
-from jaxspec.run import restricted
+from jaxspec.methods import restricted
 from tests.synthetic_embedded import write_fixture
 
 ANIMALS = tuple(range(10))

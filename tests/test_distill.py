@@ -4,6 +4,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -11,9 +12,11 @@ from flax import nnx
 
 from configs.experiments import skd as skd_config
 from jaxspec import distill, models, sharding
+from jaxspec.data import pipeline
+from jaxspec.data.constrain import ConstrainedSource
 from jaxspec.experiments import skd as skd_exp
 from jaxspec.run import Runner
-from jaxspec.train import steps
+from jaxspec.train import batchnorm, steps
 from jaxspec.train.state import create_state, to_model
 from tests.synthetic_embedded import use_fixture
 
@@ -162,16 +165,38 @@ def test_skd_cell_end_to_end(tiny_runner, tmp_path):
     r, config = tiny_runner
     cell = {"subset_size": 4, "student": "skd", "seed": 0}
     m = skd_exp.run_cell(r, config, cell)
-    assert set(m) == {"top1", "top2", "loss", "params"}
+    hits = m.pop("model_hits")  # each test image's outcome, for comparing students image by image
+    assert set(m) == {"top1", "top2", "loss", "params"} and hits.mean() == pytest.approx(m["top1"])
     assert 0 <= m["top1"] <= m["top2"] <= 1 and math.isfinite(m["loss"])
     assert m["params"] == distill.student_params(r.new_model(4, 0))  # adapters are not deployed
     for name in ("teacher", "skd-skd-4-seed0"):
         assert (r.workdir / "checkpoints" / name).exists()
-    assert skd_exp.run_cell(r, config, cell) == m  # finished: restored, same numbers
+    again = skd_exp.run_cell(r, config, cell)  # finished: restored, same numbers
+    assert (again.pop("model_hits") == hits).all() and again == m
     results = [{"cell": cell, "metrics": m}, {"cell": {**cell, "seed": 1}, "metrics": {**m, "top1": m["top1"] / 2}}]
     assert skd_exp.plots(r, config, results, tmp_path) == ["skd.png"] and (tmp_path / "skd.png").stat().st_size > 0
     with pytest.raises(ValueError, match="Unknown student 'giant'"):
         skd_exp.run_cell(r, config, {**cell, "student": "giant"})
+
+
+def test_skd_students_trained_from_scratch_get_reestimated_batchnorm_statistics(tiny_runner):
+    r, config = tiny_runner
+    assert config.scratch.reestimate_bn  # on by default for models trained from scratch
+    subset = skd_exp.draw_subset(r.info.num_classes, 4, 0)
+    train, val = ConstrainedSource(r.train, subset), ConstrainedSource(r.val, subset)
+    t = skd_exp.teacher(r, config)
+    raw_phase = ml_collections.ConfigDict({**config.scratch.to_dict(), "reestimate_bn": False})
+    _, fixed = distill.train_skd(r, "bn-fixed", r.new_model(4, 0), t.modeldef, t.state, train, val, config.scratch,
+                                 config.skd, 0)
+    student_def, raw = distill.train_skd(r, "bn-raw", r.new_model(4, 0), t.modeldef, t.state, train, val,
+                                         raw_phase, config.skd, 0)
+    jax.tree.map(np.testing.assert_array_equal, fixed.params, raw.params)
+    batches = pipeline.eval_iterator(train, config.data, batch_size=config.scratch.batch_size)
+    expected = batchnorm.reestimate(student_def, raw, batches, mesh=r.mesh, mean=r.info.mean, std=r.info.std)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), fixed.batch_stats,
+                 expected.batch_stats)
+    assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(fixed.batch_stats),
+                                                     jax.tree.leaves(raw.batch_stats)))
 
 
 @pytest.mark.slow

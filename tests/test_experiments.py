@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from configs.experiments import c1_sweep, forgetting, methods as methods_cfg, table1, table2
+from jaxspec import tables
 from jaxspec.experiments import grid, stats
 from tests.synthetic_embedded import write_fixture
 
@@ -25,7 +26,7 @@ def test_aggregate_is_mean_and_sample_std_over_seeds_with_group_average():
     avg = rows[grid.AVERAGE]
     np.testing.assert_allclose(avg["mean"]["top1"], vals.mean(0).mean())
     np.testing.assert_allclose(avg["std"]["top1"], vals.mean(0).std(ddof=1))
-    table = grid.markdown(list(rows.values()))
+    table = tables.grid_means(list(rows.values()))
     assert f"{100 * vals[0].mean():.2f} ± {100 * vals[0].std(ddof=1):.2f}" in table
     one_group = [r for r in results if r["cell"]["group"] == "a"]
     assert [r["cell"]["group"] for r in grid.aggregate(one_group)] == ["a"]  # no average of a single group
@@ -96,7 +97,7 @@ def test_c1_sweep_pairs_each_setting_with_its_equal_length_control_per_seed_gene
     cell = out["cells"][0]
     m, n_test = cell["metrics"], 10 * 4  # 10 animal classes x 4 test images each in the fixture
     assert {"gain_vs_control_top1", "gain_vs_control_val_top1", "specialist_val_top1"} <= set(m)
-    hits = {k: grid.unpack_hits(v) for k, v in cell["hits"].items()}
+    hits = {k: stats.unpack_hits(v) for k, v in cell["hits"].items()}
     assert {len(h) for h in hits.values()} == {n_test}
     assert hits["specialist_hits"].mean() == pytest.approx(m["specialist_top1"])
     paired = {row["cell"]["steps"]: row for row in out["paired"]}
@@ -109,6 +110,10 @@ def test_c1_sweep_pairs_each_setting_with_its_equal_length_control_per_seed_gene
     assert low <= row["bootstrap"]["gain_vs_control_top1"][0] <= high
     assert "Paired effects" in (tmp_path / "report.md").read_text()
     assert out["machine"]["cpus"] >= 1 and out["machine"]["devices"].endswith("cpu")
+    plan = json.loads((tmp_path / "plan.json").read_text())  # what `results --collect` copies: the compute
+    assert plan["cells"] == [grid.cell_id(c["cell"]) for c in out["cells"]]
+    (run,) = plan["invocations"]
+    assert run["cells"] == 4 and run["seconds"] >= sum(c["seconds"] for c in out["cells"])
 
 
 def test_methods_curves_and_forgetting_plots(fixture_data, tmp_path):

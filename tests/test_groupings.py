@@ -1,5 +1,6 @@
 """Grouping generators and the ImageNet WordNet table (and the script that derives it)."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -11,6 +12,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from jaxspec import groupings
 from jaxspec.data import make_imagenet_wordnet as mkwn
+from jaxspec.data import wordnet
 from jaxspec.data.sources import DatasetInfo, get_info
 
 SHIPPED = pathlib.Path(groupings.__file__).parent / "data" / "imagenet_wordnet.json"
@@ -147,14 +149,18 @@ def test_semantic_errors():
         groupings.semantic(embedded, level="fine")
     with pytest.raises(ValueError, match="'middle'"):
         groupings.semantic(embedded, level="middle")
-    toy = DatasetInfo("toy", ("a", "b"), {"all": (0, 1)}, (0.5,), (0.5,))
-    with pytest.raises(ValueError, match="'toy'"):
+    toy = DatasetInfo("toy", ("a", "b"), {}, (0.5,), (0.5,))
+    with pytest.raises(ValueError, match="No semantic grouping for dataset 'toy'"):
         groupings.semantic(toy)
+    # Own data's groups (data.groups_file) are its semantic grouping when they partition its classes.
+    assert groupings.semantic(dataclasses.replace(toy, groups={"all": (0, 1)})) == {"all": (0, 1)}
+    with pytest.raises(ValueError, match="The semantic groups of 'toy' do not partition"):
+        groupings.semantic(dataclasses.replace(toy, groups={"first": (0,)}))
     shuffled = DatasetInfo("imagenet2012", tuple(reversed(json.loads(SHIPPED.read_text())["classes"])), {}, (0,), (1,))
     with pytest.raises(ValueError, match="sorted wnids"):
         groupings.semantic(shuffled)
     with pytest.raises(ValueError, match="'medium'"):
-        groupings.imagenet_wordnet_groups("medium")
+        wordnet.groups("medium")
 
 
 def test_shipped_wordnet_table_is_consistent():
@@ -162,9 +168,9 @@ def test_shipped_wordnet_table_is_consistent():
     wnids = list(table["classes"])
     assert len(wnids) == 1000 and wnids == sorted(wnids)
     assert [c["index"] for c in table["classes"].values()] == list(range(1000))
-    coarse = groupings.imagenet_wordnet_groups("coarse")
+    coarse = wordnet.groups("coarse")
     assert [len(v) for v in coarse.values()] == [398, 522, 80]
-    assert list(groupings.imagenet_wordnet_groups("fine")) == table["fine_groups"]
+    assert list(wordnet.groups("fine")) == table["fine_groups"]
 
 
 # -- confusion --------------------------------------------------------------------------------------------------

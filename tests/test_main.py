@@ -27,6 +27,7 @@ def test_main_job_end_to_end_and_resume(manifest, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| generalist restricted to S |" in out and "| specialist (extract), tuned |" in out
     assert "| generalist trained further on its data (control) |" in out
+    assert "smoke run" in out  # a :tiny run says that its near-chance numbers are expected
     stage = results["stages"][0]
     on_s = stage["test_on_S"]
     # the untuned extracted specialist is the generalist restricted to S, exactly
@@ -41,10 +42,14 @@ def test_main_job_end_to_end_and_resume(manifest, tmp_path, capsys):
         assert (tmp_path / "checkpoints" / name / str(config[name if name == "generalist" else "specialize"].steps)).exists()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
-    # Rerunning on the finished workdir resumes from the checkpoints: same numbers, no retraining.
+    # Rerunning on the finished workdir resumes from the checkpoints: same numbers, no retraining, and says so.
     again = run.run(config, str(tmp_path))
     assert again["stages"] == results["stages"]
-    assert "step 10/" not in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "step 10/" not in captured.err
+    assert f"[generalist] finished: restored, not retrained (checkpoint step {config.generalist.steps}/" in captured.err
+    assert again["invocations"] == 2 and again["seconds_total"] == pytest.approx(results["seconds"] + again["seconds"])
+    assert "over 2 runs" in (tmp_path / "report.md").read_text()  # the re-evaluation keeps the first run's time
 
 
 def test_generalist_init_from_exported_model(manifest, tmp_path):
@@ -56,8 +61,21 @@ def test_generalist_init_from_exported_model(manifest, tmp_path):
     assert second["stages"][0]["test_on_S"][row] == first["stages"][0]["test_on_S"][row]
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "jaxspec.main", *args], capture_output=True, text=True, timeout=300)
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "jaxspec.main", *args], capture_output=True, text=True, timeout=300,
+                          cwd=cwd)
+
+
+def test_cli_finds_configs_from_any_directory_and_lists_them(tmp_path):
+    # From outside the checkout: the config is found and imports `configs.common`; the bad key is the error.
+    proc = _cli("--config=configs/animals.py:tiny", f"--workdir={tmp_path}", "--config.specialize.stepz=3",
+                cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        proc.stderr.strip().splitlines()[-1]] and "unknown key 'stepz'" in proc.stderr
+    missing = _cli("--config=configs/nope.py", f"--workdir={tmp_path}", cwd=tmp_path)
+    assert missing.returncode == 2 and "no such config file" in missing.stderr and "configs/animals.py" in missing.stderr
+    helped = _cli("--helpfull")
+    assert "configs/experiments/table1.py: Paper Table 1" in helped.stdout and ":seeds=N" in helped.stdout
 
 
 def test_cli_rejects_unknown_override_key(tmp_path):

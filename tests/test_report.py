@@ -11,8 +11,7 @@ import pytest
 from PIL import Image
 
 from configs import animals, detect_animals
-from jaxspec import plots, report, run
-from jaxspec.detection import run as detection_run
+from jaxspec import plots, report, run, tables
 from jaxspec.train import history
 from tests.synthetic_embedded import use_fixture
 
@@ -133,7 +132,7 @@ def test_detection_report(tmp_path):
     writer.close()
     text = report.write_run_report(tmp_path, results).read_text()
     stage = results["stages"][0]
-    table = detection_run.results_table(list(stage["test_on_S"].items()), "model (test split, S = animals, 3 classes)")
+    table = tables.detection(list(stage["test_on_S"].items()), "model (test split, S = animals, 3 classes)")
     assert table in text and report.results_markdown(results) == table
     assert "| model | yolov5n |" in text and "beside a specialist trained from scratch on D_S" in text
     assert "| generalist | 4 | 8 | adam, lr 0.001, cosine, 1 warm-up step |" in text

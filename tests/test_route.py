@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from configs import common
-from jaxspec import models, route, sharding, specialize
+from jaxspec import models, route, sharding, specialize, tables
 from jaxspec.data.sources import ArraySource, DatasetInfo
 
 NUM_CLASSES = 12  # classes 10 and 11 are in no group: the generalist's answer stands
@@ -173,7 +173,7 @@ def test_evaluate_matches_numpy(parts):
         assert row["routing_accuracy"] == pytest.approx(np.mean(out["group"][sel] == g))
         assert row["fallbacks"] == fallback[sent].sum()
     assert 1.0 <= result["specialist_examples_per_image"] * 3 * BATCH / (out["group"] >= 0).sum()
-    table = route.results_table(result, ["big", "dustbin", "small"])
+    table = tables.routed(result, ["big", "dustbin", "small"])
     assert "| dustbin | 2 |" in table and "| no specialist | - |" in table and table.count("\n") == 6
 
 

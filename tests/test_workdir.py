@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import grain
 import jax
@@ -75,6 +76,33 @@ def test_phase_fingerprint_catches_what_the_run_config_cannot(tmp_path):
     (d / "fingerprint.json").unlink()  # a phase of an older jaxspec, or something else entirely
     with pytest.raises(workdir.WorkdirError, match="fingerprint.json"):
         workdir.claim_phase(d, fp, overwrite=False)
+
+
+def test_workdirs_written_before_a_phase_field_existed_still_resume(tmp_path):
+    """`reestimate_bn` came later: a phase or run recorded without it equals one with it off, not one with it on."""
+    config = animals.get_config("tiny")
+    older = config.to_dict()
+    for section in ("generalist", "specialize", "scratch"):
+        del older[section]["reestimate_bn"]
+    config.scratch.reestimate_bn = False
+    assert workdir.determinants(older) == workdir.determinants(config.to_dict())
+    config.generalist.reestimate_bn = True
+    assert "generalist.reestimate_bn" in workdir.differing(workdir.determinants(older),
+                                                           workdir.determinants(config.to_dict()))[0]
+    class Source:  # what a fingerprint reads of a source
+        labels, info = np.zeros(4, np.int32), types.SimpleNamespace(digest="", class_names=("a", "b"))
+
+        def __len__(self):
+            return 4
+
+    src = Source()
+
+    def fp(phase):
+        return workdir.phase_fingerprint(phase=phase, seed=0, data_cfg=config.data, source=src, start={"w": np.ones(2)},
+                                         spec={"name": "m"})
+
+    old_phase = {k: v for k, v in config.specialize.to_dict().items() if k != "reestimate_bn"}
+    assert fp(old_phase) == fp({**old_phase, "reestimate_bn": False}) != fp({**old_phase, "reestimate_bn": True})
 
 
 def test_settings_that_cannot_change_results_may_differ(tmp_path):

@@ -13,13 +13,14 @@ setting is chosen for the >= 5-seed runs (never on test).
 import ml_collections
 
 from configs import animals, common
+from configs.experiments import base
 
 EPOCHS = (10, 30, 100)  # of D_S; the paper tunes for a third of the generalist's epochs
 LRS = (1e-4, 3e-5)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config, arg = common.experiment_base(arg)
+    config, arg = base.classification(arg)
     batch = config.specialize.batch_size
     steps = [4, 8] if arg.tiny else [common.steps_for(e, animals.SUBSET_EXAMPLES, batch) for e in EPOCHS]
     config.experiment = dict(

@@ -5,11 +5,11 @@
 
 import ml_collections
 
-from configs import common
+from configs.experiments import base
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config, arg = common.experiment_base(arg, group="animals")
+    config, arg = base.classification(arg, group="animals")
     config.specialize.optim.lr = 1e-3  # only the head moves: a larger step shows the trend within the budget
     config.specialize.control = False
     config.experiment = dict(

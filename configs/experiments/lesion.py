@@ -20,12 +20,13 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common
+from configs.experiments import base
 
 RETRAIN_EXAMPLES = 14_000  # 700 per class x (10 animals + 10 clothing)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config, arg = common.experiment_base(arg, epochs=5.0)
+    config, arg = base.classification(arg, epochs=5.0)
     batch = 128
     config.lesion = {
         "layer": "last_conv",  # a layer name or parameter path whose output channels are the units

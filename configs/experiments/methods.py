@@ -5,13 +5,13 @@
 
 import ml_collections
 
-from configs import common
+from configs.experiments import base
 
 METHODS = ["extract", "fresh_head", "head_then_full", "suppress", "dustbin", "scratch"]
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config, arg = common.experiment_base(arg, group="animals")
+    config, arg = base.classification(arg, group="animals")
     config.experiment = dict(
         kind="specialize",
         title="Specialization methods",

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import common
+from configs.experiments import base
 
 NUM_CLASSES = {"cifar100": 100, "imagenet": 1000}
 
@@ -39,7 +39,7 @@ def _scale_phases(config: ml_collections.ConfigDict, scale: float, gen_scale: fl
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config, arg = common.experiment_base(arg, sizes="", scale=1.0, gen_scale=0.0)
+    config, arg = base.classification(arg, sizes="", scale=1.0, gen_scale=0.0)
     if arg.data == "embedded":
         config.model.width_multiplier = 0.25 if arg.tiny else 0.5
         teacher = {"name": "mobilenet_v3_small", "width_multiplier": 0.5 if arg.tiny else 1.0}

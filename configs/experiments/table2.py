@@ -6,10 +6,11 @@
 import ml_collections
 
 from configs import common
+from configs.experiments import base
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config, arg = common.experiment_base(arg)
+    config, arg = base.classification(arg)
     config.experiment = dict(
         kind="routed",
         title="Table 2: routed system vs generalist on all classes",

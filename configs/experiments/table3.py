@@ -5,11 +5,11 @@
 
 import ml_collections
 
-from configs import common
+from configs.experiments import base
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config, arg = common.experiment_base(arg)
+    config, arg = base.classification(arg)
     config.experiment = dict(
         kind="specialize",
         title="Table 3: semantic vs random groups",

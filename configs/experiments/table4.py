@@ -6,11 +6,11 @@
 
 import ml_collections
 
-from configs import detect_animals
+from configs.experiments import base
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config, arg = detect_animals.experiment_base(arg)
+    config, arg = base.detection(arg)
     config.experiment = {
         "kind": "detect",
         "title": "Table 4: generalist vs scratch vs specialized detectors",

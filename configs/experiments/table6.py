@@ -6,14 +6,14 @@
 
 import ml_collections
 
-from configs import detect_animals
+from configs.experiments import base
 from jaxspec.detection.data import COCO_SUPERCATEGORIES
 
 EMBEDDED_SUPERCLASSES = ["animals", "clothing", "digits"]
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config, arg = detect_animals.experiment_base(arg)
+    config, arg = base.detection(arg)
     groups = list(COCO_SUPERCATEGORIES) if arg.data == "coco" else EMBEDDED_SUPERCLASSES
     config.experiment = {
         "kind": "detect",

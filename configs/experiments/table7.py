@@ -7,14 +7,14 @@ frozen BatchNorm statistics.
 
 import ml_collections
 
-from configs import detect_animals
+from configs.experiments import base
 
 # none, backbone (0-9), the first neck layers (10-12), the whole neck (10-23), everything but the head
 FREEZE = ["", "layers:0-9", "layers:10-12", "layers:10-23", "layers:0-23"]
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config, arg = detect_animals.experiment_base(arg)
+    config, arg = base.detection(arg)
     config.experiment = {
         "kind": "detect",
         "title": "Table 7: freezing while specializing",

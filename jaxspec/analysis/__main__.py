@@ -84,7 +84,7 @@ def analyse(workdir, *, out=None, split: str = "", per_class: int = 50, batch_si
     subset = [int(c) for c in spec_meta["subset"]]
     data_cfg = ml_collections.ConfigDict(config["data"])
     split = split or data_cfg.val_split
-    source = sources.get_source(data_cfg.name, split, data_dir=data_cfg.data_dir, manifest=data_cfg.manifest)
+    source = sources.open_split(data_cfg, split)
     info = source.info
     if not batch_size:  # the run's eval batch, rounded up to fill every device
         batch_size = -(-config["eval"]["batch_size"] // jax.device_count()) * jax.device_count()

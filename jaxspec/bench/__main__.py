@@ -28,7 +28,7 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
 
 
 def main(argv) -> None:
-    cli.start(argv)
+    cli.start(argv, tf_defaults=True)  # the tf.data reference runs as TensorFlow ships
     quick = _QUICK.value
     worker, note = torch_worker(_TORCH_PYTHON.value, _TORCH_THREADS.value)
     settings = Settings(quick=quick, repeats=1 if quick else _REPEATS.value, steps=1 if quick else _STEPS.value,

@@ -1,6 +1,7 @@
 """Random-access image-classification sources behind one interface.
 
-Every dataset (the embedded default, tfds `cifar100`, tfds `imagenet2012`)
+Every dataset (the embedded default, tfds `cifar100`, tfds `imagenet2012`, and
+own data: an image folder, an `.npz`, any tfds dataset, see `jaxspec.data.custom`)
 is a `Source`: `len()`, `source[i] -> {'image': uint8 HWC, 'label': int}`, all
 labels as one array (domain constraining needs them up front), and an
 `info` with class names and named groups. grain, the domain filter and every
@@ -21,6 +22,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from jaxspec.data import wordnet
+
 _PKG_DATA = pathlib.Path(__file__).parent
 
 
@@ -33,6 +36,8 @@ class DatasetInfo:
     groups: Mapping[str, tuple[int, ...]]
     mean: tuple[float, ...]  # per-channel, in [0, 1] units, for normalization
     std: tuple[float, ...]
+    # Own data: a digest of its files' paths, sizes and mtimes, so a workdir notices changed files.
+    digest: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -98,10 +103,12 @@ class TfdsSource:
     """A `tfds.data_source` (ArrayRecord, random access) as a `Source`.
 
     Labels are read once with image decoding skipped, which is what makes
-    index-based domain constraining cheap even on ImageNet.
+    index-based domain constraining cheap even on ImageNet. `image_key` and
+    `label_key` name the features that are the image and the class.
     """
 
-    def __init__(self, name: str, split: str, info: DatasetInfo, data_dir: str | None):
+    def __init__(self, name: str, split: str, info: DatasetInfo, data_dir: str | None, *,
+                 image_key: str = "image", label_key: str = "label"):
         import tensorflow_datasets as tfds  # heavy; only when a tfds source is used
 
         self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
@@ -110,21 +117,22 @@ class TfdsSource:
             split=split,
             data_dir=data_dir,
             download=False,
-            decoders={"image": tfds.decode.SkipDecoding()},
+            decoders={image_key: tfds.decode.SkipDecoding()},
         )
         self.info = info
         self._name, self._split = name, split
+        self._image_key, self._label_key = image_key, label_key
 
     def __len__(self) -> int:
         return len(self._source)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self._source[index]
-        return {"image": np.asarray(record["image"]), "label": np.int32(record["label"])}
+        return {"image": np.asarray(record[self._image_key]), "label": np.int32(record[self._label_key])}
 
     @functools.cached_property
     def labels(self) -> np.ndarray:
-        return np.fromiter((r["label"] for r in self._label_source), np.int32, len(self._label_source))
+        return np.fromiter((r[self._label_key] for r in self._label_source), np.int32, len(self._label_source))
 
     def __repr__(self) -> str:
         return f"TfdsSource({self._name}[{self._split}], n={len(self)})"
@@ -167,13 +175,11 @@ def _cifar100_info() -> DatasetInfo:
 def _imagenet_info() -> DatasetInfo:
     import tensorflow_datasets as tfds
 
-    # Imported here: jaxspec.groupings imports this module.
-    from jaxspec.groupings import imagenet_wordnet_groups
 
     wnids = tuple(tfds.builder("imagenet2012").info.features["label"].names)
     # WordNet's animals/artifacts/miscellaneous (398/522/80; animals are classes 0-397)
     # and its 9 finer groups; the names do not collide.
-    groups = {**imagenet_wordnet_groups("coarse"), **imagenet_wordnet_groups("fine"), "non_animals": tuple(range(398, 1000))}
+    groups = {**wordnet.groups("coarse"), **wordnet.groups("fine"), "non_animals": tuple(range(398, 1000))}
     return DatasetInfo(
         name="imagenet2012",
         class_names=wnids,
@@ -184,15 +190,26 @@ def _imagenet_info() -> DatasetInfo:
 
 
 _TFDS = {"cifar100": _cifar100_info, "imagenet2012": _imagenet_info}
-SOURCES = ("embedded", *_TFDS)
+SOURCES = ("embedded", *_TFDS)  # besides own data: folder:DIR, npz:FILE, tfds:NAME (jaxspec.data.custom)
 
 
-def get_info(name: str) -> DatasetInfo:
+def get_info(name: str, *, data_dir: str | None = None, groups_file: str = "", **own) -> DatasetInfo:
+    """The label space of dataset `name`, with the groups of `groups_file` (JSON) added.
+
+    `own` holds own data's options (`jaxspec.data.custom.get_info`).
+    """
+    from jaxspec.data import custom  # it imports this module
+
+    if custom.is_own(name):
+        return custom.get_info(name, data_dir=data_dir, groups_file=groups_file, **own)
     if name == "embedded":
-        return _embedded_info()
-    if name in _TFDS:
-        return _TFDS[name]()
-    raise ValueError(f"Unknown dataset {name!r}; choose one of {list(SOURCES)}")
+        info = _embedded_info()
+    elif name in _TFDS:
+        info = _TFDS[name]()
+    else:
+        raise ValueError(f"Unknown dataset {name!r}; choose one of {list(SOURCES)} or own data "
+                         f"({', '.join(custom.KINDS)})")
+    return custom.with_groups(info, groups_file) if groups_file else info
 
 
 def get_source(
@@ -201,12 +218,34 @@ def get_source(
     *,
     data_dir: str | None = None,
     manifest: str | None = None,
+    groups_file: str = "",
+    **own,
 ) -> Source:
-    """Opens split `split` of dataset `name` (see `SOURCES`)."""
-    info = get_info(name)
+    """Opens split `split` of dataset `name` (`SOURCES`, or own data: see `jaxspec.data.custom`).
+
+    `groups_file` adds named groups; `own` holds own data's options (image_key, label_key, split_fractions).
+    """
+    from jaxspec.data import custom
+
+    if custom.is_own(name):
+        return custom.get_source(name, split, data_dir=data_dir, groups_file=groups_file, **own)
+    info = get_info(name, groups_file=groups_file)
     if name == "embedded":
         from jaxspec.data import embedded
 
         images, labels = embedded.load(split, data_dir=data_dir or None, manifest=manifest or None)
         return ArraySource(images, labels, info)
     return TfdsSource(name, split, info, data_dir or None)
+
+
+def open_split(data_cfg, split: str) -> Source:
+    """Split `split` of the data a config's `data` section describes.
+
+    A section saved before a key existed (an older run's results.json) reads that key's default.
+    """
+    from jaxspec.data import custom
+
+    own = {key: data_cfg.get(key, default) for key, default in custom.DEFAULTS.items()}
+    own["split_fractions"] = tuple(own["split_fractions"])
+    return get_source(data_cfg.name, split, data_dir=data_cfg.get("data_dir") or None,
+                      manifest=data_cfg.get("manifest") or None, **own)

@@ -8,6 +8,7 @@ choices, since a silently wrong S would invalidate a whole experiment.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 from jaxspec.data.sources import DatasetInfo
@@ -66,3 +67,24 @@ def resolve_subset(spec: str | int | Sequence[str | int], info: DatasetInfo) -> 
     if dupes:
         raise ValueError(f"The label subset {spec!r} names classes more than once: {', '.join(dupes)}")
     return tuple(int(i) for i in indices)
+
+
+def compose_subsets(outer: Sequence[int], inner: Sequence[int]) -> list[int]:
+    """Positions of `inner`'s classes among `outer`'s: the subset to extract from `outer`'s specialist.
+
+    Both are global class indices; a specialist for `outer` has output j for
+    class outer[j], so its `inner` specialist keeps outputs [outer.index(c) for c in inner].
+    """
+    pos = {c: j for j, c in enumerate(outer)}
+    missing = [c for c in inner if c not in pos]
+    if missing:
+        raise ValueError(f"classes {missing} are not in the wider subset {list(outer)}: a specialist can only narrow")
+    return [pos[c] for c in inner]
+
+
+def parse_stages(spec: str, info: DatasetInfo) -> list[tuple[int, ...]]:
+    """`'animals>livestock'` -> the subsets of gradual specialization, each inside the one before."""
+    stages = [resolve_subset(part, info) for part in str(spec).split(">")]
+    for outer, inner in itertools.pairwise(stages):
+        compose_subsets(outer, inner)  # raises if a stage widens
+    return stages

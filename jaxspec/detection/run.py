@@ -22,18 +22,18 @@ import ml_collections
 from clu import metric_writers
 from flax import nnx
 
-from jaxspec import methods, models, sharding, validate
+from jaxspec import methods, models, sharding, tables, validate
 from jaxspec.detection import data
 from jaxspec.detection import specialize as dspec
 from jaxspec.detection import train as dtrain
-from jaxspec.run import parse_stages, restricted
+from jaxspec.data.subsets import parse_stages
+from jaxspec.methods import restricted
 from jaxspec.specialize import compose_subsets
 from jaxspec.train import checkpoint, history, loop, steps
 from jaxspec.train import workdir as wdir
 from jaxspec.train.state import ModelDef, TrainState, create_state
 
 METHODS = ("suppress", "slice", "scratch")
-_SCORES = ("fitness", "mAP50", "mAP50_95")
 
 
 class Runner:
@@ -114,6 +114,7 @@ class Runner:
                                        overwrite=cfg.get("overwrite", False))
         if ckpt.latest_step() is not None:
             state = ckpt.restore(checkpoint.abstract_like(state), data_iter)
+            loop.announce_restore(name, int(state.step), phase.steps)
         if int(state.step) < phase.steps:
             scored = len(classes) if columns is None else len(columns)
             step = dtrain.make_train_step(
@@ -125,7 +126,7 @@ class Runner:
 
             def eval_fn(s):
                 m = val_eval(s, val_src, classes=classes, columns=columns)
-                return {f"val_{k}": m[k] for k in _SCORES}
+                return {f"val_{k}": m[k] for k in tables.DETECTION_SCORES}
 
             jitted = steps.jit_train_step(step, self.mesh, sharding.state_shardings(state, self.mesh))
             state = loop.fit(name, state, jitted, data_iter, num_steps=phase.steps,
@@ -201,13 +202,6 @@ def specialize_stage(r: Runner, parent: methods.Trained, subset, k: int) -> tupl
     return trained, [(row, r.evaluate(t, subset)) for row, t in rows]
 
 
-def results_table(rows: Sequence[tuple[str, dict]], title: str) -> str:
-    """Markdown: F, mAP@0.5, mAP@0.5:0.95 in % per (model, metrics) row."""
-    lines = [f"| {title} | F | mAP@0.5 | mAP@0.5:0.95 |", "|---|---:|---:|---:|"]
-    lines += [f"| {name} | " + " | ".join(f"{100 * m[k]:.2f}" for k in _SCORES) + " |" for name, m in rows]
-    return "\n".join(lines)
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the whole detection job and returns (and writes) its results (config checked, workdir locked)."""
     validate.check(config)
@@ -226,7 +220,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
               f"{config.specialize.method}, {jax.device_count()} {jax.default_backend()} device(s)", flush=True)
     generalist = r.generalist()
     r.export("generalist", generalist)
-    parent, stages, tables = generalist, [], []
+    parent, stages, printed = generalist, [], []
     for k, subset in enumerate(r.stages):
         parent, rows = specialize_stage(r, parent, subset, k)
         metrics = dict(rows)
@@ -234,17 +228,17 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  "method": config.specialize.method, "test_on_S": metrics}
         if "sliced specialist, untuned" in metrics:
             ref = metrics["parent specialist restricted to S" if k else "generalist restricted to S"]
-            stage["slicing_exact"] = all(metrics["sliced specialist, untuned"][s] == ref[s] for s in _SCORES)
+            stage["slicing_exact"] = all(metrics["sliced specialist, untuned"][s] == ref[s] for s in tables.DETECTION_SCORES)
         stages.append(stage)
         spec = str(config.specialize.subset).split(">")[k]
-        tables.append(results_table(rows, f"model (test split, S = {spec}, {len(subset)} classes)"))
+        printed.append(tables.detection(rows, f"model (test split, S = {spec}, {len(subset)} classes)"))
     gen_all = r.evaluate(generalist, None)
     results = {"config": config.to_dict(), "stages": stages, "generalist_test_all_classes": gen_all,
                "seconds": time.time() - t0}
     if lead:
         from jaxspec import report  # matplotlib is imported only once a report is written
 
-        report.finish(r.workdir, results, tables, f"generalist on all {info.num_classes} classes: F "
+        report.finish(r.workdir, results, printed, f"generalist on all {info.num_classes} classes: F "
                       f"{100 * gen_all['fitness']:.2f}, mAP@0.5 {100 * gen_all['mAP50']:.2f}, mAP@0.5:0.95 "
                       f"{100 * gen_all['mAP50_95']:.2f}")
     r.writer.close()

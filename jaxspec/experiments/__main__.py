@@ -7,9 +7,9 @@ the same workdir skips finished cells. Overrides as for `jaxspec.main`.
 from absl import flags
 from ml_collections import config_flags
 
-from jaxspec.cli import run_main, start
+from jaxspec.cli import config_help, run_main, start
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an experiment config file.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, config_help(), lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, cell results and the report.")
 flags.mark_flags_as_required(["config", "workdir"])
 

@@ -6,7 +6,10 @@ Each cell (one value per axis) is handed to `jaxspec.experiments.<kind>.run_cell
 which returns a flat dict of numbers. A cell's result is written to
 `cells/<cell id>.json` atomically as soon as it is done, so an interrupted
 grid resumes at the first unfinished cell (and a half-trained phase resumes
-from its checkpoint). All cells share one `Runner`, hence one generalist.
+from its checkpoint). All cells share one `Runner`, hence one generalist, or
+one per seed with `experiment.generalist_per_seed` (then the grid runs seed
+by seed). `plan.json` lists the planned cells and the wall time of each
+invocation, the compute behind the numbers.
 
 A `group` axis value `@name` expands to every group of grouping `name`
 (`config.groupings[name]`, see `jaxspec.groupings`), and such grids also get
@@ -16,7 +19,6 @@ over seeds.
 
 from __future__ import annotations
 
-import base64
 import importlib
 import itertools
 import json
@@ -32,7 +34,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxspec import files, groupings, methods, run, validate
+from jaxspec import files, groupings, methods, run, tables, validate
 from jaxspec.data.constrain import ConstrainedSource
 from jaxspec.experiments import stats
 from jaxspec.train import workdir as wdir
@@ -125,26 +127,6 @@ def group_sets(grid: dict, r: run.Runner) -> dict[str, set] | None:
     return {f"{AVERAGE} ({name})": set(r.groupings[name]) for name in names}
 
 
-def markdown(rows: list[dict], metrics: list[str] | None = None) -> str:
-    """One table: the cell's axes, then each metric as mean ± std (in % for metrics named like accuracies)."""
-    if not rows:
-        return "(no results)"
-    axes = list(rows[0]["cell"])
-    metrics = metrics or list(rows[0]["mean"])
-    head = "| " + " | ".join([*axes, "n", *metrics]) + " |"
-    lines = [head, "|" + "---|" * len(axes) + "---:|" + "---:|" * len(metrics)]
-    for row in rows:
-        cells = [str(row["cell"][a]) for a in axes] + [str(row["n"])]
-        for m in metrics:
-            if m not in row["mean"]:
-                cells.append("")
-                continue
-            fmt = (lambda x: f"{100 * x:.2f}") if ("top" in m or "acc" in m) else (lambda x: f"{x:.4g}")
-            cells.append(fmt(row["mean"][m]) + (f" ± {fmt(row['std'][m])}" if row["n"] > 1 else ""))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def machine() -> dict:
     """Where the cells ran: host, processor, cores, devices, and the jaxspec commit when in a git checkout."""
     try:
@@ -181,32 +163,43 @@ def _run_grid(config: ml_collections.ConfigDict, workdir: str) -> dict:
     cells = expand(config.experiment.grid.to_dict(), r)
     out_dir = r.workdir / "cells"
     out_dir.mkdir(exist_ok=True)
-    lead = jax.process_index() == 0
     pending = [c for c in cells if not (out_dir / f"{cell_id(c)}.json").exists()]
+    lead = jax.process_index() == 0
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0))
+    if lead:
+        _plan(r.workdir, cells, started, 0.0, 0)
     max_k = int(config.experiment.get("vmap", 8))
-    if pending and max_k > 1 and hasattr(kind, "prepare"):
-        kind.prepare(r, config, pending, max_k)  # specialists of one generalist, K per vmapped step
-    results = []
-    for i, cell in enumerate(cells):
-        path = out_dir / f"{cell_id(cell)}.json"
-        if path.exists():
-            results.append(json.loads(path.read_text()))
-            continue
-        if lead:
-            print(f"[experiment {config.experiment.kind}] cell {i + 1}/{len(cells)}: {cell_id(cell)}", flush=True)
-        start = time.time()
-        values = kind.run_cell(r, config, cell)
-        record = {"cell": cell, "metrics": {k: float(v) for k, v in values.items() if not k.endswith("_hits")},
-                  "seconds": time.time() - start}
-        if any(k.endswith("_hits") for k in values):
-            record["hits"] = {k: pack_hits(v) for k, v in values.items() if k.endswith("_hits")}
-        if lead:
-            files.write_json(path, record, indent=1)
-        results.append(record)
+    done: dict[str, dict] = {}
+    # One generalist per seed: seed by seed, so cells finish (and their numbers can be kept) early; one shared
+    # generalist: all at once, so `prepare` vmaps specialists of every seed together.
+    per_seed = config.experiment.get("generalist_per_seed", False)
+    for seed_cells in _by_seed(cells) if per_seed else [cells]:
+        todo = [c for c in seed_cells if not (out_dir / f"{cell_id(c)}.json").exists()]
+        if todo and max_k > 1 and hasattr(kind, "prepare"):
+            kind.prepare(r, config, todo, max_k)  # specialists of one generalist, K per vmapped step
+        for cell in seed_cells:
+            path = out_dir / f"{cell_id(cell)}.json"
+            if path.exists():
+                done[cell_id(cell)] = json.loads(path.read_text())
+                continue
+            if lead:
+                print(f"[experiment {config.experiment.kind}] cell {cells.index(cell) + 1}/{len(cells)}: "
+                      f"{cell_id(cell)}", flush=True)
+            start = time.time()
+            values = kind.run_cell(r, config, cell)
+            record = {"cell": cell, "metrics": {k: float(v) for k, v in values.items() if not k.endswith("_hits")},
+                      "seconds": time.time() - start}
+            if any(k.endswith("_hits") for k in values):
+                record["hits"] = {k: stats.pack_hits(v) for k, v in values.items() if k.endswith("_hits")}
+            done[cell_id(cell)] = record
+            if lead:
+                files.write_json(path, record, indent=1)
+                _plan(r.workdir, cells, started, time.time() - t0, sum(cell_id(c) in done for c in pending))
+    results = [done[cell_id(c)] for c in cells]
 
     rows = aggregate(results, group_sets(config.experiment.grid.to_dict(), r))
     columns = list(config.experiment.get("columns", ())) or None
-    table = markdown(rows, columns)
+    table = tables.grid_means(rows, columns)
     paired = paired_statistics(results, getattr(kind, "PAIRED", {}))
     if any(row["t_interval"] for row in paired):
         table += "\n\nPaired effects (per-seed differences; same generalist and test images):\n\n"
@@ -235,6 +228,25 @@ def _run_grid(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return summary
 
 
+def _by_seed(cells: list[dict]) -> list[list[dict]]:
+    """The cells split by seed, seeds in order of first appearance, each list in grid order."""
+    by: dict = {}
+    for c in cells:
+        by.setdefault(c.get("seed"), []).append(c)
+    return list(by.values())
+
+
+def _plan(workdir: pathlib.Path, cells: list[dict], started: str, seconds: float, finished: int) -> None:
+    """`plan.json`: every cell the grid will run, the machine, and each invocation's wall time so far, kept
+    current after every cell (the compute behind the grid; `jaxspec.experiments.results --collect` copies it)."""
+    path = workdir / "plan.json"
+    plan = json.loads(path.read_text()) if path.exists() else {"invocations": []}
+    plan.update(cells=[cell_id(c) for c in cells], machine=machine())
+    runs = [run for run in plan["invocations"] if run["started"] != started]
+    plan["invocations"] = [*runs, {"started": started, "seconds": seconds, "cells": finished}]
+    files.write_json(path, plan, indent=1)
+
+
 def score(r: run.Runner, trained: methods.Trained, subset, prefix: str, *, split: str = "test",
           hits: bool = False) -> dict:
     """`{prefix}_top1`, `{prefix}_top2` of `trained` on the `split` ('test' or 'val') images of `subset`;
@@ -248,39 +260,21 @@ def score(r: run.Runner, trained: methods.Trained, subset, prefix: str, *, split
     return out
 
 
-def pack_hits(hits: np.ndarray) -> str:
-    """Boolean outcomes -> a compact string for a cell's JSON record (`unpack_hits` reverses it)."""
-    return f"{len(hits)}:" + base64.b64encode(np.packbits(np.asarray(hits, bool))).decode()
-
-
-def unpack_hits(text: str) -> np.ndarray:
-    n, _, data = text.partition(":")
-    return np.unpackbits(np.frombuffer(base64.b64decode(data), np.uint8))[: int(n)].astype(bool)
-
-
 def paired_statistics(results: list[dict], pairs: dict[str, tuple[str, str]]) -> list[dict]:
     """Per set of cells differing only in seed, for each `metric: (a, b)` of `pairs` (metric = a - b per seed):
     the 95% t-interval over seeds and a paired bootstrap over the pooled test images of every seed."""
-    by: dict[tuple, list[dict]] = {}
-    for rec in results:
-        by.setdefault(_without(rec["cell"], "seed"), []).append(rec)
     out = []
-    for key, recs in by.items():
-        row = {"cell": dict(key), "n": len(recs), "t_interval": {}, "bootstrap": {}, "seeds_for_0.5": {}}
-        for metric, (a, b) in pairs.items():
-            values = [rec["metrics"][metric] for rec in recs if metric in rec["metrics"]]
-            if len(values) < len(recs):
+    for setting, recs in stats.by_setting(results):
+        row = {"cell": setting, "n": len(recs), "t_interval": {}, "bootstrap": {}, "seeds_for_0.5": {}}
+        for metric, pair in pairs.items():
+            e = stats.paired_effect(recs, metric, pair)
+            if e is None:
                 continue
-            t = stats.t_interval(values)
-            row["t_interval"][metric] = [t.mean, t.low, t.high]
-            if len(values) > 1:
-                row["seeds_for_0.5"][metric] = stats.seeds_to_resolve(float(np.std(values, ddof=1)), 0.005)
-            hits = [rec.get("hits", {}) for rec in recs]
-            if all(f"{a}_hits" in h and f"{b}_hits" in h for h in hits):
-                ha = np.concatenate([unpack_hits(h[f"{a}_hits"]) for h in hits])
-                hb = np.concatenate([unpack_hits(h[f"{b}_hits"]) for h in hits])
-                boot = stats.paired_bootstrap(ha, hb)
-                row["bootstrap"][metric] = [boot.mean, boot.low, boot.high]
+            row["t_interval"][metric] = [e.t.mean, e.t.low, e.t.high]
+            if len(e.values) > 1:
+                row["seeds_for_0.5"][metric] = stats.seeds_to_resolve(e.sd, 0.005)
+            if e.boot is not None:
+                row["bootstrap"][metric] = [e.boot.mean, e.boot.low, e.boot.high]
         out.append(row)
     return out
 

@@ -14,7 +14,8 @@ and every seed draws different ones) and scores on S's test images:
 Every student gets the same steps whatever |S|. Both generalists are
 trained once per workdir (checkpoints `teacher` and `generalist`); students
 go to `skd-<student>-<size>-seed<seed>`. Returns top1/top2 (fractions), loss
-and the deployed parameter count.
+and the deployed parameter count, and each test image's top-1 outcome (`model_hits`), so students of one
+seed and subset are compared image by image (`jaxspec.experiments.results`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from flax import nnx
 
 from jaxspec import distill, methods, models, specialize
 from jaxspec.data.constrain import ConstrainedSource
-from jaxspec.run import restricted
 
 STUDENTS = ("teacher", "generalist", "scratch", "finetuned", "skd", "skd_finetuned")
 
@@ -52,9 +52,9 @@ def _student(r, config, student: str, subset, seed: int) -> methods.Trained:
     train_s, val_s = ConstrainedSource(r.train, subset), ConstrainedSource(r.val, subset)
     name = f"skd-{student}-{len(subset)}-seed{seed}"
     if student == "teacher":
-        return restricted(teacher(r, config), subset)
+        return methods.restricted(teacher(r, config), subset)
     if student == "generalist":
-        return restricted(r.generalist(), subset)
+        return methods.restricted(r.generalist(), subset)
     if student == "scratch":
         d, s = r.train_phase(name, r.new_model(len(subset), seed), train_s, val_s, config.scratch, seed)
         return methods.Trained(d, s, subset)
@@ -75,9 +75,9 @@ def run_cell(r, config, cell: dict) -> dict[str, float]:
         raise ValueError(f"Unknown student {student!r} in cell {cell}; choose one of {list(STUDENTS)}")
     subset = draw_subset(r.info.num_classes, int(cell["subset_size"]), seed)
     trained = _student(r, config, student, subset, seed)
-    m = methods.evaluate_on(r, trained, ConstrainedSource(r.test, subset))
+    m = methods.evaluate_on(r, trained, ConstrainedSource(r.test, subset), per_example=True)
     return {"top1": m["top1"], "top2": m["top2"], "loss": m["loss"],
-            "params": float(distill.student_params(trained.model))}
+            "params": float(distill.student_params(trained.model)), "model_hits": m["hits"]}
 
 
 def plots(r, config, results: list[dict], out_dir: pathlib.Path) -> list[str]:

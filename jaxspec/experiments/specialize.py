@@ -32,7 +32,6 @@ import numpy as np  # noqa: E402
 
 from jaxspec import methods  # noqa: E402
 from jaxspec.experiments.grid import cell_id, score  # noqa: E402
-from jaxspec.run import restricted  # noqa: E402
 from jaxspec.train import history  # noqa: E402
 
 _CELL_AXES = ("group", "method", "seed")
@@ -96,7 +95,7 @@ def run_cell(r, config, cell: dict) -> dict[str, float]:
     phase = phase_for(config, cell)
     method = cell.get("method", phase.method)
     gen = _generalist(r, config, seed)
-    models = {"generalist": restricted(gen, subset),
+    models = {"generalist": methods.restricted(gen, subset),
               "specialist": methods.specialize_from(r, gen, subset, method, seed=seed, name=_name(cell), phase=phase)}
     if config.specialize.control:
         models["control"] = methods.specialize_from(r, gen, subset, "continued", seed=seed,

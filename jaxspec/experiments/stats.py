@@ -8,6 +8,7 @@ with both models' outcomes on it kept together (`paired_bootstrap`).
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import math
 
@@ -72,3 +73,48 @@ def verdict(interval: Interval, direction: int = 1) -> str:
     if interval.low > 0 or interval.high < 0:
         return "reproduced" if (interval.low > 0) == (direction > 0) else "contradicted"
     return "inconclusive"
+
+
+def pack_hits(hits: np.ndarray) -> str:
+    """Boolean outcomes -> a compact string for a cell's JSON record (`unpack_hits` reverses it)."""
+    return f"{len(hits)}:" + base64.b64encode(np.packbits(np.asarray(hits, bool))).decode()
+
+
+def unpack_hits(text: str) -> np.ndarray:
+    n, _, data = text.partition(":")
+    return np.unpackbits(np.frombuffer(base64.b64decode(data), np.uint8))[: int(n)].astype(bool)
+
+
+def by_setting(records: list[dict]) -> list[tuple[dict, list[dict]]]:
+    """Cell records grouped by everything but the seed: `[(setting, records sorted by seed)]`, settings sorted
+    (numbers before names on each axis)."""
+    by: dict[tuple, list[dict]] = {}
+    for rec in records:
+        by.setdefault(tuple((k, v) for k, v in rec["cell"].items() if k != "seed"), []).append(rec)
+    return [(dict(key), sorted(recs, key=lambda r: r["cell"].get("seed", 0)))
+            for key, recs in sorted(by.items(), key=lambda kv: tuple((isinstance(v, str), v) for _, v in kv[0]))]
+
+
+@dataclasses.dataclass(frozen=True)
+class Effect:
+    """A paired effect over the seeds of one setting: per-seed values, their t-interval and s.d., and the
+    bootstrap over the pooled test images (None when the cells have no per-image outcomes)."""
+
+    values: tuple[float, ...]
+    t: Interval
+    sd: float
+    boot: Interval | None
+
+
+def paired_effect(records: list[dict], metric: str, pair: tuple[str, str]) -> Effect | None:
+    """`metric` (= model a - model b, per seed) over `records` of one setting; None if a record lacks it."""
+    if any(metric not in rec["metrics"] for rec in records):
+        return None
+    values = tuple(float(rec["metrics"][metric]) for rec in records)
+    hits = [rec.get("hits", {}) for rec in records]
+    boot = None
+    if all(f"{m}_hits" in h for h in hits for m in pair):
+        a, b = (np.concatenate([unpack_hits(h[f"{m}_hits"]) for h in hits]) for m in pair)
+        boot = paired_bootstrap(a, b)
+    sd = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+    return Effect(values, t_interval(values), sd, boot)

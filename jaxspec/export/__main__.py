@@ -1,6 +1,6 @@
 """`python -m jaxspec.export --model=DIR --out=DIR [--formats=savedmodel,tflite]`: see `jaxspec.export`."""
 
-from absl import flags, logging
+from absl import flags
 
 from jaxspec.cli import run_main, start
 
@@ -14,7 +14,6 @@ flags.mark_flags_as_required(["model", "out"])
 
 def main(argv):
     start(argv)
-    logging.set_verbosity(logging.WARNING)  # TensorFlow and checkpoint loading log at INFO
     from jaxspec.export import export
 
     record = export(_MODEL.value, _OUT.value, _FORMATS.value, specialists=_SPECIALISTS.value or None)

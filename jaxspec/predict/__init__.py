@@ -30,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 
 from jaxspec import route, sharding
 from jaxspec.cli import UserError
-from jaxspec.data import pipeline
+from jaxspec.data import custom, pipeline
 from jaxspec.detection import augment as det_augment
 from jaxspec.detection import specialize as det_specialize
 from jaxspec.detection import train as det_train
@@ -97,7 +97,7 @@ def _as_uint8(array: np.ndarray, index: int) -> np.ndarray:
 
 
 def _from_pil(image: Image.Image, channels: int) -> np.ndarray:
-    return np.asarray(image.convert("L" if channels == 1 else "RGB"))
+    return custom.image_array(image, "L" if channels == 1 else "RGB")
 
 
 def _read(path: str | os.PathLike, channels: int) -> np.ndarray:

@@ -1,6 +1,6 @@
 """`python -m jaxspec.predict --model=DIR IMAGE... [--top_k=5]`: see `jaxspec.predict`."""
 
-from absl import flags, logging
+from absl import flags
 
 from jaxspec.cli import UserError, run_main, start
 
@@ -16,7 +16,6 @@ flags.mark_flag_as_required("model")
 
 def main(argv):
     start(argv, positional=True)
-    logging.set_verbosity(logging.WARNING)  # checkpoint loading logs at INFO; the table is the output
     if len(argv) < 2:
         raise UserError("name at least one image: python -m jaxspec.predict --model=DIR IMAGE...")
     from jaxspec.predict import format_result, predict

@@ -26,6 +26,13 @@ def _fmt_time(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def announce_restore(name: str, step: int, total: int) -> None:
+    """The line a rerun prints for a phase it restores instead of starting (process 0, stderr)."""
+    if jax.process_index() == 0:
+        what = "finished: restored, not retrained" if step >= total else "resuming"
+        print(f"[{name}] {what} (checkpoint step {step}/{total})", file=sys.stderr, flush=True)
+
+
 class Progress:
     """One status line (rewritten in place on a terminal): step, loss, rate, ETA."""
 

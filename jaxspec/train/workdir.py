@@ -35,12 +35,25 @@ import numpy as np
 from flax import nnx
 
 from jaxspec import files
+from jaxspec.data import custom
 
 # Settings that change how a run is carried out or reported, never its numbers.
 IGNORED = frozenset({
-    "overwrite", "log_every", "checkpoint_every", "eval.batch_size", "eval.every_steps",
+    "overwrite", "smoke", "log_every", "checkpoint_every", "eval.batch_size", "eval.every_steps",
     "data.data_dir", "data.num_threads", "data.prefetch", "sharding.fsdp", "experiment.grid",
 })
+# Keys added after workdirs were written, at the values that change nothing: left out of the records
+# there, so a workdir written before they existed still resumes.
+ADDED_DEFAULTS = {f"data.{k}": v for k, v in custom.DEFAULTS.items()}
+ADDED_PHASE_DEFAULTS = {"reestimate_bn": False}  # a field of every training phase section
+
+
+def _added(key: str, value) -> bool:
+    """`key` (flat, e.g. `generalist.reestimate_bn`) was added to the configs later and is at its no-op value."""
+    leaf = key.rsplit(".", 1)[-1]
+    if key in ADDED_DEFAULTS:
+        return value == _jsonable(ADDED_DEFAULTS[key])
+    return leaf in ADDED_PHASE_DEFAULTS and value == ADDED_PHASE_DEFAULTS[leaf]
 
 
 class WorkdirError(ValueError):
@@ -69,9 +82,10 @@ def _jsonable(value):
 
 
 def determinants(config_dict: dict) -> dict:
-    """The flat config without `IGNORED` keys (nor keys under them), JSON-normalized."""
+    """The flat config without `IGNORED` keys (nor keys under them) and `ADDED_DEFAULTS`, JSON-normalized."""
     flat = _flat(_jsonable(config_dict))
-    return {k: v for k, v in flat.items() if not any(k == i or k.startswith(i + ".") for i in IGNORED)}
+    return {k: v for k, v in flat.items()
+            if not any(k == i or k.startswith(i + ".") for i in IGNORED) and not _added(k, v)}
 
 
 def differing(old: dict, new: dict) -> list[str]:
@@ -133,11 +147,19 @@ def weights_digest(model_or_tree) -> str:
 
 
 def data_fingerprint(data_cfg: dict, source) -> dict:
-    """The data a phase reads: its config (manifest by content), size, labels and class names."""
+    """The data a phase reads: its config (manifest by content), size, labels, class names and, for own
+    data, its files' digest.
+
+    A groups file only names subsets, so it is left out: a phase on a subset records the classes it
+    resolved to (labels, class names), and the generalist does not depend on it.
+    """
     out = determinants({"data": data_cfg})
+    out.pop("data.groups_file", None)
     manifest = out.get("data.manifest")
     if manifest and os.path.isfile(manifest):
         out["data.manifest"] = hashlib.sha256(pathlib.Path(manifest).read_bytes()).hexdigest()
+    if source.info.digest:
+        out["data.files"] = source.info.digest
     out["data.examples"] = len(source)
     labels = getattr(source, "labels", None)
     if labels is None and hasattr(source, "box_labels"):  # detection: each image's box labels
@@ -160,7 +182,8 @@ def phase_fingerprint(*, phase, seed: int, data_cfg, source, start, spec: dict, 
     schedule), so a rerun with more steps continues the same phase.
     """
     section = phase.to_dict() if hasattr(phase, "to_dict") else dict(phase)
-    out = {f"phase.{k}": v for k, v in _flat(_jsonable(section)).items() if not (extendable and k == "steps")}
+    out = {f"phase.{k}": v for k, v in _flat(_jsonable(section)).items()
+           if not (extendable and k == "steps") and not _added(f"phase.{k}", v)}
     out["seed"] = int(seed)
     out.update(data_fingerprint(data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else data_cfg, source))
     out.update({f"model.{k}": v for k, v in _jsonable(spec).items()})

@@ -1,0 +1,112 @@
+"""The paper's claims as the reproduction tests them: statement, grids, effect, direction.
+
+`jaxspec.experiments.results` turns these and the committed cell files under
+`results/<grid>/` into RESULTS.md. A claim names the per-seed paired effect
+its verdict rests on (a metric every cell of its grid records, e.g.
+`gain_vs_control_top1` = specialist - control on the same test images) and
+the direction the paper states; the verdict is read off the 95% t-interval
+over seeds. A claim whose grids have not run yet is listed as pending with
+the command that will run it; none is dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    id: str
+    title: str
+    paper: str  # the statement, with its table or figure
+    grids: tuple[str, ...] = ()  # directories under results/, in the order they are reported
+    effect: str = ""  # the paired per-seed metric the verdict rests on
+    direction: int = 1  # the sign the paper claims for `effect`
+    primary: tuple[tuple[str, object], ...] = ()  # the cells (axis, value) the verdict is read from
+    design: str = ""  # what the grids run, and what was cut to fit the budget
+    columns: tuple[str, ...] = ()  # per-cell means shown beside the effect
+    # (axis, a, b, metric): the effect is cell(axis=a) - cell(axis=b) in `metric`, for cells equal otherwise;
+    # for grids that put the compared models in different cells (students, methods, groupings).
+    contrast: tuple[str, str, str, str] = ()
+    pool: str = ""  # an axis whose values are also averaged per seed into a row "all" (e.g. the groups)
+
+
+CLAIMS = (
+    Claim(
+        id="C1",
+        title="A specialist beats the generalist on its classes",
+        paper="Table 1: specialists extracted from the generalist and fine-tuned on D_S beat the generalist "
+              "restricted to S, on every group and on average.",
+        grids=("c1_sweep", "c1"),
+        effect="gain_vs_control_top1",
+        primary=(("group", "animals"),),
+        design="A sweep on animals (3 seeds): specialist length 10/30/100 epochs of D_S x lr 1e-4/3e-5 x "
+               "BatchNorm statistics updated/frozen, each against the `continued` control of equal length "
+               "(the generalist trained on all classes as long, same lr and statistics). One setting is chosen on "
+               "the validation split by the rule fixed in advance (highest mean specialist validation top-1; "
+               "ties to the shorter schedule), then run at >= 5 seeds on animals and the 5 lexicographic groups.",
+        columns=("generalist_top1", "control_top1", "specialist_top1", "specialist_val_top1"),
+    ),
+    Claim(
+        id="C9",
+        title="An SKD student beats a student trained from scratch",
+        paper="SKD (seed 001): a small specialist distilled from the generalist beats the same small network "
+              "trained from scratch on D_S.",
+        grids=("c9_skd",),
+        effect="skd_vs_scratch_top1",
+        contrast=("student", "skd", "scratch", "top1"),
+        pool="subset_size",
+        primary=(("subset_size", "all"),),
+        design="SKD at its default steps, 3 seeds, students scored after BatchNorm re-estimation.",
+    ),
+    Claim(
+        id="C4",
+        title="Extraction > fresh head > head-only-then-full",
+        paper="Section 2, Fig. 5a: keeping the generalist's rows of the last layer beats a fresh head, which "
+              "beats training the head alone first.",
+        grids=("c4_methods",),
+        effect="extract_vs_fresh_top1",
+        design="The six methods at equal steps, >= 5 seeds, with validation curves.",
+    ),
+    Claim(
+        id="C3",
+        title="Semantic groups gain more than random groups of equal size",
+        paper="Table 3: specializing on a semantic group gains more than on a random group of the same size.",
+        grids=("c3_semantic",),
+        effect="semantic_vs_random_top1",
+        design="Fine semantic groups inside one source (tops, footwear, livestock, wildlife, digit shapes) "
+               "against random groups of equal size from the same source, >= 5 seeds, plus semantic specialists "
+               "from random init.",
+    ),
+    Claim(
+        id="C2",
+        title="The routed system beats the generalist on all classes",
+        paper="Table 2: the generalist routes each image to its group's specialist; the system beats the "
+              "generalist over all classes.",
+        grids=("c2_routed",),
+        effect="system_vs_generalist_top1",
+        design="Lexicographic, semantic and confusion groupings, >= 5 seeds, with the routing accuracy.",
+    ),
+    Claim(
+        id="C5",
+        title="Head-only training cannot forget the irrelevant classes",
+        paper="Appendix A: training only the head on D_S leaves probability mass on the irrelevant classes.",
+        grids=("c5_forgetting",),
+        design="Label smoothing 0.1 and 0, irrelevant-class probability mass and bias over steps.",
+    ),
+    Claim(
+        id="C6",
+        title="Generalist-specialist similarity (CKA) falls with depth",
+        paper="Fig. 3: linear CKA between generalist and specialist activations decreases with depth.",
+        grids=("c6_cka",),
+        design="Same-layer CKA per layer, band over 3 seeds.",
+    ),
+    Claim(
+        id="L",
+        title="Lesioning a task's units and competitive retraining",
+        paper="Seed 004: lesioned units of task A are not recovered when retraining on A and B together.",
+        grids=("lesion",),
+        design="Default 5 epochs, 3 seeds, on a layer where single units matter (candidate layers ranked by the "
+               "accuracy drop of their top units first).",
+    ),
+)
