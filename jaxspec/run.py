@@ -18,12 +18,13 @@ from clu import metric_writers
 from flax import nnx
 
 from jaxspec import evaluate, methods, models, sharding, specialize, tables, validate
-from jaxspec.data import pipeline, sources
+from jaxspec.data import datasets, pipeline
 from jaxspec.data.constrain import ConstrainedSource
 from jaxspec.data.subsets import parse_stages
 from jaxspec.train import batchnorm, checkpoint, freeze, history, loop, optimizers, steps
 from jaxspec.train import workdir as wdir
 from jaxspec.train.state import ModelDef, TrainState, create_state
+
 
 def _model_spec(config, num_classes: int) -> dict:
     return dict(
@@ -63,7 +64,7 @@ class Runner:
         if jax.process_index() == 0:
             self.writer = metric_writers.MultiWriter([self.writer, history.JsonlWriter(self.workdir / "metrics.jsonl")])
         d = config.data
-        self.train, self.val, self.test = (sources.open_split(d, split)
+        self.train, self.val, self.test = (datasets.open_split(d, split)
                                            for split in (d.train_split, d.val_split, d.test_split))
         self.info = self.train.info
         self.stages = parse_stages(config.specialize.subset, self.info)

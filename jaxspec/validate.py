@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from jaxspec import methods, models
-from jaxspec.data import custom, embedded_files, sources
+from jaxspec.data import custom, datasets, embedded_files
 from jaxspec.data.subsets import resolve_subset
 from jaxspec.train import checkpoint, optimizers
 
@@ -145,8 +145,8 @@ def check_dataset(data: ml_collections.ConfigDict) -> None:
     so an empty class folder, an unreadable image or bad labels stop the run here, named.
     """
     own = custom.is_own(data.name)
-    if not own and data.name not in sources.SOURCES:
-        fail("data.name", data.name, f"one of {list(sources.SOURCES)}, or own data: {', '.join(custom.KINDS)}")
+    if not own and data.name not in datasets.SOURCES:
+        fail("data.name", data.name, f"one of {list(datasets.SOURCES)}, or own data: {', '.join(custom.KINDS)}")
     fractions = data.get("split_fractions", custom.SPLIT_FRACTIONS)
     if not (isinstance(fractions, tuple | list) and len(fractions) == 3
             and all(not isinstance(f, bool) and isinstance(f, int | float) and 0 <= f <= 1 for f in fractions)
@@ -154,10 +154,10 @@ def check_dataset(data: ml_collections.ConfigDict) -> None:
         fail("data.split_fractions", fractions, "three numbers in [0, 1] (train, val, test) summing to 1, train > 0")
     if not own:
         if data.get("groups_file"):
-            _read(data, None, lambda: sources.get_info(data.name, groups_file=data.groups_file))
+            _read(data, None, lambda: datasets.get_info(data.name, groups_file=data.groups_file))
         return
     for key in ("train_split", "val_split", "test_split"):
-        source = _read(data, key, lambda: sources.open_split(data, data[key]))  # noqa: B023 -- called at once
+        source = _read(data, key, lambda: datasets.open_split(data, data[key]))  # noqa: B023 -- called at once
         big = custom.oversized(source, data.image_size) if data.transform == "small" else None
         if big:
             fail("data.transform", data.transform, f"images up to data.image_size={data.image_size} (it pads, "
@@ -169,7 +169,7 @@ def check_batches_fit(config: ml_collections.ConfigDict) -> None:
     specialist. Own data may be small, and a specialist's batch found too big after the generalist
     trained would cost that training."""
     data = config.data
-    train = sources.open_split(data, data.train_split)
+    train = datasets.open_split(data, data.train_split)
     if not config.generalist.get("init") and config.generalist.batch_size > len(train):
         fail("generalist.batch_size", config.generalist.batch_size,
              f"at most the {len(train)} training examples of {data.name}")

@@ -6,7 +6,7 @@ import tensorflow_datasets as tfds
 
 from configs import animals, cifar100_animals, imagenet_animals
 from configs.common import parse_arg
-from jaxspec.data import pipeline, sources
+from jaxspec.data import datasets, pipeline
 from jaxspec.data.constrain import ConstrainedSource
 from jaxspec.data.subsets import resolve_subset
 
@@ -33,7 +33,7 @@ def test_tfds_pipelines_build_under_mock_data(module, shape, num_subset):
     config = module.get_config()
     d = config.data
     with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
-        src = sources.get_source(d.name, d.train_split)
+        src = datasets.get_source(d.name, d.train_split)
         subset = resolve_subset(config.specialize.subset, src.info)
         assert len(subset) == num_subset
         assert len(src.labels) == len(src) and src.labels.dtype == np.int32
@@ -41,5 +41,5 @@ def test_tfds_pipelines_build_under_mock_data(module, shape, num_subset):
         assert batch["image"].shape == shape and batch["image"].dtype == np.uint8
         constrained = ConstrainedSource(src, subset)
         assert np.all(np.isin(src.labels[constrained.source_indices], subset))
-        ev = next(pipeline.eval_iterator(sources.get_source(d.name, d.test_split), d, batch_size=8))
+        ev = next(pipeline.eval_iterator(datasets.get_source(d.name, d.test_split), d, batch_size=8))
         assert ev["image"].shape == shape

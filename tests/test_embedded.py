@@ -12,8 +12,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from jaxspec.data import embedded
-from jaxspec.data import embedded_files
+from jaxspec.data import embedded, embedded_files
 from tests import synthetic_embedded
 
 

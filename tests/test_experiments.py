@@ -1,13 +1,14 @@
 """The experiments command: grid expansion, aggregation vs NumPy, a tiny grid end to end with resume."""
 
 import json
-import types
 import pathlib
+import types
 
 import numpy as np
 import pytest
 
-from configs.experiments import c1_sweep, forgetting, methods as methods_cfg, table1, table2
+from configs.experiments import c1_sweep, forgetting, table1, table2
+from configs.experiments import methods as methods_cfg
 from jaxspec import tables
 from jaxspec.experiments import grid, stats
 from tests.synthetic_embedded import write_fixture

@@ -13,7 +13,7 @@ from flax import nnx
 from configs import animals
 from jaxspec import models, specialize
 from jaxspec.cli import UserError
-from jaxspec.data import embedded, pipeline, sources
+from jaxspec.data import datasets, embedded, pipeline
 from jaxspec.export import export
 from jaxspec.models import layers
 from jaxspec.predict import predict
@@ -56,7 +56,7 @@ def _check(out, models_dir, name, images, info):
 
 def test_a_routed_export_computes_jax_logits_and_routes_like_jaxspec_route(tmp_path):
     config = point_at(animals.get_config("tiny"), write_fixture(str(tmp_path / "raw"), per_class=20))
-    test = sources.get_source("embedded", "test", data_dir=config.data.data_dir, manifest=config.data.manifest)
+    test = datasets.get_source("embedded", "test", data_dir=config.data.data_dir, manifest=config.data.manifest)
     batch = next(pipeline.eval_iterator(test, config.data, batch_size=64))["image"]
     models_dir = _models_dir(tmp_path, config, test.info, batch)
     record = export(models_dir, tmp_path / "out")
@@ -95,7 +95,7 @@ def test_native_convolutions_compute_what_the_cpu_forms_do():
 @pytest.mark.realdata
 def test_exported_files_compute_jax_logits_on_the_real_embedded_images(tmp_path):
     config = animals.get_config("tiny")
-    info = sources.get_info("embedded")
+    info = datasets.get_info("embedded")
     images = pipeline.eval_batch(list(embedded.load("test")[0][::250, ..., None]), pipeline.preprocess_record(
         config.data, info))  # 24 images, 4 of each part
     models_dir = _models_dir(tmp_path, config, info, images)

@@ -13,7 +13,8 @@ from sklearn.metrics import adjusted_rand_score
 from jaxspec import groupings
 from jaxspec.data import make_imagenet_wordnet as mkwn
 from jaxspec.data import wordnet
-from jaxspec.data.sources import DatasetInfo, get_info
+from jaxspec.data.datasets import get_info
+from jaxspec.data.sources import DatasetInfo
 
 SHIPPED = pathlib.Path(groupings.__file__).parent / "data" / "imagenet_wordnet.json"
 

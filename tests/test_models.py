@@ -14,6 +14,7 @@ from jaxspec import models, sharding
 from jaxspec.models import layers
 from jaxspec.models import mobilenet_v3 as mnv3
 
+
 def _abstract(arch: str, num_classes: int = 1000, **kwargs):
     return nnx.eval_shape(
         lambda: models.get_model(arch, num_classes, rngs=nnx.Rngs(0),

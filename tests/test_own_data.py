@@ -12,7 +12,7 @@ from PIL import Image
 
 from configs import animals
 from jaxspec import groupings, run, validate
-from jaxspec.data import custom, pipeline, sources
+from jaxspec.data import custom, datasets, pipeline
 from jaxspec.data.subsets import resolve_subset
 from jaxspec.train import workdir
 
@@ -52,7 +52,7 @@ def write_npz(path: pathlib.Path, per_class: int = 20, **arrays) -> pathlib.Path
 
 
 def open_all(name: str, **options) -> dict:
-    return {s: sources.get_source(name, s, **options) for s in ("train", "validation", "test")}
+    return {s: datasets.get_source(name, s, **options) for s in ("train", "validation", "test")}
 
 
 def test_folder_classes_labels_and_a_deterministic_stratified_split(tmp_path):
@@ -103,7 +103,7 @@ def test_npz_pool_split_arrays_and_default_class_names(tmp_path):
         "train": [16, 16, 16], "validation": [2, 2, 2], "test": [2, 2, 2]}
     assert parts["train"][0]["image"].shape == (28, 28, 1)
     mean = parts["train"].info.mean[0]
-    assert 0.1 < mean < 0.5 and parts["train"].info == sources.get_info(str(path))
+    assert 0.1 < mean < 0.5 and parts["train"].info == datasets.get_info(str(path))
 
     rng = np.random.default_rng(0)
     test_images = rng.integers(0, 255, (5, 28, 28, 3), dtype=np.uint8)
@@ -245,7 +245,7 @@ def test_groups_file_adds_named_groups_everywhere_groups_are_used(tmp_path):
     name, _ = _folder(tmp_path)
     groups = tmp_path / "groups.json"
     groups.write_text(json.dumps({"mammals": ["dog", "cat"], "water": ["fish"]}))
-    info = sources.get_info(name, groups_file=str(groups))
+    info = datasets.get_info(name, groups_file=str(groups))
     assert info.groups == {"mammals": (0, 1), "water": (2,)}
     assert resolve_subset("mammals", info) == (0, 1)
     assert groupings.semantic(info) == info.groups  # a partition: the semantic grouping of own data
@@ -253,10 +253,10 @@ def test_groups_file_adds_named_groups_everywhere_groups_are_used(tmp_path):
         "random0", "random1"}
     # Built-in datasets take groups files too; a name they already use is refused.
     groups.write_text(json.dumps({"pets": ["cat", "dog"]}))
-    assert sources.get_info("embedded", groups_file=str(groups)).groups["pets"] == (2, 4)
+    assert datasets.get_info("embedded", groups_file=str(groups)).groups["pets"] == (2, 4)
     groups.write_text(json.dumps({"animals": ["cat"]}))
     with pytest.raises(custom.DataError, match=f"^{groups}: group 'animals' is already a group of embedded"):
-        sources.get_info("embedded", groups_file=str(groups))
+        datasets.get_info("embedded", groups_file=str(groups))
 
 
 def test_experiment_groupings_expand_over_a_groups_file(tmp_path):
@@ -281,7 +281,7 @@ def test_workdir_fingerprint_follows_the_files_and_older_records_still_match(tmp
     config = tiny_config(name)
 
     def fingerprint():
-        return workdir.data_fingerprint(config.data.to_dict(), sources.open_split(config.data, "train"))
+        return workdir.data_fingerprint(config.data.to_dict(), datasets.open_split(config.data, "train"))
 
     first = fingerprint()
     assert fingerprint() == first and first["data.files"]
@@ -321,8 +321,8 @@ def test_main_job_on_a_folder_and_its_results_reopen_the_data(folder_run):
     assert stage["subset_names"] == ["cat", "dog"] and stage["extraction_exact"]
     assert stage["test_on_S"]["specialist (extract), tuned"]["count"] == 4  # 2 classes x 10% of 20
     saved = json.loads((work / "results.json").read_text())["config"]["data"]
-    reopened = sources.open_split(ml_collections.ConfigDict(saved), saved["test_split"])
-    original = sources.open_split(config.data, config.data.test_split)
+    reopened = datasets.open_split(ml_collections.ConfigDict(saved), saved["test_split"])
+    original = datasets.open_split(config.data, config.data.test_split)
     assert reopened.paths == original.paths and reopened.info.groups["mammals"] == (0, 1)
     # Changed files under the same config are another run's data: the rerun stops, naming it.
     image = pathlib.Path(original.paths[0])
@@ -357,9 +357,10 @@ def test_a_tfds_dataset_by_name_with_its_own_feature_keys():
 
     config = tiny_config("tfds:smallnorb", image_key="image2", label_key="label_category", transform="imagenet",
                          train_split="train", val_split="test[:50%]", test_split="test[50%:]")
-    with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+    config.generalist.batch_size = config.specialize.batch_size = 8  # each phase's batch fits its examples
+    with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):
         validate.check(config)
-        source = sources.open_split(config.data, "train")
+        source = datasets.open_split(config.data, "train")
         names = tfds.builder("smallnorb").info.features["label_category"].names
         assert source.info.class_names == tuple(names) and len(source.info.mean) == 1
         assert source[0]["image"].shape == (96, 96, 1) and source.labels.max() < len(names)

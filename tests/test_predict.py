@@ -15,7 +15,7 @@ from PIL import Image
 from configs import animals
 from jaxspec import files, models, route, specialize
 from jaxspec.cli import UserError
-from jaxspec.data import pipeline, sources
+from jaxspec.data import datasets, pipeline
 from jaxspec.detection import data as det_data
 from jaxspec.detection import scenes
 from jaxspec.detection import specialize as det_specialize
@@ -32,7 +32,7 @@ def setup(tmp_path_factory):
     was changed (so it overrules the generalist now and then) and a suppressed `clothing` one."""
     tmp = tmp_path_factory.mktemp("predict")
     config = point_at(animals.get_config("tiny"), write_fixture(str(tmp / "raw"), per_class=20))
-    test = sources.get_source("embedded", "test", data_dir=config.data.data_dir, manifest=config.data.manifest)
+    test = datasets.get_source("embedded", "test", data_dir=config.data.data_dir, manifest=config.data.manifest)
     info = test.info
     generalist = models.mobilenet_v3_small(30, rngs=nnx.Rngs(0), width_multiplier=0.25)
     # BatchNorm statistics of real images (momentum 0: one batch sets them), so outputs are far from uniform.

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs.common import data as data_config, optimizer as optimizer_config
+from configs.common import data as data_config
+from configs.common import optimizer as optimizer_config
 from jaxspec import models, sharding
 from jaxspec.data import pipeline
 from jaxspec.data.sources import ArraySource, DatasetInfo

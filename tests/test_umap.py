@@ -13,8 +13,8 @@ from flax import nnx
 
 from configs import animals
 from jaxspec import models, run, specialize
-from jaxspec.data import pipeline, sources
 from jaxspec.analysis import features, umap_plot
+from jaxspec.data import datasets, pipeline
 from jaxspec.data.sources import ArraySource, DatasetInfo
 from jaxspec.train import checkpoint
 from tests.synthetic_embedded import point_at, write_fixture
@@ -110,7 +110,7 @@ def test_cli_on_exported_models_extraction_keeps_every_layer(manifest, tmp_path)
     config = tiny_config(manifest)
     generalist = models.mobilenet_v3_small(30, rngs=nnx.Rngs(0), width_multiplier=0.25)
     spec = {"name": "mobilenet_v3_small", "width_multiplier": 0.25, "dropout_rate": 0.2}
-    info = sources.get_info("embedded")
+    info = datasets.get_info("embedded")
     for name, model, subset in (("generalist", generalist, range(30)),
                                 ("specialist", specialize.extract(generalist, range(10)), range(10))):
         checkpoint.export_model(tmp_path / "models" / name, model, {**spec, "subset": list(subset)},

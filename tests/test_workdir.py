@@ -16,7 +16,7 @@ from flax import nnx
 
 from configs import animals
 from jaxspec import files, models, run, validate
-from jaxspec.data import pipeline, sources
+from jaxspec.data import datasets, pipeline
 from jaxspec.detection import data as det_data
 from jaxspec.detection import scenes
 from jaxspec.train import checkpoint, history, loop, workdir
@@ -268,7 +268,7 @@ def test_a_stale_lock_from_a_dead_process_is_taken_over_with_a_warning(tmp_path,
 def test_exports_describe_the_model_itself_and_are_repaired_when_incomplete(manifest, tmp_path):
     wide = models.get_model("mobilenet_v3_small", 30, rngs=nnx.Rngs(3), width_multiplier=0.5)
     config = tiny(manifest, **{"generalist.init": str(tmp_path / "wide")})
-    info = sources.get_info("embedded")
+    info = datasets.get_info("embedded")
     checkpoint.export_model(tmp_path / "wide", wide, {}, preprocess=pipeline.preprocess_record(config.data, info),
                             classes=checkpoint.classes_record(range(30), info.class_names))
     run.run(config, str(tmp_path / "w"))

@@ -21,7 +21,7 @@ from absl import app, flags
 from jaxspec import files, sharding
 from jaxspec.analysis import cka, features, umap_plot
 from jaxspec.cli import start
-from jaxspec.data import sources
+from jaxspec.data import datasets
 from jaxspec.data.constrain import ConstrainedSource
 from jaxspec.train.checkpoint import load_model
 
@@ -84,7 +84,7 @@ def analyse(workdir, *, out=None, split: str = "", per_class: int = 50, batch_si
     subset = [int(c) for c in spec_meta["subset"]]
     data_cfg = ml_collections.ConfigDict(config["data"])
     split = split or data_cfg.val_split
-    source = sources.open_split(data_cfg, split)
+    source = datasets.open_split(data_cfg, split)
     info = source.info
     if not batch_size:  # the run's eval batch, rounded up to fill every device
         batch_size = -(-config["eval"]["batch_size"] // jax.device_count()) * jax.device_count()

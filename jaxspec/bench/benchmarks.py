@@ -27,7 +27,8 @@ from jaxspec.bench.core import (
 )
 from jaxspec.data import embedded, embedded_files, pipeline
 from jaxspec.data.constrain import ConstrainedSource
-from jaxspec.data.sources import ArraySource, DatasetInfo, get_info
+from jaxspec.data.datasets import get_info
+from jaxspec.data.sources import ArraySource, DatasetInfo
 from jaxspec.train import multi, steps
 
 

@@ -23,10 +23,10 @@ from clu import metric_writers
 from flax import nnx
 
 from jaxspec import methods, models, sharding, tables, validate
+from jaxspec.data.subsets import parse_stages
 from jaxspec.detection import data
 from jaxspec.detection import specialize as dspec
 from jaxspec.detection import train as dtrain
-from jaxspec.data.subsets import parse_stages
 from jaxspec.methods import restricted
 from jaxspec.specialize import compose_subsets
 from jaxspec.train import checkpoint, history, loop, steps

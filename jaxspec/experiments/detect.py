@@ -19,10 +19,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from jaxspec.data.subsets import parse_stages
 from jaxspec.detection import run
 from jaxspec.experiments.grid import cell_id
 from jaxspec.experiments.specialize import phase_for
-from jaxspec.data.subsets import parse_stages
 from jaxspec.methods import restricted
 
 _SHORT = {"fitness": "F", "mAP50": "mAP50", "mAP50_95": "mAP50_95"}

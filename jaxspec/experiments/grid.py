@@ -206,7 +206,8 @@ def _run_grid(config: ml_collections.ConfigDict, workdir: str) -> dict:
         table += paired_markdown(paired)
     plots = kind.plots(r, config, results, r.workdir) if hasattr(kind, "plots") else []
     if lead:  # the generalist's training and validation curves, when it was trained in this workdir
-        from jaxspec import plots as run_plots, report as run_report  # matplotlib only once a report is written
+        from jaxspec import plots as run_plots  # matplotlib only once a report is written
+        from jaxspec import report as run_report
 
         panels = run_plots.DETECTION_PANELS if config.get("task") == "detect" else run_plots.PANELS
         plots += run_report.write_curves(r.workdir, ["generalist"], panels=panels)

@@ -21,7 +21,6 @@ from jaxspec import files, models
 from jaxspec.train import workdir
 from jaxspec.train.state import TrainState
 
-
 CHECKSUMS = "jaxspec_checksums.json"
 
 
