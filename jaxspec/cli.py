@@ -17,14 +17,19 @@ from absl import app, flags, logging  # noqa: E402
 from jaxspec import sharding  # noqa: E402
 
 
-def start(argv, *, tf_defaults: bool = False) -> None:
-    """Rejects stray arguments, joins a multi-process run, and caches compiled steps on disk.
+class UserError(ValueError):
+    """A mistake in what the user named (a path, a file, a flag's value): one line, exit code 2."""
+
+
+def start(argv, *, tf_defaults: bool = False, positional: bool = False) -> None:
+    """Rejects stray arguments (unless the command takes `positional` ones), joins a multi-process run,
+    and caches compiled steps on disk.
 
     TensorFlow's oneDNN kernels announce themselves past TF_CPP_MIN_LOG_LEVEL and speed up TF math that the
     training commands do not run, so they are off there unless the environment says otherwise;
     `tf_defaults` keeps them (the benchmark's tf.data reference). TensorFlow must not be imported yet.
     """
-    if len(argv) > 1:
+    if len(argv) > 1 and not positional:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not tf_defaults:
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -124,7 +129,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def run_main(main) -> None:
-    """`app.run(main)`, but user errors (config, workdir) end with their one line and exit code 2."""
+    """`app.run(main)`, but user errors (config, workdir, `UserError`) end with their one line and exit code 2."""
 
     def wrapped(argv):
         try:
@@ -133,7 +138,7 @@ def run_main(main) -> None:
             from jaxspec import validate  # imported late: nothing may touch a backend before `start`
             from jaxspec.train import workdir
 
-            if not isinstance(e, validate.ConfigError | workdir.WorkdirError):
+            if not isinstance(e, validate.ConfigError | workdir.WorkdirError | UserError):
                 raise
             exit_with(str(e))
 

@@ -259,10 +259,17 @@ def build_routed(generalist: nnx.Module, specialists: Sequence[nnx.Module], labe
 
 def as_specialist(trained) -> tuple[nnx.Module, list[int]]:
     """(model, label_map) of a `jaxspec.methods.Trained`: a suppressed model keeps only its scored columns."""
-    if trained.columns is None:
-        return trained.model, list(trained.classes)
-    cols = list(trained.columns)
-    return specialize.extract(trained.model, cols), [trained.classes[j] for j in cols]
+    return specialist_of(trained.model, trained.classes, trained.columns)
+
+
+def specialist_of(model: nnx.Module, classes: Sequence[int], columns: Sequence[int] | None
+                  ) -> tuple[nnx.Module, list[int]]:
+    """(model, label_map) of a model whose output j is global class `classes[j]` (-1: dustbin), only
+    `columns` competing when given (suppression): then the model keeps only those outputs."""
+    if columns is None:
+        return model, list(classes)
+    cols = list(columns)
+    return specialize.extract(model, cols), [classes[j] for j in cols]
 
 
 

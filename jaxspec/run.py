@@ -105,7 +105,8 @@ class Runner:
             "class_names": [self.info.class_names[c] for c in subset],
             "output_classes": list(trained.classes),
             "columns": None if trained.columns is None else list(trained.columns),
-        })
+        }, preprocess=pipeline.preprocess_record(self.config.data, self.info),
+            classes=checkpoint.classes_record(trained.classes, self.info.class_names))
 
     def evaluator(self, modeldef: ModelDef, num_classes: int, columns=None, confusion: bool = False,
                   per_example: bool = False):

@@ -49,6 +49,10 @@ def test_quick_cli_writes_json_with_every_benchmark(tmp_path):
     for rt in by_bench["routed"]:  # routed vs generalist: ratio is the routed system's cost in generalist passes
         assert rt["reference"] == "generalist" and rt["ratio"] == pytest.approx(rt["generalist"] / rt["jaxspec"])
         assert 1 <= rt["specialist_examples_per_image"] <= 1 + rt["chunk"]
+    assert len(by_bench["export"]) == 2
+    for ex in by_bench["export"]:  # LiteRT latency of the exported specialist vs its generalist, and file sizes
+        assert ex["reference"] == "generalist" and ex["specialist_ms"] > 0 and ex["generalist_ms"] > 0
+        assert ex["specialist_tflite_bytes"] > 0 and ex["generalist_savedmodel_bytes"] > 0
     assert report["memory"]["host_peak_rss_mib"] > 0
     assert "torch worker '/nonexistent' failed" in report["torch_note"]
     assert "| benchmark | setting |" in proc.stderr

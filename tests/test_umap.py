@@ -14,6 +14,7 @@ from flax import nnx
 from configs import animals
 from jaxspec import models, run, specialize
 from jaxspec.analysis import features, umap_plot
+from jaxspec.data import datasets, pipeline
 from jaxspec.data.sources import ArraySource, DatasetInfo
 from jaxspec.train import checkpoint
 from tests.synthetic_embedded import point_at, write_fixture
@@ -109,10 +110,12 @@ def test_cli_on_exported_models_extraction_keeps_every_layer(manifest, tmp_path)
     config = tiny_config(manifest)
     generalist = models.mobilenet_v3_small(30, rngs=nnx.Rngs(0), width_multiplier=0.25)
     spec = {"name": "mobilenet_v3_small", "width_multiplier": 0.25, "dropout_rate": 0.2}
-    checkpoint.export_model(tmp_path / "models" / "generalist", generalist,
-                            {**spec, "num_classes": 30, "subset": list(range(30))})
-    checkpoint.export_model(tmp_path / "models" / "specialist", specialize.extract(generalist, range(10)),
-                            {**spec, "num_classes": 10, "subset": list(range(10))})
+    info = datasets.get_info("embedded")
+    for name, model, subset in (("generalist", generalist, range(30)),
+                                ("specialist", specialize.extract(generalist, range(10)), range(10))):
+        checkpoint.export_model(tmp_path / "models" / name, model, {**spec, "subset": list(subset)},
+                                preprocess=pipeline.preprocess_record(config.data, info),
+                                classes=checkpoint.classes_record(subset, info.class_names))
     (tmp_path / "results.json").write_text(json.dumps({"config": config.to_dict()}))
 
     layers = ["stem", "block3", "block10", "pre_logits", "logits"]

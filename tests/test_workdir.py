@@ -16,6 +16,9 @@ from flax import nnx
 
 from configs import animals
 from jaxspec import files, models, run, validate
+from jaxspec.data import datasets, pipeline
+from jaxspec.detection import data as det_data
+from jaxspec.detection import scenes
 from jaxspec.train import checkpoint, history, loop, workdir
 from jaxspec.train.state import TrainState
 from tests.synthetic_embedded import point_at, write_fixture
@@ -264,8 +267,10 @@ def test_a_stale_lock_from_a_dead_process_is_taken_over_with_a_warning(tmp_path,
 
 def test_exports_describe_the_model_itself_and_are_repaired_when_incomplete(manifest, tmp_path):
     wide = models.get_model("mobilenet_v3_small", 30, rngs=nnx.Rngs(3), width_multiplier=0.5)
-    checkpoint.export_model(tmp_path / "wide", wide, {"class_names": []})
     config = tiny(manifest, **{"generalist.init": str(tmp_path / "wide")})
+    info = datasets.get_info("embedded")
+    checkpoint.export_model(tmp_path / "wide", wide, {}, preprocess=pipeline.preprocess_record(config.data, info),
+                            classes=checkpoint.classes_record(range(30), info.class_names))
     run.run(config, str(tmp_path / "w"))
     for name in ("generalist", "specialist"):
         model, spec = checkpoint.load_model(tmp_path / "w" / "models" / name)
@@ -279,7 +284,8 @@ def test_exports_describe_the_model_itself_and_are_repaired_when_incomplete(mani
 
 def test_an_exported_detector_loads_with_the_documented_loader(tmp_path):
     det = models.get_model("yolov5n", 4, rngs=nnx.Rngs(0))
-    checkpoint.export_model(tmp_path / "det", det, {"class_names": list("abcd")})
+    checkpoint.export_model(tmp_path / "det", det, {}, classes=checkpoint.classes_record(range(4), "abcd"),
+                            preprocess=det_data.preprocess_record(det_data.default_config(), scenes.scenes_info()))
     loaded, spec = checkpoint.load_model(tmp_path / "det")
     assert spec["name"] == "yolov5n" and loaded.num_classes == 4
     x = jnp.zeros((1, 64, 64, 3))

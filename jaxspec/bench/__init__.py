@@ -5,8 +5,10 @@ resolution (torchvision's `mobilenet_v3_small` beside it when torch is
 available: same batch, resolution, Adam 1e-4 and label smoothing 0.1), the
 input pipeline with domain constraining, the ImageNet recipe from JPEGs beside
 a tf.data pipeline of the same transforms on as many cores (`tf_ref`,
-`pipeline_side`), and K vmapped specialists against K sequential steps, plus
-peak memory. JSON goes to stdout (and to `--out`), a readable table to stderr.
+`pipeline_side`), K vmapped specialists against K sequential steps, the routed
+system against its generalist, and an exported generalist against its
+specialist in LiteRT (`--only=export`: latency and file sizes), plus peak
+memory. JSON goes to stdout (and to `--out`), a readable table to stderr.
 
   python -m jaxspec.bench --out=bench.json                      # torch in this venv, or no torch rows
   python -m jaxspec.bench --torch_python=/path/to/venv/bin/python  # torch from another interpreter

@@ -1,9 +1,10 @@
-"""The benchmarks: train and eval steps (beside torchvision), input pipeline, vmapped specialists, routing."""
+"""The benchmarks: train and eval steps (beside torchvision), input pipeline, vmapped specialists, routing, export."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pathlib
 import sys
 import tempfile
 
@@ -221,3 +222,43 @@ def _routed_row(s: Settings, res: int, batch: int, width: float) -> dict:
     setting = _setting(s, f"K={k} specialists, {res}px, batch {batch}", width)
     return _row("routed", setting, batch, timing, reference="generalist", ratio=t["cost_vs_generalist"],
                 specialist_examples_per_image=t["specialist_examples_per_image"], chunk=t["chunk"])
+
+
+@register("export")
+def bench_export(s: Settings) -> list[dict]:
+    """An exported generalist vs its extracted 10-class specialist in LiteRT (`jaxspec.export`'s .tflite, batch 1,
+    one CPU thread): latency, and the size of each file. Untrained weights: neither depends on their values."""
+    return [_export_row(s, res, classes, width) for res, _, classes, width in _model_settings(s)]
+
+
+def _export_row(s: Settings, res: int, classes: int, width: float) -> dict:
+    import tempfile
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    from jaxspec import export
+
+    generalist = _model(s, classes, width)
+    generalist.eval()
+    pre = {"transform": "imagenet" if res > 64 else "small", "image_size": res, "channels": 3, "model_channels": 3,
+           "mean": list(MEAN), "std": list(STD)}
+    image = _batch(res, 1, classes)["image"]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp)
+        files = {name: export.export_model(model, pre, out, name)
+                 for name, model in (("generalist", generalist), ("specialist", specialize.extract(generalist,
+                                                                                                  range(10))))}
+        sizes = {f"{name}_{fmt}_bytes": _size(pathlib.Path(path)) for name, written in files.items()
+                 for fmt, path in written.items()}
+        runners = {name: Interpreter(model_path=written["tflite"], num_threads=1).get_signature_runner()
+                   for name, written in files.items()}
+        timing = _rounds(s, _timed(lambda: runners["specialist"](images=image)["logits"]),
+                         _timed(lambda: runners["generalist"](images=image)["logits"]))
+    setting = _setting(s, f"{res}px, {classes} vs 10 classes, LiteRT 1 thread", width)
+    return _row("export", setting, 1, timing, reference="generalist", specialist_ms=1000 * timing["seconds"],
+                generalist_ms=1000 * timing["ref_seconds"], **sizes)
+
+
+def _size(path: pathlib.Path) -> int:
+    """Bytes of a file, or of every file under a directory (a SavedModel)."""
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

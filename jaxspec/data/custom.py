@@ -98,13 +98,19 @@ class FolderSource:
         return f"FolderSource({self.info.name}, n={len(self)})"
 
 
+def image_array(image: Image.Image, mode: str) -> np.ndarray:
+    """A Pillow image as uint8 HWC in `mode` ('L' or 'RGB'), turned upright by its EXIF orientation: how
+    training reads a file, and so how `jaxspec.predict` reads one."""
+    array = np.asarray(ImageOps.exif_transpose(image).convert(mode))
+    return array[..., None] if array.ndim == 2 else array
+
+
 def _decode(path: str, mode: str) -> np.ndarray:
     try:
         with Image.open(path) as im:
-            array = np.asarray(ImageOps.exif_transpose(im).convert(mode))
+            return image_array(im, mode)
     except (OSError, ValueError) as e:  # Pillow's errors for truncated or corrupt files
         raise DataError("data.name", f"{path}: unreadable image ({_one_line(e)})") from None
-    return array[..., None] if array.ndim == 2 else array
 
 
 def _header(path: str) -> tuple[str, int, int]:

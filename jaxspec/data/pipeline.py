@@ -37,6 +37,8 @@ from jaxspec.data import augment
 from jaxspec.data.sources import Source, read_batch
 
 TRANSFORMS = ("small", "imagenet")
+EVAL_CROP_FRACTION = 0.875  # `imagenet` eval: resize the shorter side to image_size / this, then center-crop
+MODEL_CHANNELS = 3  # what every model's stem takes; grayscale data is repeated to it by `normalize`
 
 
 def pad_to(image: np.ndarray, size: int) -> np.ndarray:
@@ -75,10 +77,35 @@ def _train_map(name: str, size: int, cfg) -> Callable[[Any, np.random.Generator]
     return lambda images, rng: np.stack([imagenet(im, rng) for im in images])
 
 
-def _eval_map(name: str, size: int) -> Callable[[Any], np.ndarray]:
+def _eval_map(name: str, size: int, crop_fraction: float = EVAL_CROP_FRACTION) -> Callable[[Any], np.ndarray]:
     if name == "small":
         return functools.partial(_stack_padded, size=size)
-    return lambda images: np.stack([augment.resize_center_crop(im, size=size) for im in images])
+    return lambda images: np.stack([augment.resize_center_crop(im, size=size, crop_fraction=crop_fraction)
+                                    for im in images])
+
+
+def preprocess_record(cfg, info) -> dict:
+    """How evaluation fed a model, for its model.json: what `eval_batch` and `normalize` need, so a user
+    (`jaxspec.predict`, an exported graph, an app) feeds new images exactly as the test split was fed.
+
+    `small` zero-pads each image, centred, to image_size (larger ones are refused); `imagenet` resizes the
+    shorter side to image_size / crop_fraction (bilinear) and crops the centre. `channels` is the data's
+    channel count (1: grayscale, repeated to `model_channels` by `normalize`).
+    """
+    _check_transform(cfg.transform)
+    record = {"transform": cfg.transform, "image_size": int(cfg.image_size), "channels": len(info.mean),
+              "model_channels": MODEL_CHANNELS, "mean": list(info.mean), "std": list(info.std)}
+    if cfg.transform == "imagenet":
+        record["crop_fraction"] = EVAL_CROP_FRACTION
+    return record
+
+
+def eval_batch(images, record: dict) -> np.ndarray:
+    """uint8 HWC images (a list of any sizes, or one NHWC array) -> the uint8 NHWC batch evaluation feeds
+    a model whose `preprocess_record` is `record`."""
+    _check_transform(record["transform"])
+    return _eval_map(record["transform"], record["image_size"],
+                     record.get("crop_fraction", EVAL_CROP_FRACTION))(images)
 
 
 def _check_transform(name: str) -> None:
@@ -222,7 +249,7 @@ def eval_iterator(source: Source, cfg, *, batch_size: int):
     return iterate(grain.MapDataset.range(len(positions) // local).map(load), cfg)
 
 
-def normalize(images: jax.Array, mean, std, channels: int = 3) -> jax.Array:
+def normalize(images: jax.Array, mean, std, channels: int = MODEL_CHANNELS) -> jax.Array:
     """uint8 NHWC -> float32, standardized; grayscale is repeated to `channels`."""
     x = (images.astype(jnp.float32) / 255.0 - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
     if x.shape[-1] != channels:

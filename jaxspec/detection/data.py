@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from jaxspec.data.constrain import label_map, subset_info
-from jaxspec.data.pipeline import BatchIterator, _local_batch_size, iterate
+from jaxspec.data.pipeline import MODEL_CHANNELS, BatchIterator, _local_batch_size, iterate
 from jaxspec.data.sources import DatasetInfo
 from jaxspec.detection import augment, scenes
 from jaxspec.detection.boxes import xyxy_to_xywh
@@ -271,6 +271,14 @@ class _PadToMultiple:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {**self._source[min(index, self._n - 1)], "valid": index < self._n, "index": index}
+
+
+def preprocess_record(cfg, info: DatasetInfo) -> dict:
+    """How evaluation fed a detector, for its model.json: letterbox to image_size (long side scaled to it,
+    bilinear, then centred on `fill` gray; `augment.unletterbox` maps boxes back), then `normalize`."""
+    return {"transform": "letterbox", "image_size": int(cfg.image_size), "fill": augment.FILL,
+            "channels": len(info.mean), "model_channels": MODEL_CHANNELS, "mean": list(info.mean),
+            "std": list(info.std)}
 
 
 def eval_example(record: dict[str, Any], cfg) -> dict[str, np.ndarray]:

@@ -143,7 +143,8 @@ class Runner:
             "class_names": [self.info.class_names[c] for c in trained.classes],
             "columns": None if trained.columns is None else list(trained.columns),
             "image_size": self.config.data.image_size,
-        })
+        }, preprocess=data.preprocess_record(self.config.data, self.info),
+            classes=checkpoint.classes_record(trained.classes, self.info.class_names))
 
 
 def with_steps(phase, num_images: int) -> ml_collections.ConfigDict:

@@ -198,16 +198,27 @@ def make_eval_step(modeldef: ModelDef, *, mean: Sequence[float], std: Sequence[f
     def eval_step(state: TrainState, batch: Batch, class_mask: jax.Array):
         model = modeldef.merge(state.params, state.batch_stats)
         model.eval()
-        x = normalize(batch["image"], mean, std)
-
-        def suppress(outputs, keep):
-            boxes, objectness, class_probs = decode(outputs)
-            return nms.non_max_suppression(xywh_to_xyxy(boxes), objectness, class_probs, conf_thres=conf_thres,
-                                           iou_thres=iou_thres, max_det=max_det, max_nms=max_nms, class_mask=keep)
-
-        return auto_sharded(suppress, x)(model(x), class_mask), {k: batch[k] for k in _META}
+        dets = detect(model, batch["image"], class_mask, mean=mean, std=std, conf_thres=conf_thres,
+                      iou_thres=iou_thres, max_det=max_det, max_nms=max_nms)
+        return dets, {k: batch[k] for k in _META}
 
     return eval_step
+
+
+def detect(model, images: jax.Array, class_mask: jax.Array, *, mean: Sequence[float], std: Sequence[float],
+           conf_thres: float, iou_thres: float, max_det: int, max_nms: int, multi_label: bool = True
+           ) -> nms.Detections:
+    """uint8 letterboxed images -> NMS'd detections in that frame (eval mode `model`; jit with the
+    keyword arguments static). Evaluation and `jaxspec.predict` both detect through here."""
+    x = normalize(images, mean, std)
+
+    def suppress(outputs, keep):
+        boxes, objectness, class_probs = decode(outputs)
+        return nms.non_max_suppression(xywh_to_xyxy(boxes), objectness, class_probs, conf_thres=conf_thres,
+                                       iou_thres=iou_thres, max_det=max_det, max_nms=max_nms,
+                                       multi_label=multi_label, class_mask=keep)
+
+    return auto_sharded(suppress, x)(model(x), class_mask)
 
 
 class Evaluator:

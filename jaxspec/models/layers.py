@@ -140,6 +140,7 @@ class Conv1x1(nnx.Module):
 
     XLA:CPU runs a 1x1 convolution slower than the equivalent dot product
     (~10% of a CPU training step); on accelerators both are one kernel.
+    `impl='conv'` computes it as a convolution (see `use_native_convolutions`).
     """
 
     def __init__(self, in_features: int, out_features: int, *,
@@ -147,9 +148,10 @@ class Conv1x1(nnx.Module):
         self.kernel = nnx.Param(
             conv_init(rngs.params(), (1, 1, in_features, out_features)))
         self.bias = nnx.Param(jnp.zeros((out_features,))) if use_bias else None
+        self.impl = 'dot'
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = dot(x, self.kernel[0, 0])
+        y = conv(x, self.kernel[...], 1, 0) if self.impl == 'conv' else dot(x, self.kernel[0, 0])
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y
@@ -162,7 +164,8 @@ class PatchConv(nnx.Module):
     one model, and under `vmap` over K stacked specialists it stays a batched
     matmul, where a convolution with batched weights becomes a grouped
     convolution that XLA:CPU runs several times slower. The input is the
-    image, so the patches never need a gradient.
+    image, so the patches never need a gradient. `impl='conv'` computes it
+    as a convolution (see `use_native_convolutions`).
     """
 
     def __init__(self, in_features: int, out_features: int, kernel_size: int, *,
@@ -170,11 +173,14 @@ class PatchConv(nnx.Module):
         self.kernel = nnx.Param(
             conv_init(rngs.params(), (kernel_size, kernel_size, in_features, out_features)))
         self.stride = stride
+        self.impl = 'dot'
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...]
         k, s = kernel.shape[0], self.stride
         pad = (k - 1) // 2
+        if self.impl == 'conv':
+            return conv(x, kernel, s, pad)
         ho, wo = _out_size(x.shape[1], k, s, pad), _out_size(x.shape[2], k, s, pad)
         x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
         # (kh, kw, c) patch order, the order of the HWIO kernel's leading axes.
@@ -326,6 +332,21 @@ class DepthwiseConv(nnx.Module):
         pad = (kernel.shape[0] - 1) // 2
         fn = _depthwise_shift if self.impl == 'shift' else _depthwise_conv
         return fn(x, kernel, self.stride, pad)
+
+
+def use_native_convolutions(model: nnx.Module) -> nnx.Module:
+    """Switches every convolution of `model` (in place) to XLA's convolution op and returns it.
+
+    The dot and shift forms are XLA:CPU speedups; converters to mobile formats
+    map the plain op to their own kernels (TFLite's CONV_2D and
+    DEPTHWISE_CONV_2D), and TF 2.21's TFLite converter fails on a dot over
+    [1, 1, 1, C] activations (squeeze-excite, a 1x1 feature map). Same
+    parameters, same results up to float rounding.
+    """
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, (Conv1x1, PatchConv, DepthwiseConv)):
+            module.impl = 'conv'
+    return model
 
 
 class ConvBN(nnx.Module):

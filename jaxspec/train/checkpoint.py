@@ -153,18 +153,33 @@ def abstract_like(state: TrainState) -> TrainState:
     )
 
 
-def export_model(directory: str | pathlib.Path, model, info: dict) -> None:
+def classes_record(output_classes, class_names) -> list[dict]:
+    """Each output's global class index and name, for model.json (`-1`, a dustbin, is named `other`)."""
+    return [{"class": int(c), "name": class_names[c] if c >= 0 else "other"} for c in output_classes]
+
+
+def export_model(directory: str | pathlib.Path, model, info: dict, *, preprocess: dict, classes: list[dict]) -> None:
     """Saves a finished model (parameters + BatchNorm statistics) for reuse, with its `model.json`.
 
     `model.json` holds the model's own description (`models.describe`), `info`
-    (class names, subset, ...), a digest of the weights and the checksums of
-    their files. The directory is written whole and then renamed into place,
-    so it is complete or absent; an export that does not verify against the
-    model (left by an older run) is moved aside and written anew.
+    (subset, ...), `preprocess` (how evaluation fed it, e.g.
+    `pipeline.preprocess_record`), `classes` (`classes_record`: what each
+    output means), a digest of the weights and the checksums of their files.
+    The directory is written whole and then renamed into place, so it is
+    complete or absent; an export that does not verify against the model
+    (left by an older run) is moved aside and written anew, and one whose
+    model.json predates the preprocess/classes records gets them added.
     """
     directory = pathlib.Path(directory).absolute()
+    outputs = models.describe(model)["num_classes"]
+    if len(classes) != outputs:
+        raise ValueError(f"classes describes {len(classes)} outputs but the model has {outputs}")
+    records = {"preprocess": preprocess, "classes": classes}
     digest = workdir.weights_digest(model)
     if export_problem(directory, digest) == "":
+        spec = json.loads((directory / "model.json").read_text())
+        if any(k not in spec for k in records):
+            files.write_json(directory / "model.json", {**spec, **records}, indent=1)
         return
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     if tmp.exists():
@@ -174,7 +189,7 @@ def export_model(directory: str | pathlib.Path, model, info: dict) -> None:
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(tmp / "weights", {"params": params, "batch_stats": batch_stats})
     checkpointer.wait_until_finished()
-    spec = {**models.describe(model), **info, "weights_digest": digest,
+    spec = {**models.describe(model), **info, **records, "weights_digest": digest,
             "weights_files": files.tree_digest(tmp / "weights")}
     files.write_json(tmp / "model.json", spec, indent=1)
     if directory.exists():
