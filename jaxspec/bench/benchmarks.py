@@ -232,8 +232,6 @@ def bench_export(s: Settings) -> list[dict]:
 
 
 def _export_row(s: Settings, res: int, classes: int, width: float) -> dict:
-    import tempfile
-
     from ai_edge_litert.interpreter import Interpreter
 
     from jaxspec import export
