@@ -24,6 +24,7 @@ _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compiling.")
 _SPECIALISTS = flags.DEFINE_integer("specialists", 3, "K for the vmapped-specialists benchmark.")
 _JPEG_IMAGES = flags.DEFINE_integer("jpeg_images", 512, "JPEGs (500x375) in the dataset the pipeline is timed on.")
 _JPEG_BATCH = flags.DEFINE_integer("jpeg_batch", 32, "Batch size of the JPEG pipeline rows.")
+_JPEG_STEPS = flags.DEFINE_integer("jpeg_steps", 20, "Timed batches per round of the JPEG pipeline rows.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Activation dtype of jaxspec's models; bfloat16 also runs torch with AMP in bfloat16 "
                            "and channels-last tensors.")
@@ -36,7 +37,7 @@ def main(argv) -> None:
     settings = Settings(quick=quick, repeats=1 if quick else _REPEATS.value, steps=1 if quick else _STEPS.value,
                         warmup=1 if quick else _WARMUP.value, specialists=2 if quick else _SPECIALISTS.value,
                         torch=worker, dtype=_DTYPE.value, jpeg_images=48 if quick else _JPEG_IMAGES.value,
-                        jpeg_batch=8 if quick else _JPEG_BATCH.value)
+                        jpeg_batch=8 if quick else _JPEG_BATCH.value, jpeg_steps=1 if quick else _JPEG_STEPS.value)
     report = run(settings, _ONLY.value) | {"torch_note": note}
     text = json.dumps(report, indent=1)
     if _OUT.value:

@@ -136,7 +136,7 @@ def _jpeg_rows(s: Settings) -> list[dict]:
         rounds = {key: [] for key in sides}
         for _ in range(s.repeats):
             for (kind, n), side in sides.items():  # warm-up: past worker start-up and the batches made ahead
-                rounds[kind, n].append(side.seconds(max(s.warmup, 2 * n), s.steps) / s.steps)
+                rounds[kind, n].append(side.seconds(max(s.warmup, 2 * n), s.jpeg_steps) / s.jpeg_steps)
         for side in sides.values():
             side.close()
     recipe = (f"{s.jpeg_batch} x 500x375 JPEG (ArrayRecord) -> 224 px, RandomResizedCrop + flip + "
