@@ -192,6 +192,35 @@ def test_random_resized_crop_without_resizing_is_a_crop():
         assert len(matches) == 1
 
 
+def test_a_large_jpeg_crop_is_decoded_at_reduced_scale(monkeypatch):
+    """A crop spanning >= 2 x size is cut from a 1/2..1/8-scale DCT decode: the
+    same draws, nearly the same pixels, and only when the crop allows it."""
+    y, x = np.mgrid[0:600, 0:800]
+    smooth = (np.stack([np.sin(x / 37), np.cos(y / 23), np.sin((x + y) / 51)], -1) + 1) * 127
+    jpeg = _jpeg(smooth.astype(np.uint8))
+    decoded = np.asarray(Image.open(io.BytesIO(jpeg)).convert('RGB'))
+    scales = []
+    jpeg_file = type(Image.open(io.BytesIO(jpeg)))
+    draft = jpeg_file.draft
+
+    def spy(self, mode, size):
+        out = draft(self, mode, size)
+        scales.append(self.size)
+        return out
+
+    monkeypatch.setattr(jpeg_file, 'draft', spy)
+    for seed in range(6):
+        rng, ref = _rng(seed), _rng(seed)
+        got = augment.inception_train(jpeg, rng, size=64, flip=False)
+        want = augment.random_resized_crop(decoded, ref, size=64)
+        assert got.shape == want.shape and rng.random() == ref.random()
+        assert np.abs(got.astype(int) - want.astype(int)).mean() < 4
+    assert scales and all(w < 800 and h < 600 for w, h in scales)  # some crops were decoded smaller
+    scales.clear()
+    augment.inception_train(jpeg, _rng(0), size=400, flip=False)  # no crop spans 800: decoded whole
+    assert not scales
+
+
 @pytest.mark.parametrize('shape,window', [
     ((40, 60), np.s_[:, 10:50]),  # Too wide: center crop of full height.
     ((100, 40), np.s_[30:70, :]),  # Too tall: center crop of full width.
@@ -222,14 +251,16 @@ def _jpeg(image):
     {'randaugment_ops': 3, 'randaugment_magnitude': 20, 'erasing_prob': 1.0}])
 def test_inception_train_is_the_composed_transforms(kwargs, channels):
     """Same output and draws as the four functions composed, from an array
-    or from its JPEG (decoded to RGB), also for a grayscale JPEG."""
+    or from its JPEG (decoded to RGB), also for a grayscale JPEG. At size 48
+    no crop of a 90-pixel-high image spans 2 x 48, so the JPEG is decoded
+    whole (the reduced decode has its own test)."""
     image = _image(90, 130, channels)
     jpeg = _jpeg(image[..., 0] if channels == 1 else image)
     decoded = np.asarray(Image.open(io.BytesIO(jpeg)).convert('RGB'))
     for seed in range(8):
         for source, want_input in ((image, image), (jpeg, decoded)):
             rng, ref = _rng(seed), _rng(seed)
-            want = augment.random_resized_crop(want_input, ref, size=24)
+            want = augment.random_resized_crop(want_input, ref, size=48)
             if kwargs.get('flip', True):
                 want = augment.horizontal_flip(want, ref)
             if kwargs.get('randaugment_ops'):
@@ -239,7 +270,7 @@ def test_inception_train_is_the_composed_transforms(kwargs, channels):
             if kwargs.get('erasing_prob'):
                 want = augment.random_erasing(
                     want, ref, p=kwargs['erasing_prob'])
-            got = augment.inception_train(source, rng, size=24, **kwargs)
+            got = augment.inception_train(source, rng, size=48, **kwargs)
             np.testing.assert_array_equal(got, want)
             assert rng.random() == ref.random()  # and the same draws
 

@@ -157,9 +157,18 @@ def random_resized_crop(
 
 def _resized_crop(
     image: Image.Image, rng: np.random.Generator, size: int,
-    scale: tuple[float, float], ratio: tuple[float, float]
+    scale: tuple[float, float], ratio: tuple[float, float], *,
+    encoded: bool = False
 ) -> Image.Image:
-    """`random_resized_crop` on a Pillow image, which may be a JPEG not yet decoded."""
+    """`random_resized_crop` on a Pillow image.
+
+    `encoded`: `image` is a file opened but not yet decoded; it is decoded
+    here, to RGB. A JPEG whose crop spans at least twice `size` on both
+    sides is decoded at 1/2, 1/4 or 1/8 scale in the DCT (Pillow's `draft`:
+    up to 64x fewer pixels decoded), the largest that keeps the crop at
+    least `size` across; the box is drawn first, so the random stream is
+    the same either way.
+    """
     width, height = image.size
     # The 10 attempts are drawn at once: same distribution, fewer calls.
     areas = height * width * rng.uniform(scale[0], scale[1], _MAX_ATTEMPTS)
@@ -180,9 +189,17 @@ def _resized_crop(
         elif width / height > ratio[1]:
             w = round(height * ratio[1])
         top, left = (height - h) // 2, (width - w) // 2
+    if encoded:
+        if min(w, h) >= 2 * size:  # a no-op for formats without reduced decoding
+            shrink = min(w, h) / size
+            image.draft('RGB', (math.ceil(width / shrink), math.ceil(height / shrink)))
+            sx, sy = width / image.size[0], height / image.size[1]
+            left, top, w, h = left / sx, top / sy, w / sx, h / sy
+        if image.mode != 'RGB':
+            image = image.convert('RGB')
     # Crop before resizing so the filter never reads pixels outside the crop.
-    crop = image.crop((int(left), int(top), int(left + w), int(top + h)))
-    return crop.resize((size, size), Image.Resampling.BILINEAR)
+    box = (round(left), round(top), round(left + w), round(top + h))
+    return image.crop(box).resize((size, size), Image.Resampling.BILINEAR)
 
 
 def resize_center_crop(
@@ -409,21 +426,22 @@ def inception_train(
 
     `image` is a uint8 HWC array (1 or 3 channels) or an image file's bytes,
     decoded here to RGB (as tfds decodes ImageNet's few grayscale and CMYK
-    JPEGs). The random draws are the composed functions' draws, in their
-    order, so the output equals theirs on the decoded image.
+    JPEGs), and a JPEG only at the scale its crop needs (`_resized_crop`).
+    The random draws are the composed functions' draws, in their order, so
+    the output equals theirs on the decoded image, except that a large crop
+    of a JPEG is resized from the reduced decode.
     """
     _check_size(size)
     _check_rand_augment(
         randaugment_ops, randaugment_magnitude, _BINS, RAND_AUGMENT_OPS)
     _check_probability(erasing_prob)
-    if isinstance(image, bytes):
+    encoded = isinstance(image, bytes)
+    if encoded:
         pil = Image.open(io.BytesIO(image))
-        if pil.mode != 'RGB':
-            pil = pil.convert('RGB')
     else:
         _check_image(image, pil=True)
         pil = _to_pil(image)
-    pil = _resized_crop(pil, rng, size, _CROP_SCALE, _CROP_RATIO)
+    pil = _resized_crop(pil, rng, size, _CROP_SCALE, _CROP_RATIO, encoded=encoded)
     if flip and rng.random() < 0.5:
         pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if randaugment_ops:
