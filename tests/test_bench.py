@@ -103,7 +103,7 @@ def test_run_keeps_a_live_torch_worker_out_of_the_report(monkeypatch):
     s = bench.Settings(quick=True, repeats=1, steps=1, warmup=0, specialists=2, torch=Worker())
     report = bench.run(s, ["fake"])
     assert report["settings"] == {"quick": True, "repeats": 1, "steps": 1, "warmup": 0, "specialists": 2,
-                                  "dtype": "float32", "jpeg_images": 512, "jpeg_batch": 32}
+                                  "dtype": "float32", "jpeg_images": 512, "jpeg_batch": 32, "jpeg_steps": 20}
     assert report["memory"]["torch_worker_peak_rss_mib"] == 1.0
 
 

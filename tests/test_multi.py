@@ -97,6 +97,7 @@ class _Runner:
 
     train_phase = Runner.train_phase
     evaluator = Runner.evaluator
+    final_bn_stats = Runner.final_bn_stats
 
     def __init__(self, workdir):
         self.config = ml_collections.ConfigDict({

@@ -219,8 +219,9 @@ def train_iterator(source: Source, cfg, *, batch_size: int, seed: int) -> grain.
     fn = _train_map(cfg.transform, cfg.image_size, cfg)
     local = _local_batch_size(batch_size)
     order = _EpochOrder(np.arange(len(source))[jax.process_index() :: jax.process_count()], seed)
-    # The ImageNet transform decodes file bytes itself, where a source keeps them (see `read_batch`).
-    encoded = cfg.transform == "imagenet"
+    # The ImageNet transform decodes file bytes itself (to RGB), where a source keeps them (see `read_batch`);
+    # a grayscale source's images stay one channel, decoded by the source.
+    encoded = cfg.transform == "imagenet" and len(source.info.mean) == 3
 
     def load(step: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         batch = read_batch(source, order(step * local, (step + 1) * local), encoded=encoded)

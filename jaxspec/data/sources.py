@@ -132,7 +132,7 @@ class TfdsSource:
 
     def get_encoded(self, indices: np.ndarray) -> dict[str, Any]:
         """The records at `indices` with `image` the files' bytes (JPEG for ImageNet), not decoded."""
-        records = self._encoded.__getitems__([int(i) for i in indices])
+        records = [self._encoded[int(i)] for i in indices]  # per record: tfds' mock sources lack a batch read
         return {"image": [r[self._image_key] for r in records],
                 "label": np.asarray([r[self._label_key] for r in records], np.int32)}
 
