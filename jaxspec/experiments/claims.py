@@ -102,6 +102,31 @@ CLAIMS = (
         design="Same-layer CKA per layer, band over 3 seeds.",
     ),
     Claim(
+        id="C7",
+        title="A detector specialized by domain constraining beats the generalist and one trained from scratch",
+        paper="Table 4: for S = animals and other groups, the generalist specialized by domain constraining and "
+              "output suppression beats the generalist restricted to S and a detector trained on D_S from scratch "
+              "(F, mAP@0.5, mAP@0.5:0.95).",
+        grids=("c7_detect",),
+        design="Once the generalist detects (issue 15): animals and two other groups, >= 3 seeds, with the "
+               "`continued` control.",
+    ),
+    Claim(
+        id="C8",
+        title="Gradual specialization beats direct specialization",
+        paper="Table 5: generalist -> animals -> horse beats generalist -> horse at equal total steps.",
+        grids=("c8_gradual",),
+        design=">= 3 seeds, equal total steps.",
+    ),
+    Claim(
+        id="T7",
+        title="Which layers to freeze while specializing a detector",
+        paper="Table 7: freezing early layers while specializing changes F little; frozen BatchNorm statistics "
+              "matter.",
+        grids=("t7_freezing",),
+        design="The Table 7 grid on YOLOv5s, as far as the machine affords.",
+    ),
+    Claim(
         id="L",
         title="Lesioning a task's units and competitive retraining",
         paper="Seed 004: lesioned units of task A are not recovered when retraining on A and B together.",
