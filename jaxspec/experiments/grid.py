@@ -166,8 +166,9 @@ def _run_grid(config: ml_collections.ConfigDict, workdir: str) -> dict:
     pending = [c for c in cells if not (out_dir / f"{cell_id(c)}.json").exists()]
     lead = jax.process_index() == 0
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0))
+    where = machine()  # once: it asks git for the commit
     if lead:
-        _plan(r.workdir, cells, started, 0.0, 0)
+        _plan(r.workdir, cells, where, started, 0.0, 0)
     max_k = int(config.experiment.get("vmap", 8))
     done: dict[str, dict] = {}
     # One generalist per seed: seed by seed, so cells finish (and their numbers can be kept) early; one shared
@@ -194,7 +195,7 @@ def _run_grid(config: ml_collections.ConfigDict, workdir: str) -> dict:
             done[cell_id(cell)] = record
             if lead:
                 files.write_json(path, record, indent=1)
-                _plan(r.workdir, cells, started, time.time() - t0, sum(cell_id(c) in done for c in pending))
+                _plan(r.workdir, cells, where, started, time.time() - t0, sum(cell_id(c) in done for c in pending))
     results = [done[cell_id(c)] for c in cells]
 
     rows = aggregate(results, group_sets(config.experiment.grid.to_dict(), r))
@@ -213,7 +214,7 @@ def _run_grid(config: ml_collections.ConfigDict, workdir: str) -> dict:
         plots += run_report.write_curves(r.workdir, ["generalist"], panels=panels)
     summary = {"config": config.to_dict(), "groups": {k: list(r.groups[k]) for ks in r.groupings.values() for k in ks},
                "cells": results, "rows": rows, "paired": paired, "plots": plots, "seconds": time.time() - t0,
-               "machine": machine()}
+               "machine": where}
     if lead:
         files.write_json(r.workdir / "results.json", summary, indent=1)
         title = config.experiment.get("title", config.experiment.kind)
@@ -237,12 +238,13 @@ def _by_seed(cells: list[dict]) -> list[list[dict]]:
     return list(by.values())
 
 
-def _plan(workdir: pathlib.Path, cells: list[dict], started: str, seconds: float, finished: int) -> None:
+def _plan(workdir: pathlib.Path, cells: list[dict], where: dict, started: str, seconds: float,
+          finished: int) -> None:
     """`plan.json`: every cell the grid will run, the machine, and each invocation's wall time so far, kept
     current after every cell (the compute behind the grid; `jaxspec.experiments.results --collect` copies it)."""
     path = workdir / "plan.json"
     plan = json.loads(path.read_text()) if path.exists() else {"invocations": []}
-    plan.update(cells=[cell_id(c) for c in cells], machine=machine())
+    plan.update(cells=[cell_id(c) for c in cells], machine=where)
     runs = [run for run in plan["invocations"] if run["started"] != started]
     plan["invocations"] = [*runs, {"started": started, "seconds": seconds, "cells": finished}]
     files.write_json(path, plan, indent=1)

@@ -75,22 +75,24 @@ def pooled(records: list[dict], axis: str, effect: str) -> list[dict]:
 
     Their per-image outcomes are the seed's images of every value, concatenated, so the bootstrap
     resamples all of them."""
-    by: dict[tuple, list[dict]] = {}
-    for rec in records:
-        by.setdefault(tuple((k, v) for k, v in rec["cell"].items() if k != axis), []).append(rec)
     out = []
-    for key, recs in by.items():
+    pair = _pair(effect)
+    for _, recs in stats.by_setting(records, axis):
         if len(recs) < 2:
             continue
         cell = {k: ("all" if k == axis else v) for k, v in recs[0]["cell"].items()}
-        names = [k for k in recs[0]["metrics"] if all(k in r["metrics"] for r in recs)]
-        new = {"cell": cell, "metrics": {k: float(np.mean([r["metrics"][k] for r in recs])) for k in names}}
-        pair = _pair(effect)
+        new = {"cell": cell, "metrics": _means(recs)}
         if all(f"{m}_hits" in r.get("hits", {}) for r in recs for m in pair):
             new["hits"] = {f"{m}_hits": stats.pack_hits(np.concatenate(
                 [stats.unpack_hits(r["hits"][f"{m}_hits"]) for r in recs])) for m in pair}
         out.append(new)
     return out
+
+
+def _means(records: list[dict]) -> dict[str, float]:
+    """The mean over `records` of each metric they all have."""
+    return {k: float(np.mean([r["metrics"][k] for r in records]))
+            for k in records[0]["metrics"] if all(k in r["metrics"] for r in records)}
 
 
 def paired_rows(records: list[dict], effect: str) -> list[dict]:
@@ -104,9 +106,7 @@ def paired_rows(records: list[dict], effect: str) -> list[dict]:
         e = stats.paired_effect(recs, effect, _pair(effect))
         if e is None:
             raise SystemExit(f"results: a cell of {setting} has no metric {effect!r}")
-        means = {k: float(np.mean([r["metrics"][k] for r in recs]))
-                 for k in recs[0]["metrics"] if all(k in r["metrics"] for r in recs)}
-        rows.append({"setting": setting, "effect": e, "means": means})
+        rows.append({"setting": setting, "effect": e, "means": _means(recs)})
     return rows
 
 

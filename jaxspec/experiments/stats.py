@@ -85,12 +85,12 @@ def unpack_hits(text: str) -> np.ndarray:
     return np.unpackbits(np.frombuffer(base64.b64decode(data), np.uint8))[: int(n)].astype(bool)
 
 
-def by_setting(records: list[dict]) -> list[tuple[dict, list[dict]]]:
-    """Cell records grouped by everything but the seed: `[(setting, records sorted by seed)]`, settings sorted
+def by_setting(records: list[dict], axis: str = "seed") -> list[tuple[dict, list[dict]]]:
+    """Cell records grouped by everything but `axis`: `[(setting, records sorted by seed)]`, settings sorted
     (numbers before names on each axis)."""
     by: dict[tuple, list[dict]] = {}
     for rec in records:
-        by.setdefault(tuple((k, v) for k, v in rec["cell"].items() if k != "seed"), []).append(rec)
+        by.setdefault(tuple((k, v) for k, v in rec["cell"].items() if k != axis), []).append(rec)
     return [(dict(key), sorted(recs, key=lambda r: r["cell"].get("seed", 0)))
             for key, recs in sorted(by.items(), key=lambda kv: tuple((isinstance(v, str), v) for _, v in kv[0]))]
 
