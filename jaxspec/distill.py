@@ -32,11 +32,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxspec import models, sharding
+from jaxspec.classification import Classification
 from jaxspec.data import pipeline
 from jaxspec.models import layers
-from jaxspec.train import checkpoint, loop, optimizers, steps, workdir
+from jaxspec.train import freeze, optimizers, steps, workdir
 from jaxspec.train.state import ModelDef, TrainState, create_state
+from jaxspec.train.task import Outputs
 
 Pairs = tuple[tuple[str, str], ...]  # (teacher layer, student layer) in forward order
 
@@ -211,47 +212,51 @@ def make_skd_train_step(student_def: ModelDef, teacher_def: ModelDef, tx: optax.
             return loss, (aux, nnx.state(student, nnx.BatchStat))
 
         (loss, ((logits, ce, kd), batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        return steps.apply_gradients(state, tx, schedule, grads, batch_stats, loss, logits, batch["label"], ce=ce,
-                                     distill=kd)
+        return steps.apply_gradients(state, tx, schedule, grads, batch_stats, loss=loss, ce=ce, distill=kd,
+                                     accuracy=steps.accuracy(logits, batch["label"]))
 
     return train_step
 
 
-def train_skd(r, name: str, model: nnx.Module, teacher_def: ModelDef, teacher_state: TrainState, source, val,
-              phase, skd, seed: int) -> tuple[ModelDef, DistillState]:
-    """`Runner.train_phase` for an SKD student: `model` (|S| outputs) trained on `source` with the teacher's maps.
+class Distillation(Classification):
+    """The SKD task: a classification student trained with the loss above against a frozen teacher.
 
-    `skd` holds layers, lam, beta, power_iters, normalize. Checkpoints (teacher
-    included) go under workdir/checkpoints/<name>; a finished phase only restores.
-    `phase.reestimate_bn` recomputes the student's BatchNorm statistics at the end, as for any phase.
+    The driver trains it like any phase (`phase.freeze`, `sharding.fsdp`,
+    checkpoints and resume, `phase.reestimate_bn`); the student gains its
+    adapters in `wrap`, the teacher rides in the state (`DistillState`), and
+    the fingerprint adds the SKD settings and the teacher's weights.
+    `skd` holds layers, lam, beta, power_iters, normalize.
     """
-    teacher = teacher_def.merge(teacher_state.params, teacher_state.batch_stats)
-    student = make_student(model, teacher, parse_pairs(skd.layers), image_size=r.config.data.image_size,
-                           rngs=nnx.Rngs(seed))
-    tx, schedule = optimizers.make_optimizer(phase.optim, phase.steps)
-    student_def, state = create_distill_state(student, teacher_def, teacher_state, tx, seed)
-    state = sharding.replicate(state, r.mesh)
-    data_iter = pipeline.train_iterator(source, r.config.data, batch_size=phase.batch_size, seed=seed)
-    fingerprint = workdir.phase_fingerprint(phase=phase, seed=seed, data_cfg=r.config.data, source=source,
-                                            start=student, spec=models.describe(model), skd=skd.to_dict(),
-                                            extendable=optimizers.length_free(phase.optim),
-                                            teacher_weights=workdir.weights_digest(teacher))
-    ckpt = checkpoint.Checkpointer(r.workdir / "checkpoints" / name, fingerprint=fingerprint,
-                                   overwrite=r.config.get("overwrite", False))
-    if ckpt.latest_step() is not None:
-        state = ckpt.restore(checkpoint.abstract_like(state), data_iter)
-        loop.announce_restore(name, int(state.step), phase.steps)
-    if int(state.step) < phase.steps:
-        step = make_skd_train_step(student_def, teacher_def, tx, schedule, mean=r.info.mean, std=r.info.std,
+
+    def __init__(self, teacher_def: ModelDef, teacher_state: TrainState, skd):
+        self.teacher_def, self.teacher_state, self.skd = teacher_def, teacher_state, skd
+
+    def wrap(self, ctx, model, seed):
+        teacher = self.teacher_def.merge(self.teacher_state.params, self.teacher_state.batch_stats)
+        return make_student(model, teacher, parse_pairs(self.skd.layers), image_size=ctx.config.data.image_size,
+                            rngs=nnx.Rngs(seed))
+
+    def optimizer(self, ctx, phase, model, source):
+        """`phase.freeze` names the student's parameters as in any phase; the adapters always train."""
+        tx, schedule = optimizers.make_optimizer(phase.optim, phase.steps)
+        patterns = [freeze.under("model", p) for p in freeze.parse_patterns(phase.get("freeze", ""))]
+        return freeze.freeze(tx, nnx.state(model, nnx.Param), patterns), schedule
+
+    def init_state(self, ctx, model, tx, seed):
+        return create_distill_state(model, self.teacher_def, self.teacher_state, tx, seed)
+
+    def train_step(self, ctx, modeldef, tx, schedule, phase, outputs: Outputs):
+        if outputs.columns is not None:
+            raise ValueError("SKD students have |S| outputs; output suppression does not apply")
+        skd = self.skd
+        return make_skd_train_step(modeldef, self.teacher_def, tx, schedule, mean=ctx.info.mean, std=ctx.info.std,
                                    lam=skd.lam, beta=skd.beta, label_smoothing=phase.label_smoothing,
                                    num_iters=skd.power_iters, normalize=skd.normalize)
-        val_eval = r.evaluator(student_def, source.info.num_classes)
-        state = loop.fit(name, state, steps.jit_train_step(step, r.mesh), data_iter, num_steps=phase.steps,
-                         batch_size=phase.batch_size, mesh=r.mesh, ckpt=ckpt, writer=r.writer,
-                         log_every=r.config.log_every, checkpoint_every=r.config.checkpoint_every,
-                         eval_every=r.config.eval.every_steps, eval_fn=lambda s: {"val_top1": val_eval(s, val)["top1"]})
-    ckpt.close()
-    return student_def, r.final_bn_stats(student_def, state, source, phase)
+
+    def fingerprint(self, ctx, phase, outputs: Outputs) -> dict:
+        teacher = self.teacher_def.merge(self.teacher_state.params, self.teacher_state.batch_stats)
+        return {"extendable": optimizers.length_free(phase.optim), "skd": self.skd.to_dict(),
+                "teacher_weights": workdir.weights_digest(teacher)}
 
 
 def student_params(model: nnx.Module) -> int:

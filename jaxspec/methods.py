@@ -27,10 +27,12 @@ import ml_collections
 import optax
 from flax import nnx
 
-from jaxspec import sharding, specialize
+from jaxspec import classification, models, sharding, specialize, validate
 from jaxspec.data.constrain import ConstrainedSource
-from jaxspec.train import freeze, multi
+from jaxspec.train import checkpoint, driver, freeze
+from jaxspec.train.context import RunContext
 from jaxspec.train.state import ModelDef, TrainState, create_state, to_model
+from jaxspec.train.task import Outputs
 
 METHODS = ("extract", "fresh_head", "head_then_full", "scratch", "suppress", "dustbin", "continued")
 
@@ -57,16 +59,54 @@ class Trained:
         return len(self.columns) if self.columns is not None else len(self.classes)
 
 
-def frozen(r, model: nnx.Module, classes: Sequence[int], columns=None) -> Trained:
+def frozen(ctx: RunContext, model: nnx.Module, classes: Sequence[int], columns=None) -> Trained:
     """Wraps an untrained model (e.g. the untuned extracted specialist) for evaluation."""
     modeldef, state = create_state(model, optax.identity(), 0)
-    return Trained(modeldef, sharding.replicate(state, r.mesh), tuple(classes), columns)
+    return Trained(modeldef, sharding.replicate(state, ctx.mesh), tuple(classes), columns)
 
 
-def evaluate_on(r, trained: Trained, source: ConstrainedSource, per_example: bool = False) -> dict:
+def _load_generalist(config, num_classes: int) -> nnx.Module:
+    """The generalist named by `config.generalist.init`: exported model or torchvision weights."""
+    init = config.generalist.init
+    if init.endswith(validate.TORCHVISION_SUFFIXES):
+        model = models.load_torchvision_file(init, config.model.name, dtype=config.model.dtype)
+    else:
+        model, _ = checkpoint.load_model(init, dtype=config.model.dtype)
+    got = model.head.out_features
+    if got != num_classes:
+        raise ValueError(
+            f"generalist.init={init!r} has {got} classes but dataset {config.data.name!r} has {num_classes}"
+        )
+    return model
+
+
+def generalist(ctx: RunContext, seed: int | None = None) -> Trained:
+    """The generalist of `seed` (default `config.seed`), trained here (resuming) or loaded from
+    `generalist.init` (the same for every seed); computed once per seed.
+
+    Paired experiments train one per seed, so that seeds are independent
+    replicates of the whole pipeline; `config.seed`'s is the phase `generalist`.
+    """
+    config, n = ctx.config, ctx.info.num_classes
+    init = config.generalist.get("init", "")
+    seed = config.seed if seed is None or init else int(seed)
+    key = ("generalist", seed)
+    if key not in ctx.cache:
+        if init:
+            ctx.cache[key] = frozen(ctx, _load_generalist(config, n), range(n))
+        else:
+            name = "generalist" if seed == config.seed else f"generalist-seed{seed}"
+            d, s = driver.train_phase(ctx, name, ctx.task.new_model(ctx, n, seed), ctx.train, ctx.val,
+                                      config.generalist, seed, outputs=Outputs.of(range(n)))
+            ctx.cache[key] = Trained(d, s, tuple(range(n)))
+    return ctx.cache[key]
+
+
+def evaluate_on(ctx: RunContext, trained: Trained, source: ConstrainedSource, per_example: bool = False) -> dict:
     """top-1/top-2/loss/per-class accuracy on `source` (labels are S's positions); `per_example` adds
     `hits`, each example's top-1 outcome in `source`'s order."""
-    ev = r.evaluator(trained.modeldef, trained.num_scored, columns=trained.columns, per_example=per_example)
+    ev = classification.evaluator(ctx, trained.modeldef, trained.num_scored, columns=trained.columns,
+                                  per_example=per_example)
     out = ev(trained.state, source)
     out["per_class_top1"] = out["per_class_top1"][: len(source.subset)]  # a dustbin is not a class of S
     return out
@@ -81,7 +121,7 @@ def _head_phase(phase: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return head
 
 
-def specialize_from(r, parent: Trained, subset: Sequence[int], method: str, *, seed: int, name: str,
+def specialize_from(ctx: RunContext, parent: Trained, subset: Sequence[int], method: str, *, seed: int, name: str,
                     phase: ml_collections.ConfigDict | None = None) -> Trained:
     """Trains the `method` model for `subset` (global class indices) from `parent`.
 
@@ -90,31 +130,31 @@ def specialize_from(r, parent: Trained, subset: Sequence[int], method: str, *, s
     """
     if method not in METHODS:
         raise ValueError(f"Unknown specialization method {method!r}; choose one of {list(METHODS)}")
-    phase = phase or r.config.specialize
+    phase = phase or ctx.config.specialize
     subset = tuple(int(c) for c in subset)
     pos = specialize.compose_subsets(parent.classes, subset)
-    train_s, val_s = ConstrainedSource(r.train, subset), ConstrainedSource(r.val, subset)
+    train_s, val_s = ConstrainedSource(ctx.train, subset), ConstrainedSource(ctx.val, subset)
     model = parent.model
 
     if method == "continued":
-        home = ConstrainedSource(r.train, [c for c in parent.classes if c >= 0])
-        val_home = ConstrainedSource(r.val, home.subset)
-        d, s = r.train_phase(name, model, home, val_home, phase, seed)
+        home = ConstrainedSource(ctx.train, [c for c in parent.classes if c >= 0])
+        val_home = ConstrainedSource(ctx.val, home.subset)
+        d, s = driver.train_phase(ctx, name, model, home, val_home, phase, seed)
         return Trained(d, s, parent.classes, tuple(pos))
     if method == "suppress":
-        d, s = r.train_phase(name, model, train_s, val_s, phase, seed, columns=pos)
+        d, s = driver.train_phase(ctx, name, model, train_s, val_s, phase, seed, outputs=Outputs.of(columns=pos))
         return Trained(d, s, parent.classes, tuple(pos))
     if method == "dustbin":
         start = specialize.add_dustbin(model, pos)
-        data = ConstrainedSource(r.train, subset, dustbin=phase.dustbin_fraction, seed=seed)
-        d, s = r.train_phase(name, start, data, val_s, phase, seed)
+        data = ConstrainedSource(ctx.train, subset, dustbin=phase.dustbin_fraction, seed=seed)
+        d, s = driver.train_phase(ctx, name, start, data, val_s, phase, seed)
         return Trained(d, s, (*subset, -1))
-    start, phase = _start(r, parent, pos, train_s, val_s, method, seed, phase, name)
-    d, s = r.train_phase(name, start, train_s, val_s, phase, seed)
+    start, phase = _start(ctx, parent, pos, train_s, val_s, method, seed, phase, name)
+    d, s = driver.train_phase(ctx, name, start, train_s, val_s, phase, seed)
     return Trained(d, s, subset)
 
 
-def _start(r, parent: Trained, pos: Sequence[int], train_s: ConstrainedSource, val_s: ConstrainedSource,
+def _start(ctx: RunContext, parent: Trained, pos: Sequence[int], train_s: ConstrainedSource, val_s: ConstrainedSource,
            method: str, seed: int, phase, name: str):
     """The model that `extract`, `fresh_head`, `head_then_full` and `scratch` fine-tune, and their phase.
 
@@ -122,17 +162,17 @@ def _start(r, parent: Trained, pos: Sequence[int], train_s: ConstrainedSource, v
     if method == "extract":
         return specialize.extract(parent.model, pos), phase
     if method == "scratch":
-        return r.new_model(len(pos), seed), r.config.scratch
+        return ctx.task.new_model(ctx, len(pos), seed), ctx.config.scratch
     start = specialize.fresh_head(parent.model, len(pos), rngs=nnx.Rngs(seed))
     if method == "head_then_full":
-        d, s = r.train_phase(f"{name}-head", start, train_s, val_s, _head_phase(phase), seed)
+        d, s = driver.train_phase(ctx, f"{name}-head", start, train_s, val_s, _head_phase(phase), seed)
         start = to_model(d, s)
     return start, phase
 
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """One specialist `specialize_from(r, parent, subset, method, seed=seed, name=name, phase=phase)` would train."""
+    """One specialist `specialize_from(ctx, parent, subset, method, seed=seed, name=name, phase=phase)` would train."""
 
     subset: tuple[int, ...]
     method: str
@@ -144,19 +184,19 @@ class Job:
 VMAPPABLE = ("extract", "fresh_head", "scratch")
 
 
-def train_together(r, parent: Trained, jobs: Sequence[Job], max_k: int = 8) -> list[str]:
+def train_together(ctx: RunContext, parent: Trained, jobs: Sequence[Job], max_k: int = 8) -> list[str]:
     """Trains not-yet-started jobs that share a method, phase and |S| in one vmapped step, up to `max_k` at once.
 
     Each lands in the checkpoint `specialize_from` would write under its name
-    (equal to training it alone, `jaxspec.train.multi`), so a later
+    (equal to training it alone, `jaxspec.train.driver`), so a later
     `specialize_from` call only restores it. A job already under way is left
     to resume alone. Returns the names trained here.
     """
     batches: dict[tuple, list[Job]] = {}
     for job in {j.name: j for j in jobs}.values():
-        ckpt_dir = r.workdir / "checkpoints" / job.name
+        ckpt_dir = ctx.workdir / "checkpoints" / job.name
         if job.method in VMAPPABLE and not (ckpt_dir.is_dir() and any(ckpt_dir.iterdir())):
-            phase = r.config.scratch if job.method == "scratch" else job.phase
+            phase = ctx.config.scratch if job.method == "scratch" else job.phase
             key = (job.method, phase.to_json(sort_keys=True), len(job.subset))
             batches.setdefault(key, []).append(job)
     trained = []
@@ -165,12 +205,12 @@ def train_together(r, parent: Trained, jobs: Sequence[Job], max_k: int = 8) -> l
             chunk = group[i:i + max_k]
             if len(chunk) < 2:
                 continue
-            trains = [ConstrainedSource(r.train, j.subset) for j in chunk]
-            vals = [ConstrainedSource(r.val, j.subset) for j in chunk]
-            starts = [_start(r, parent, specialize.compose_subsets(parent.classes, j.subset), t, v, j.method, j.seed,
-                             j.phase, j.name) for j, t, v in zip(chunk, trains, vals)]
-            multi.train_specialists(r, [m for m, _ in starts], trains, vals, starts[0][1], [j.seed for j in chunk],
-                                    [j.name for j in chunk])
+            trains = [ConstrainedSource(ctx.train, j.subset) for j in chunk]
+            vals = [ConstrainedSource(ctx.val, j.subset) for j in chunk]
+            starts = [_start(ctx, parent, specialize.compose_subsets(parent.classes, j.subset), t, v, j.method,
+                             j.seed, j.phase, j.name) for j, t, v in zip(chunk, trains, vals)]
+            driver.train_together(ctx, [driver.Member(j.name, m, t, v, j.seed)
+                                        for j, (m, _), t, v in zip(chunk, starts, trains, vals)], starts[0][1])
             trained += [j.name for j in chunk]
     return trained
 

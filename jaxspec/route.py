@@ -39,7 +39,7 @@ from jaxspec import sharding, specialize
 from jaxspec.data import pipeline
 from jaxspec.data.sources import Source
 from jaxspec.train.loop import Progress
-from jaxspec.train.state import ModelDef, split_model
+from jaxspec.train.state import ModelDef, split_model, stack
 
 DUSTBIN = -1
 NO_GROUP = -1
@@ -242,9 +242,8 @@ def build_routed(generalist: nnx.Module, specialists: Sequence[nnx.Module], labe
     stats = [s for _, _, s in splits]
     _check_same_arch(params, "parameters")
     _check_same_arch(stats, "BatchNorm statistics")
-    stack = functools.partial(jax.tree.map, lambda *xs: jnp.stack(xs))
     placed = sharding.replicate({"generalist": (gen_params, gen_stats),
-                                 "specialists": (stack(*params), stack(*stats))}, mesh)
+                                 "specialists": (stack(params), stack(stats))}, mesh)
     tables = sharding.replicate({"label_maps": table, "class_to_group": class_to_group}, mesh)
     mean, std = tuple(mean), tuple(std)
     # Padding the head does not change the graph apart from a static width attribute, unused by the forward pass.

@@ -189,6 +189,43 @@ def replicate(tree, mesh: jax.sharding.Mesh):
     return _put(tree, replicated(mesh))
 
 
+SPEC_AXES = ("spec", "data")
+
+
+def spec_mesh(num_specialists: int, devices=None) -> jax.sharding.Mesh:
+    """The mesh of K specialists trained in one vmapped step: ('spec', 'data'), 'spec' the largest
+    divisor of both K and the device count.
+
+    The leading K axis of stacked states and batches is split over 'spec' (each
+    device group holds K / |spec| specialists), every specialist's batch over
+    'data'. Multi-process runs keep 'spec' at 1 (every process feeds its shard
+    of every specialist's batch), so process-local batches stay the layout
+    `jax.make_array_from_process_local_data` expects.
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    spec = math.gcd(num_specialists, len(devices)) if jax.process_count() == 1 else 1
+    # Auto axes: under vmap a batched kernel turns convolutions into grouped ones, whose reshapes
+    # explicit sharding types cannot express; the compiler propagates from the jit's shardings.
+    return jax.make_mesh((spec, len(devices) // spec), SPEC_AXES, devices=devices,
+                         axis_types=(AxisType.Auto,) * 2)
+
+
+def stacked_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """Stacked states (and per-specialist metrics) on a `spec_mesh`: the leading K axis over 'spec'."""
+    return NamedSharding(mesh, P("spec"))
+
+
+def stacked_batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """[K, B, ...] batches on a `spec_mesh`: K over 'spec', each specialist's examples over 'data'."""
+    return NamedSharding(mesh, P("spec", "data"))
+
+
+def put_batches(batches, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """This process's K batches (one per specialist) -> global [K, B, ...] arrays on a `spec_mesh`."""
+    sh = stacked_batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sh, np.stack([b[k] for b in batches])) for k in batches[0]}
+
+
 def summed_over_rows(x: jax.Array) -> NamedSharding | None:
     """`out_sharding` for a contraction over `x`'s rows inside a sharded step.
 

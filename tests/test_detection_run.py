@@ -16,7 +16,9 @@ from configs.experiments import table5
 from jaxspec.detection import data, run
 from jaxspec.detection import specialize as dspec
 from jaxspec.experiments import grid
-from jaxspec.methods import restricted
+from jaxspec.detection.task import evaluator
+from jaxspec.methods import generalist, restricted
+from jaxspec.train import checkpoint
 from tests.synthetic_embedded import write_fixture
 
 ANIMALS = tuple(range(10))
@@ -97,8 +99,8 @@ def test_results_table_slicing_exact_and_every_animal_box_scored(finished):
 
 def test_frozen_layers_and_statistics_are_the_generalists(finished):
     config, workdir, *_ = finished
-    r = run.Runner(config, str(workdir))  # finished phases restore without training
-    gen = r.generalist()
+    r = run.open_run(config, str(workdir))  # finished phases restore without training
+    gen = generalist(r)
     spec = run.specialize_from(r, gen, ANIMALS, "slice", seed=config.seed + 1, name="specialist")
     start = dspec.slice_head(gen.model, ANIMALS)
     before, after = _flat(nnx.state(start, nnx.Param)), _flat(spec.state.params)
@@ -108,6 +110,12 @@ def test_frozen_layers_and_statistics_are_the_generalists(finished):
     assert stats_before.keys() == stats_after.keys()
     for path, value in stats_before.items():
         np.testing.assert_array_equal(value, stats_after[path], err_msg=path)
+    # The run's exported detector loads with the documented loader and predicts as the trained one does.
+    loaded, record = checkpoint.load_model(workdir / "models" / "specialist")
+    assert record["name"] == config.model.name and record["output_classes"] == list(ANIMALS)
+    x = np.random.default_rng(0).random((2, config.data.image_size, config.data.image_size, 3)).astype(np.float32)
+    for a, b in zip(spec.model(x), loaded(x), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     r.writer.close()
 
 
@@ -130,10 +138,10 @@ def test_evaluator_agrees_with_pycocotools_on_the_scenes_json(finished):
     cocoeval = pytest.importorskip("pycocotools.cocoeval")
     coco = pytest.importorskip("pycocotools.coco")
     config, workdir, results, _ = finished
-    r = run.Runner(config, str(workdir))
-    gen = restricted(r.generalist(), ANIMALS)
-    source = r.constrained(r.test, ANIMALS)
-    found = r.evaluator(gen.modeldef).collect(gen.state, source, classes=gen.classes, columns=gen.columns)
+    r = run.open_run(config, str(workdir))
+    gen = restricted(generalist(r), ANIMALS)
+    source = run.constrained(r, r.test, ANIMALS)
+    found = evaluator(r, gen.modeldef).collect(gen.state, source, classes=gen.classes, columns=gen.columns)
     dt, gt = found.detections(), found.ground_truth()
     ids = source.source_indices  # evaluator image ids are positions in the constrained source
     truth = np.concatenate([source[i]["boxes"] for i in range(len(source))])

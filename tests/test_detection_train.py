@@ -10,6 +10,7 @@ from configs import common
 from configs.coco_animals import yolov5_sgd as yolov5_sgd_config
 from configs.detect_animals import phase as detection_phase
 from jaxspec import sharding
+from jaxspec.data.constrain import label_map
 from jaxspec.detection import data, nms
 from jaxspec.detection import specialize as dspec
 from jaxspec.detection import train as dtrain
@@ -94,7 +95,7 @@ def test_sliced_head_predicts_and_scores_as_the_suppressed_full_head(model):
     batch = random_batch(3, labels_from=SUBSET)  # domain constrained: only boxes of S
     x = jnp.asarray(batch["image"], jnp.float32).repeat(3, -1) / 255
     hyp = dtrain.phase_hyp(DEFAULT_HYP, num_classes=len(SUBSET), image_size=SIZE)  # |S| classes are scored
-    sliced_labels = dtrain.output_index(SUBSET, NC)[batch["labels"]]
+    sliced_labels = label_map(NC, SUBSET)[batch["labels"]]
     full_out, (full_loss, full_parts), full_det = _forward_loss_nms(
         model, x, data.to_targets(batch["boxes"], batch["labels"], batch["mask"], SIZE), batch["mask"], hyp,
         dspec.class_mask(NC, SUBSET))

@@ -15,8 +15,8 @@ from jaxspec import distill, models, sharding
 from jaxspec.data import pipeline
 from jaxspec.data.constrain import ConstrainedSource
 from jaxspec.experiments import skd as skd_exp
-from jaxspec.run import Runner
-from jaxspec.train import batchnorm, steps
+from jaxspec.run import open_run
+from jaxspec.train import batchnorm, driver, steps
 from jaxspec.train.state import create_state, to_model
 from tests.synthetic_embedded import use_fixture
 
@@ -158,7 +158,7 @@ def test_draw_subset():
 @pytest.fixture(scope="module")
 def tiny_runner(tmp_path_factory):
     config = use_fixture(skd_config.get_config("tiny"), str(tmp_path_factory.mktemp("raw")))
-    return Runner(config, str(tmp_path_factory.mktemp("work"))), config
+    return open_run(config, str(tmp_path_factory.mktemp("work"))), config
 
 
 def test_skd_cell_end_to_end(tiny_runner, tmp_path):
@@ -168,7 +168,7 @@ def test_skd_cell_end_to_end(tiny_runner, tmp_path):
     hits = m.pop("model_hits")  # each test image's outcome, for comparing students image by image
     assert set(m) == {"top1", "top2", "loss", "params"} and hits.mean() == pytest.approx(m["top1"])
     assert 0 <= m["top1"] <= m["top2"] <= 1 and math.isfinite(m["loss"])
-    assert m["params"] == distill.student_params(r.new_model(4, 0))  # adapters are not deployed
+    assert m["params"] == distill.student_params(r.task.new_model(r, 4, 0))  # adapters are not deployed
     for name in ("teacher", "skd-skd-4-seed0"):
         assert (r.workdir / "checkpoints" / name).exists()
     again = skd_exp.run_cell(r, config, cell)  # finished: restored, same numbers
@@ -186,10 +186,9 @@ def test_skd_students_trained_from_scratch_get_reestimated_batchnorm_statistics(
     train, val = ConstrainedSource(r.train, subset), ConstrainedSource(r.val, subset)
     t = skd_exp.teacher(r, config)
     raw_phase = ml_collections.ConfigDict({**config.scratch.to_dict(), "reestimate_bn": False})
-    _, fixed = distill.train_skd(r, "bn-fixed", r.new_model(4, 0), t.modeldef, t.state, train, val, config.scratch,
-                                 config.skd, 0)
-    student_def, raw = distill.train_skd(r, "bn-raw", r.new_model(4, 0), t.modeldef, t.state, train, val,
-                                         raw_phase, config.skd, 0)
+    task = distill.Distillation(t.modeldef, t.state, config.skd)
+    _, fixed = driver.train_phase(r, "bn-fixed", r.task.new_model(r, 4, 0), train, val, config.scratch, 0, task=task)
+    student_def, raw = driver.train_phase(r, "bn-raw", r.task.new_model(r, 4, 0), train, val, raw_phase, 0, task=task)
     jax.tree.map(np.testing.assert_array_equal, fixed.params, raw.params)
     batches = pipeline.eval_iterator(train, config.data, batch_size=config.scratch.batch_size)
     expected = batchnorm.reestimate(student_def, raw, batches, mesh=r.mesh, mean=r.info.mean, std=r.info.std)

@@ -1,5 +1,6 @@
 """The experiments command: grid expansion, aggregation vs NumPy, a tiny grid end to end with resume."""
 
+import dataclasses
 import json
 import pathlib
 import types
@@ -79,8 +80,9 @@ def test_tiny_grid_end_to_end_and_resume(fixture_data, tmp_path, monkeypatch, ca
         p.unlink()
     from jaxspec.experiments import specialize as kind
     calls = []
-    real = kind.run_cell
-    monkeypatch.setattr(kind, "run_cell", lambda r, c, cell: calls.append(cell) or real(r, c, cell))
+    real = kind.KIND.run_cell
+    monkeypatch.setattr(kind, "KIND", dataclasses.replace(
+        kind.KIND, run_cell=lambda ctx, c, cell: calls.append(cell) or real(ctx, c, cell)))
     again = grid.run_grid(config, str(tmp_path))
     assert [c["seed"] for c in calls] == [1, 1]
     assert json.dumps(again["rows"]) == json.dumps(out["rows"])  # restored checkpoints: identical numbers

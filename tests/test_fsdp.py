@@ -7,8 +7,10 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from configs.common import optimizer as optimizer_config
+import optax
+
 from jaxspec import models, sharding
-from jaxspec.train import optimizers, steps
+from jaxspec.train import driver, optimizers, steps
 from jaxspec.train.state import create_state
 
 
@@ -101,12 +103,48 @@ def test_runner_trains_the_same_with_config_sharding_fsdp(tmp_path):
         config = use_fixture(animals.get_config("tiny"), str(tmp_path / "raw"), per_class=8)
         config.sharding.fsdp = fsdp
         config.specialize.steps, config.specialize.optim.optimizer = 3, "sgd"
-        r = run.Runner(config, str(tmp_path / f"w{fsdp}"))
+        r = run.open_run(config, str(tmp_path / f"w{fsdp}"))
         assert r.mesh.shape == ({"data": 8} if fsdp == 1 else {"data": 2, "fsdp": 4})
-        model = r.new_model(r.info.num_classes, 0)
+        model = r.task.new_model(r, r.info.num_classes, 0)
         src = ConstrainedSource(r.train, range(r.info.num_classes))
-        _, state = r.train_phase("p", model, src, None, config.specialize, 0)
+        _, state = driver.train_phase(r, "p", model, src, None, config.specialize, 0)
         split = [x for x in jax.tree.leaves(state.params) if not x.sharding.is_fully_replicated]
         assert bool(split) == (fsdp > 1)
         out[fsdp] = jax.device_get(state.params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), out[1], out[4])
+
+
+def test_skd_students_train_through_the_driver_under_fsdp_and_freeze(tmp_path):
+    """An SKD student is a phase like any other: `sharding.fsdp` splits its state (teacher included) with the
+    same result, and `phase.freeze` (named as for the plain student) keeps those parameters exactly."""
+    from configs.experiments import skd as skd_config
+    from jaxspec import distill, run
+    from jaxspec.data.constrain import ConstrainedSource
+    from tests.synthetic_embedded import use_fixture
+
+    out = {}
+    for fsdp in (1, 4):
+        config = use_fixture(skd_config.get_config("tiny"), str(tmp_path / "raw"), per_class=8)
+        config.sharding.fsdp = fsdp
+        phase = config.scratch
+        phase.steps, phase.optim.optimizer, phase.freeze, phase.reestimate_bn = 3, "sgd", "blocks:0-1", False
+        ctx = run.open_run(config, str(tmp_path / f"w{fsdp}"))
+        t = config.skd.teacher
+        teacher = models.get_model(t.name, ctx.info.num_classes, rngs=nnx.Rngs(5), width_multiplier=t.width_multiplier)
+        teacher_def, teacher_state = create_state(teacher, optax.identity(), 5)
+        subset = (0, 1, 2, 3)
+        student = ctx.task.new_model(ctx, len(subset), 0)
+        start = jax.device_get(nnx.state(student, nnx.Param))
+        _, state = driver.train_phase(ctx, "student", student, ConstrainedSource(ctx.train, subset), None, phase, 0,
+                                      task=distill.Distillation(teacher_def, teacher_state, config.skd))
+        split = [x for x in jax.tree.leaves((state.params, state.teacher_params))
+                 if not x.sharding.is_fully_replicated]
+        assert bool(split) == (fsdp > 1)
+        params = jax.device_get(state.params)
+        for block in (0, 1):
+            jax.tree.map(np.testing.assert_array_equal, params["model"]["blocks"][block], start["blocks"][block])
+        assert not np.array_equal(params["model"]["blocks"][2]["project"]["conv"]["kernel"],
+                                  start["blocks"][2]["project"]["conv"]["kernel"])
+        out[fsdp] = params
+        ctx.writer.close()
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), out[1], out[4])

@@ -17,7 +17,7 @@ from jaxspec.analysis import lesion
 from jaxspec.data.sources import ArraySource, DatasetInfo
 from jaxspec.experiments import lesion as lesion_exp
 from jaxspec.models import layers
-from jaxspec.run import Runner
+from jaxspec.run import open_run
 from jaxspec.train import optimizers, steps
 from jaxspec.train.state import create_state, to_model
 from tests.synthetic_embedded import use_fixture
@@ -197,7 +197,7 @@ def test_held_units_stay_exactly_zero_under_adam_and_init_units_move(optim):
 @pytest.fixture(scope="module")
 def tiny_runner(tmp_path_factory):
     config = use_fixture(lesion_config.get_config("tiny"), str(tmp_path_factory.mktemp("raw")))
-    return Runner(config, str(tmp_path_factory.mktemp("work"))), config
+    return open_run(config, str(tmp_path_factory.mktemp("work"))), config
 
 
 def test_lesion_cell_end_to_end(tiny_runner, tmp_path):

@@ -11,7 +11,7 @@ from configs import animals
 from jaxspec import methods, models, run, specialize
 from jaxspec.data.constrain import ConstrainedSource
 from jaxspec.data.sources import ArraySource, DatasetInfo
-from jaxspec.train import freeze, steps
+from jaxspec.train import driver, freeze, steps
 from jaxspec.train.state import create_state
 from tests.synthetic_embedded import use_fixture
 
@@ -166,12 +166,12 @@ def runner(tmp_path_factory):
     config.specialize.head_steps = 3
     config.checkpoint_every = 4
     config.log_every = 2
-    return run.Runner(config, str(tmp_path_factory.mktemp("work")))
+    return run.open_run(config, str(tmp_path_factory.mktemp("work")))
 
 
 @pytest.mark.parametrize("method", methods.METHODS)
 def test_each_method_trains_from_the_same_generalist(runner, method):
-    gen = runner.generalist()
+    gen = methods.generalist(runner)
     subset = runner.subset
     t = methods.specialize_from(runner, gen, subset, method, seed=1, name=f"t-{method}")
     width = {"suppress": 30, "continued": 30, "dustbin": 11}.get(method, 10)
@@ -183,8 +183,8 @@ def test_each_method_trains_from_the_same_generalist(runner, method):
     if method == "head_then_full":  # the head-only phase left the body as the generalist had it
         head_phase = runner.workdir / "checkpoints" / "t-head_then_full-head"
         assert head_phase.exists()
-        d, s = runner.train_phase(  # finished: this only restores the checkpoint
-            "t-head_then_full-head", specialize.fresh_head(gen.model, 10, rngs=nnx.Rngs(1)),
+        d, s = driver.train_phase(  # finished: this only restores the checkpoint
+            runner, "t-head_then_full-head", specialize.fresh_head(gen.model, 10, rngs=nnx.Rngs(1)),
             ConstrainedSource(runner.train, subset), ConstrainedSource(runner.val, subset),
             methods._head_phase(runner.config.specialize), 1)
         b_gen, b_head = body(gen.model), body(d.merge(s.params, s.batch_stats))
@@ -193,8 +193,8 @@ def test_each_method_trains_from_the_same_generalist(runner, method):
 
 def test_train_together_batches_equal_specialists_and_leaves_the_rest(runner, monkeypatch):
     calls = []
-    monkeypatch.setattr(methods.multi, "train_specialists",
-                        lambda r, models, trains, vals, phase, seeds, names: calls.append((list(names), list(seeds))))
+    monkeypatch.setattr(methods.driver, "train_together",
+                        lambda ctx, members, phase: calls.append(([m.name for m in members], [m.seed for m in members])))
     spec = runner.config.specialize
     (runner.workdir / "checkpoints" / "started" / "4").mkdir(parents=True)  # a run already under way
     jobs = [methods.Job((0, 1), "extract", 0, "a", spec), methods.Job((2, 3), "extract", 1, "b", spec),
@@ -202,14 +202,14 @@ def test_train_together_batches_equal_specialists_and_leaves_the_rest(runner, mo
             methods.Job((6, 7, 8), "extract", 0, "wide", spec), methods.Job((6, 7), "dustbin", 0, "bin", spec),
             methods.Job((8, 9), "extract", 0, "started", spec), methods.Job((0, 1), "scratch", 0, "s0", spec),
             methods.Job((2, 3), "scratch", 0, "s1", spec)]
-    done = methods.train_together(runner, runner.generalist(), jobs, max_k=2)
+    done = methods.train_together(runner, methods.generalist(runner), jobs, max_k=2)
     # extract pairs of |S|=2 in chunks of 2 (the lone 'c' trains by itself later), then the scratch pair.
     assert calls == [(["a", "b"], [0, 1]), (["s0", "s1"], [0, 0])] and done == ["a", "b", "s0", "s1"]
-    assert methods.train_together(runner, runner.generalist(), jobs, max_k=1) == []
+    assert methods.train_together(runner, methods.generalist(runner), jobs, max_k=1) == []
 
 
 def test_specialists_trained_together_are_only_restored_later(runner):
-    gen, spec = runner.generalist(), runner.config.specialize
+    gen, spec = methods.generalist(runner), runner.config.specialize
     jobs = [methods.Job((0, 1, 2), "extract", s, f"together-{s}", spec) for s in (0, 1)]
     assert methods.train_together(runner, gen, jobs) == ["together-0", "together-1"]
     steps_before = (runner.workdir / "checkpoints" / "together-1").stat().st_mtime_ns

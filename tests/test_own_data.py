@@ -269,8 +269,7 @@ def test_experiment_groupings_expand_over_a_groups_file(tmp_path):
     config = table1.get_config("tiny")
     config.data.name, config.data.groups_file, config.specialize.subset = name, str(groups), "mammals"
     config.groupings.lex.k = 3
-    r = run.Runner(config, str(tmp_path / "work"))
-    grid.add_groupings(r, config)
+    r = grid.add_groupings(run.open_run(config, str(tmp_path / "work")), config)
     cells = grid.expand({"group": ["@semantic", "@lex", "water"], "seed": [0]}, r)
     assert [c["group"] for c in cells] == ["mammals", "water", "lex0", "lex1", "lex2", "water"]
     assert r.groups["mammals"] == (0, 1) and sorted(map(len, (r.groups["random0"], r.groups["random1"]))) == [1, 2]

@@ -139,5 +139,6 @@ def test_config_dtype_reaches_the_model(tmp_path):
     config = use_fixture(animals.get_config("tiny"), str(tmp_path / "raw"), per_class=2)
     assert config.model.dtype == "float32"
     config.model.dtype = "bfloat16"
-    model = run.Runner(config, str(tmp_path / "w")).new_model(4, 0)
+    ctx = run.open_run(config, str(tmp_path / "w"))
+    model = ctx.task.new_model(ctx, 4, 0)
     assert model.dtype == jnp.bfloat16

@@ -33,7 +33,8 @@ from jaxspec.data import embedded, embedded_files, pipeline, synthetic_tfds
 from jaxspec.data.constrain import ConstrainedSource
 from jaxspec.data.datasets import get_info
 from jaxspec.data.sources import ArraySource, DatasetInfo
-from jaxspec.train import multi, steps
+from jaxspec.train import steps
+from jaxspec.train.state import stack
 
 
 def _torch_ref(s: Settings, mode: str, res: int, batch: int, classes: int, width: float):
@@ -177,11 +178,11 @@ def bench_multi(s: Settings) -> list[dict]:
         singles.append(_train_step(model, mesh, seed=i))
     data = sharding.put_batch(_batch(res, batch, 10), mesh)
     single, single_s, _ = _compile(steps.jit_train_step(singles[0][2], mesh), singles[0][1], data)
-    smesh = multi.spec_mesh(k)
-    stacked = jax.device_put(multi.stack([st for _, st, _ in singles]), multi.state_sharding(smesh))
-    mdata = multi.put_batches([_batch(res, batch, 10, seed=i) for i in range(k)], smesh)
+    smesh = sharding.spec_mesh(k)
+    stacked = jax.device_put(stack([st for _, st, _ in singles]), sharding.stacked_sharding(smesh))
+    mdata = sharding.put_batches([_batch(res, batch, 10, seed=i) for i in range(k)], smesh)
     vmapped, multi_s, temp = _compile(
-        multi.jit_multi_train_step(multi.make_multi_train_step(singles[0][2]), smesh), stacked, mdata)
+        steps.jit_stacked_train_step(singles[0][2], smesh), stacked, mdata)
     states = [[st] for _, st, _ in singles]
     holder = [stacked]
 

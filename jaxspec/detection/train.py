@@ -7,7 +7,7 @@ detections into COCO mAP on the host (`jaxspec.detection.metrics`).
 
 Labels in the data are always global class ids; a model's outputs are
 described by `classes` (the global class of each output channel, as
-`jaxspec.methods.Trained` does), and `output_index` maps one to the other,
+`jaxspec.methods.Trained` does), and `constrain.label_map` maps one to the other,
 so the same data serve a full head, a sliced head and a scratch specialist.
 `class_mask` is output suppression: the classes outside it get no loss and
 are never predicted.
@@ -26,22 +26,16 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxspec import sharding
+from jaxspec.data.constrain import label_map
 from jaxspec.data.pipeline import normalize
 from jaxspec.detection import data, metrics, nms, specialize
 from jaxspec.detection.boxes import xywh_to_xyxy
 from jaxspec.detection.loss import assign_targets, scale_hyp, yolo_loss
 from jaxspec.models.yolov5 import ANCHORS, STRIDES, decode
-from jaxspec.train import freeze, optimizers
+from jaxspec.train import freeze, optimizers, steps
 from jaxspec.train.state import ModelDef, TrainState
 
 Batch = dict[str, jax.Array]
-
-
-def output_index(classes: Sequence[int], num_classes: int) -> np.ndarray:
-    """`m[c]` is the output channel of global class c, or -1 when the model has none for it."""
-    m = np.full(num_classes, -1, np.int32)
-    m[np.asarray(classes, np.int64)] = np.arange(len(classes), dtype=np.int32)
-    return m
 
 
 def _matched_accuracy(outputs, targets, mask, class_mask, anchor_t) -> jax.Array:
@@ -102,17 +96,8 @@ def make_train_step(modeldef: ModelDef, tx: optax.GradientTransformation, schedu
             return total, (aux, nnx.state(model, nnx.BatchStat))
 
         (_, ((parts, accuracy), batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                                  batch_stats=batch_stats, opt_state=opt_state)
-        out = {
-            "loss": parts["box"] + parts["obj"] + parts["cls"],
-            **parts,
-            "accuracy": accuracy,
-            "grad_norm": optax.global_norm(grads),
-            "learning_rate": schedule(state.step),
-        }
-        return new_state, out
+        return steps.apply_gradients(state, tx, schedule, grads, batch_stats,
+                                     loss=parts["box"] + parts["obj"] + parts["cls"], **parts, accuracy=accuracy)
 
     return train_step
 
@@ -235,7 +220,7 @@ class Evaluator:
     def collect(self, state: TrainState, source, *, classes: Sequence[int], columns=None) -> metrics.Evaluator:
         """Detections and ground truth of every image of `source` (global labels, each one of the model's
         outputs `classes`), in original image coordinates with labels as output positions."""
-        index = output_index(classes, source.info.num_classes)
+        index = label_map(source.info.num_classes, classes)
         keep = specialize.class_mask(len(classes), columns)
         found = metrics.Evaluator(len(classes), max_dets=self._max_dets)
         for batch in data.eval_iterator(source, self._data_cfg, batch_size=self._batch_size):

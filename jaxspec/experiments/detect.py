@@ -23,42 +23,38 @@ from jaxspec.data.subsets import parse_stages
 from jaxspec.detection import run
 from jaxspec.experiments.grid import cell_id
 from jaxspec.experiments.specialize import phase_for
-from jaxspec.methods import restricted
+from jaxspec.methods import generalist, restricted
+from jaxspec.experiments.kind import Kind
 
 _SHORT = {"fitness": "F", "mAP50": "mAP50", "mAP50_95": "mAP50_95"}
-
-
-def make_runner(config, workdir: str) -> run.Runner:
-    """The grid's shared context: detection data and one generalist for every cell."""
-    return run.Runner(config, workdir)
 
 
 def _scores(metrics: dict, prefix: str) -> dict[str, float]:
     return {f"{prefix}_{short}": metrics[key] for key, short in _SHORT.items()}
 
 
-def run_cell(r: run.Runner, config, cell: dict) -> dict[str, float]:
+def run_cell(ctx, config, cell: dict) -> dict[str, float]:
     if "group" not in cell:
         raise ValueError(f"a `detect` grid needs a `group` axis; got axes {list(cell)}")
-    stages = parse_stages(cell["group"], r.info)
+    stages = parse_stages(cell["group"], ctx.info)
     method, seed = cell.get("method", config.specialize.method), int(cell.get("seed", 0))
     if method == "scratch" and len(stages) > 1:
         raise ValueError(f"method 'scratch' trains one detector on the final subset; got the chain {cell['group']!r}")
     phase = phase_for(config, cell)
-    gen = r.generalist()
+    gen = generalist(ctx)
     final = stages[-1]
-    out = _scores(r.evaluate(restricted(gen, final), final), "generalist")
+    out = _scores(run.evaluate(ctx, restricted(gen, final), final), "generalist")
     parent = gen
     for k, subset in enumerate(stages if method != "scratch" else stages[-1:]):
-        parent = run.specialize_from(r, parent, subset, method, seed=seed, name=f"cell-{cell_id(cell)}-stage{k}",
+        parent = run.specialize_from(ctx, parent, subset, method, seed=seed, name=f"cell-{cell_id(cell)}-stage{k}",
                                      phase=phase)
-    out |= _scores(r.evaluate(parent, final), "specialist")
+    out |= _scores(run.evaluate(ctx, parent, final), "specialist")
     for short in _SHORT.values():
         out[f"d{short}"] = out[f"specialist_{short}"] - out[f"generalist_{short}"]
     return out
 
 
-def plots(r, config, results: list[dict], out_dir: pathlib.Path) -> list[str]:
+def plots(ctx, config, results: list[dict], out_dir: pathlib.Path) -> list[str]:
     """dF (specialist - generalist) per group and method, mean and std over seeds (the paper's Table 6 as bars)."""
     if not config.experiment.get("bars", False):
         return []
@@ -83,3 +79,6 @@ def plots(r, config, results: list[dict], out_dir: pathlib.Path) -> list[str]:
     fig.savefig(out_dir / "delta_f.png", dpi=120)
     plt.close(fig)
     return ["delta_f.png"]
+
+
+KIND = Kind(run_cell, task="detect", plots=plots)

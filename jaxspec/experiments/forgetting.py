@@ -24,17 +24,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 from jaxspec.data import pipeline  # noqa: E402
 from jaxspec.data.constrain import ConstrainedSource  # noqa: E402
 from jaxspec.experiments.grid import cell_id  # noqa: E402
-from jaxspec.train import freeze, history  # noqa: E402
+from jaxspec.methods import generalist  # noqa: E402
+from jaxspec.train import driver, freeze, history  # noqa: E402
+from jaxspec.train.task import Outputs  # noqa: E402
+from jaxspec.experiments.kind import Kind  # noqa: E402
 
 PROBE_SIZE = 256
 _SERIES = ("irrelevant_bias", "relevant_bias", "irrelevant_prob")
 
 
-def _probe(r, modeldef, subset, images):
+def _probe(ctx, modeldef, subset, images):
     """A jitted `state -> {series: value}` on fixed validation images of S."""
-    relevant = np.zeros(r.info.num_classes, bool)
+    relevant = np.zeros(ctx.info.num_classes, bool)
     relevant[list(subset)] = True
-    x = pipeline.normalize(jnp.asarray(images), r.info.mean, r.info.std)
+    x = pipeline.normalize(jnp.asarray(images), ctx.info.mean, ctx.info.std)
 
     @jax.jit
     def stats(state):
@@ -48,25 +51,25 @@ def _probe(r, modeldef, subset, images):
     return lambda state: {k: float(v) for k, v in stats(state).items()}
 
 
-def run_cell(r, config, cell: dict) -> dict[str, float]:
-    subset, seed = r.groups[cell["group"]], int(cell.get("seed", 0))
-    gen = r.generalist()
-    rest = [c for c in range(r.info.num_classes) if c not in set(subset)]
+def run_cell(ctx, config, cell: dict) -> dict[str, float]:
+    subset, seed = ctx.groups[cell["group"]], int(cell.get("seed", 0))
+    gen = generalist(ctx)
+    rest = [c for c in range(ctx.info.num_classes) if c not in set(subset)]
     phase = ml_collections.ConfigDict(config.specialize.to_dict())
     phase.freeze, phase.freeze_bn_stats = ",".join(freeze.HEAD_ONLY), True
-    val_s = ConstrainedSource(r.val, subset)
+    val_s = ConstrainedSource(ctx.val, subset)
     images = next(iter(pipeline.eval_iterator(val_s, config.data, batch_size=PROBE_SIZE)))["image"]
-    probe = _probe(r, gen.modeldef, subset, images[: min(PROBE_SIZE, len(val_s))])
+    probe = _probe(ctx, gen.modeldef, subset, images[: min(PROBE_SIZE, len(val_s))])
     start = probe(gen.state)
     # S's labels index the first |S| of these columns; every output stays in the softmax.
-    d, s = r.train_phase(f"forget-{cell_id(cell)}", gen.model, ConstrainedSource(r.train, subset), val_s, phase,
-                         seed, columns=(*subset, *rest), extra_eval=probe)
+    d, s = driver.train_phase(ctx, f"forget-{cell_id(cell)}", gen.model, ConstrainedSource(ctx.train, subset), val_s,
+                              phase, seed, outputs=Outputs.of(columns=(*subset, *rest)), extra_eval=probe)
     end = probe(s)
     return {**{f"start_{k}": v for k, v in start.items()}, **{f"end_{k}": v for k, v in end.items()}}
 
 
-def plots(r, config, results: list[dict], out_dir: pathlib.Path) -> list[str]:
-    hist = history.read_history(r.workdir / "metrics.jsonl")
+def plots(ctx, config, results: list[dict], out_dir: pathlib.Path) -> list[str]:
+    hist = history.read_history(ctx.workdir / "metrics.jsonl")
     fig, axes = plt.subplots(1, len(_SERIES), figsize=(4.5 * len(_SERIES), 3.4))
     drawn = False
     for rec in results:
@@ -89,3 +92,6 @@ def plots(r, config, results: list[dict], out_dir: pathlib.Path) -> list[str]:
     fig.savefig(out_dir / "forgetting.png", dpi=120)
     plt.close(fig)
     return ["forgetting.png"]
+
+
+KIND = Kind(run_cell, plots=plots)

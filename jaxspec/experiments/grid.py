@@ -2,11 +2,11 @@
 
 An experiment config is a normal run config plus
 `experiment = dict(kind=..., grid=dict(axis=[values...], ..., seed=[...]))`.
-Each cell (one value per axis) is handed to `jaxspec.experiments.<kind>.run_cell(runner, config, cell)`,
-which returns a flat dict of numbers. A cell's result is written to
+Each cell (one value per axis) is handed to the kind's `run_cell(ctx, config, cell)`
+(the contract is `jaxspec.experiments.kind.Kind`), which returns a flat dict of numbers. A cell's result is written to
 `cells/<cell id>.json` atomically as soon as it is done, so an interrupted
 grid resumes at the first unfinished cell (and a half-trained phase resumes
-from its checkpoint). All cells share one `Runner`, hence one generalist, or
+from its checkpoint). All cells share one run context, hence one generalist, or
 one per seed with `experiment.generalist_per_seed` (then the grid runs seed
 by seed). `plan.json` lists the planned cells and the wall time of each
 invocation, the compute behind the numbers.
@@ -19,12 +19,10 @@ over seeds.
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import json
 import os
 import pathlib
-import pkgutil
 import platform
 import socket
 import subprocess
@@ -34,10 +32,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxspec import files, groupings, methods, run, tables, validate
+from jaxspec import classification, files, groupings, methods, tables, validate
+from jaxspec.classification import Classification
+from jaxspec.detection.task import Detection
 from jaxspec.data.constrain import ConstrainedSource
 from jaxspec.experiments import stats
+from jaxspec.experiments.kind import KINDS, load
 from jaxspec.train import workdir as wdir
+from jaxspec.train.context import RunContext, open_context
 
 AVERAGE = "average over groups"
 
@@ -48,33 +50,33 @@ def cell_id(cell: dict) -> str:
     return "".join(c if c.isalnum() or c in "=,._-" else "_" for c in text)
 
 
-def add_groupings(r: run.Runner, config: ml_collections.ConfigDict) -> None:
-    """Computes every grouping of `config.groupings` into `r.groups` (confusion ones from the generalist)."""
+def add_groupings(ctx: RunContext, config: ml_collections.ConfigDict) -> RunContext:
+    """`ctx` with every grouping of `config.groupings` among its groups (confusion ones from the generalist)."""
     for name, cfg in (config.get("groupings") or {}).items():
         confusion = None
         if cfg.kind == "confusion":
-            gen = r.generalist()
-            ev = r.evaluator(gen.modeldef, r.info.num_classes, confusion=True)
-            confusion = ev(gen.state, r.val)["confusion"]
-        new = groupings.make_groups(cfg, r.info, confusion)
-        clash = sorted(g for g in new if g in r.groups and tuple(r.groups[g]) != tuple(new[g]))
+            gen = methods.generalist(ctx)
+            ev = classification.evaluator(ctx, gen.modeldef, ctx.info.num_classes, confusion=True)
+            confusion = ev(gen.state, ctx.val)["confusion"]
+        new = groupings.make_groups(cfg, ctx.info, confusion)
+        clash = sorted(g for g in new if g in ctx.groups and tuple(ctx.groups[g]) != tuple(new[g]))
         if clash:
             raise ValueError(f"grouping {name!r} gives groups {clash} other classes than the groups of that "
                              "name already known; rename the grouping")
-        r.groups.update(new)
-        r.groupings[name] = tuple(new)
+        ctx = ctx.with_groups(new, {name: tuple(new)})
+    return ctx
 
 
-def expand(grid: dict, r: run.Runner) -> list[dict]:
+def expand(grid: dict, ctx: RunContext) -> list[dict]:
     """The cartesian product of the grid's axes, in axis order, `@grouping` values expanded."""
     axes = {}
     for axis, values in grid.items():
         vals = []
         for v in values:
             if isinstance(v, str) and v.startswith("@"):
-                if v[1:] not in r.groupings:
-                    raise ValueError(f"grid axis {axis!r}: unknown grouping {v!r}; known: {sorted(r.groupings)}")
-                vals.extend(r.groupings[v[1:]])
+                if v[1:] not in ctx.groupings:
+                    raise ValueError(f"grid axis {axis!r}: unknown grouping {v!r}; known: {sorted(ctx.groupings)}")
+                vals.extend(ctx.groupings[v[1:]])
             else:
                 vals.append(v)
         axes[axis] = vals
@@ -119,12 +121,12 @@ def aggregate(results: list[dict], group_sets: dict[str, set] | None = None) -> 
     return rows
 
 
-def group_sets(grid: dict, r: run.Runner) -> dict[str, set] | None:
+def group_sets(grid: dict, ctx: RunContext) -> dict[str, set] | None:
     """One average per grouping when the `group` axis expands several (`@semantic`, `@random`), else None."""
     names = [v[1:] for v in grid.get("group", []) if isinstance(v, str) and v.startswith("@")]
     if len(names) < 2:
         return None
-    return {f"{AVERAGE} ({name})": set(r.groupings[name]) for name in names}
+    return {f"{AVERAGE} ({name})": set(ctx.groupings[name]) for name in names}
 
 
 def machine() -> dict:
@@ -139,36 +141,29 @@ def machine() -> dict:
             "commit": commit}
 
 
-def kinds() -> list[str]:
-    """The experiment kinds: the modules of `jaxspec.experiments` that define `run_cell`."""
-    package = importlib.import_module("jaxspec.experiments")
-    names = [m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_") and m.name != "grid"]
-    return sorted(n for n in names if hasattr(importlib.import_module(f"jaxspec.experiments.{n}"), "run_cell"))
-
-
 def run_grid(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs (or resumes) every cell, then writes results.json and report.md (workdir locked and checked)."""
     validate.check(config)
-    if config.experiment.kind not in kinds():
-        validate.fail("experiment.kind", config.experiment.kind, f"one of {kinds()}")
+    if config.experiment.kind not in KINDS:
+        validate.fail("experiment.kind", config.experiment.kind, f"one of {list(KINDS)}")
     with wdir.opened(workdir, config.to_dict(), overwrite=config.get("overwrite", False)):
         return _run_grid(config, workdir)
 
 
 def _run_grid(config: ml_collections.ConfigDict, workdir: str) -> dict:
     t0 = time.time()
-    kind = importlib.import_module(f"jaxspec.experiments.{config.experiment.kind}")
-    r = getattr(kind, "make_runner", run.Runner)(config, workdir)  # a kind may bring its own (detection)
-    add_groupings(r, config)
-    cells = expand(config.experiment.grid.to_dict(), r)
-    out_dir = r.workdir / "cells"
+    kind = load(config.experiment.kind)
+    task = Detection() if kind.task == "detect" else Classification()
+    ctx = add_groupings(open_context(config, workdir, task), config)
+    cells = expand(config.experiment.grid.to_dict(), ctx)
+    out_dir = ctx.workdir / "cells"
     out_dir.mkdir(exist_ok=True)
     pending = [c for c in cells if not (out_dir / f"{cell_id(c)}.json").exists()]
     lead = jax.process_index() == 0
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0))
     where = machine()  # once: it asks git for the commit
     if lead:
-        _plan(r.workdir, cells, where, started, 0.0, 0)
+        _plan(ctx.workdir, cells, where, started, 0.0, 0)
     max_k = int(config.experiment.get("vmap", 8))
     done: dict[str, dict] = {}
     # One generalist per seed: seed by seed, so cells finish (and their numbers can be kept) early; one shared
@@ -176,8 +171,8 @@ def _run_grid(config: ml_collections.ConfigDict, workdir: str) -> dict:
     per_seed = config.experiment.get("generalist_per_seed", False)
     for seed_cells in _by_seed(cells) if per_seed else [cells]:
         todo = [c for c in seed_cells if not (out_dir / f"{cell_id(c)}.json").exists()]
-        if todo and max_k > 1 and hasattr(kind, "prepare"):
-            kind.prepare(r, config, todo, max_k)  # specialists of one generalist, K per vmapped step
+        if todo and max_k > 1 and kind.prepare is not None:
+            kind.prepare(ctx, config, todo, max_k)  # specialists of one generalist, K per vmapped step
         for cell in seed_cells:
             path = out_dir / f"{cell_id(cell)}.json"
             if path.exists():
@@ -187,7 +182,7 @@ def _run_grid(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 print(f"[experiment {config.experiment.kind}] cell {cells.index(cell) + 1}/{len(cells)}: "
                       f"{cell_id(cell)}", flush=True)
             start = time.time()
-            values = kind.run_cell(r, config, cell)
+            values = kind.run_cell(ctx, config, cell)
             record = {"cell": cell, "metrics": {k: float(v) for k, v in values.items() if not k.endswith("_hits")},
                       "seconds": time.time() - start}
             if any(k.endswith("_hits") for k in values):
@@ -195,38 +190,38 @@ def _run_grid(config: ml_collections.ConfigDict, workdir: str) -> dict:
             done[cell_id(cell)] = record
             if lead:
                 files.write_json(path, record, indent=1)
-                _plan(r.workdir, cells, where, started, time.time() - t0, sum(cell_id(c) in done for c in pending))
+                _plan(ctx.workdir, cells, where, started, time.time() - t0, sum(cell_id(c) in done for c in pending))
     results = [done[cell_id(c)] for c in cells]
 
-    rows = aggregate(results, group_sets(config.experiment.grid.to_dict(), r))
+    rows = aggregate(results, group_sets(config.experiment.grid.to_dict(), ctx))
     columns = list(config.experiment.get("columns", ())) or None
     table = tables.grid_means(rows, columns)
-    paired = paired_statistics(results, getattr(kind, "PAIRED", {}))
+    paired = paired_statistics(results, kind.paired)
     if any(row["t_interval"] for row in paired):
         table += "\n\nPaired effects (per-seed differences; same generalist and test images):\n\n"
         table += paired_markdown(paired)
-    plots = kind.plots(r, config, results, r.workdir) if hasattr(kind, "plots") else []
+    plots = kind.plots(ctx, config, results, ctx.workdir) if kind.plots is not None else []
     if lead:  # the generalist's training and validation curves, when it was trained in this workdir
         from jaxspec import plots as run_plots  # matplotlib only once a report is written
         from jaxspec import report as run_report
 
         panels = run_plots.DETECTION_PANELS if config.get("task") == "detect" else run_plots.PANELS
-        plots += run_report.write_curves(r.workdir, ["generalist"], panels=panels)
-    summary = {"config": config.to_dict(), "groups": {k: list(r.groups[k]) for ks in r.groupings.values() for k in ks},
+        plots += run_report.write_curves(ctx.workdir, ["generalist"], panels=panels)
+    summary = {"config": config.to_dict(), "groups": {k: list(ctx.groups[k]) for ks in ctx.groupings.values() for k in ks},
                "cells": results, "rows": rows, "paired": paired, "plots": plots, "seconds": time.time() - t0,
                "machine": where}
     if lead:
-        files.write_json(r.workdir / "results.json", summary, indent=1)
+        files.write_json(ctx.workdir / "results.json", summary, indent=1)
         title = config.experiment.get("title", config.experiment.kind)
         report = [f"# {title}", "", config.experiment.get("description", ""), "",
-                  f"Data: {r.info.name} ({r.info.num_classes} classes), model {config.model.name} "
+                  f"Data: {ctx.info.name} ({ctx.info.num_classes} classes), model {config.model.name} "
                   f"(width {config.model.get('width_multiplier', '-')}), "
                   f"seeds {sorted({c.get('seed') for c in cells})}; "
                   "mean ± std over seeds (sample std), accuracies in %.", "", table, ""]
         report += [f"![{p}]({p})" for p in plots]
-        files.write_atomic(r.workdir / "report.md", "\n".join(report) + "\n")
-        print("\n" + table + f"\n\nreport: {r.workdir / 'report.md'}  ({summary['seconds']:.0f}s)", flush=True)
-    r.writer.close()
+        files.write_atomic(ctx.workdir / "report.md", "\n".join(report) + "\n")
+        print("\n" + table + f"\n\nreport: {ctx.workdir / 'report.md'}  ({summary['seconds']:.0f}s)", flush=True)
+    ctx.writer.close()
     return summary
 
 
@@ -250,12 +245,12 @@ def _plan(workdir: pathlib.Path, cells: list[dict], where: dict, started: str, s
     files.write_json(path, plan, indent=1)
 
 
-def score(r: run.Runner, trained: methods.Trained, subset, prefix: str, *, split: str = "test",
+def score(ctx: RunContext, trained: methods.Trained, subset, prefix: str, *, split: str = "test",
           hits: bool = False) -> dict:
     """`{prefix}_top1`, `{prefix}_top2` of `trained` on the `split` ('test' or 'val') images of `subset`;
     `hits` adds `{prefix}_hits`, each image's top-1 outcome, for the paired bootstrap."""
-    source = {"test": r.test, "val": r.val}[split]
-    m = methods.evaluate_on(r, trained, ConstrainedSource(source, subset), per_example=hits)
+    source = {"test": ctx.test, "val": ctx.val}[split]
+    m = methods.evaluate_on(ctx, trained, ConstrainedSource(source, subset), per_example=hits)
     tag = "" if split == "test" else f"_{split}"
     out = {f"{prefix}{tag}_top1": m["top1"], f"{prefix}{tag}_top2": m["top2"]}
     if hits:

@@ -37,7 +37,10 @@ from jaxspec import files, methods
 from jaxspec.analysis import lesion
 from jaxspec.data.constrain import ConstrainedSource
 from jaxspec.data.subsets import resolve_subset
+from jaxspec.train import driver
 from jaxspec.train.state import to_model
+from jaxspec.train.task import Outputs
+from jaxspec.experiments.kind import Kind
 
 MODES = ("none", "init", "always")
 RETRAIN = ("A", "B", "both")
@@ -61,64 +64,64 @@ def tasks(config, info) -> dict[str, tuple[int, ...]]:
     return {"A": a, "B": b}
 
 
-def _evaluators(r, trained: methods.Trained, path: str, task_classes: dict) -> dict[str, lesion.LesionEval]:
-    cfg = r.config
+def _evaluators(ctx, trained: methods.Trained, path: str, task_classes: dict) -> dict[str, lesion.LesionEval]:
+    cfg = ctx.config
     return {
-        t: lesion.LesionEval(trained.modeldef, trained.state.params, path=path, columns=classes, mesh=r.mesh,
-                             data_cfg=cfg.data, batch_size=cfg.eval.batch_size, mean=r.info.mean, std=r.info.std,
+        t: lesion.LesionEval(trained.modeldef, trained.state.params, path=path, columns=classes, mesh=ctx.mesh,
+                             data_cfg=cfg.data, batch_size=cfg.eval.batch_size, mean=ctx.info.mean, std=ctx.info.std,
                              chunk=cfg.lesion.chunk)
         for t, classes in task_classes.items()
     }
 
 
-def _ranking(r, ev: lesion.LesionEval, trained: methods.Trained, path: str, task: tuple[int, ...]) -> np.ndarray:
+def _ranking(ctx, ev: lesion.LesionEval, trained: methods.Trained, path: str, task: tuple[int, ...]) -> np.ndarray:
     """The generalist's per-unit drops on A's validation data, computed once per workdir."""
     key = hashlib.sha256(json.dumps([path, list(task)]).encode()).hexdigest()[:12]
-    file = pathlib.Path(r.workdir) / "lesion" / f"impact-{path.replace('/', '.')}-{key}.json"
+    file = pathlib.Path(ctx.workdir) / "lesion" / f"impact-{path.replace('/', '.')}-{key}.json"
     if file.exists():
         return np.asarray(json.loads(file.read_text())["drops"])
-    _, drops = lesion.lesion_impact(ev, trained.state, ConstrainedSource(r.val, task), name=f"rank {path}")
+    _, drops = lesion.lesion_impact(ev, trained.state, ConstrainedSource(ctx.val, task), name=f"rank {path}")
     file.parent.mkdir(parents=True, exist_ok=True)
     files.write_json(file, {"path": path, "task": list(task), "drops": drops.tolist()})
     return drops
 
 
-def _per_class(r, ev: lesion.LesionEval, state, task, units) -> tuple[np.ndarray, np.ndarray]:
+def _per_class(ctx, ev: lesion.LesionEval, state, task, units) -> tuple[np.ndarray, np.ndarray]:
     """Per-class test accuracy intact and with `units` lesioned."""
     keeps = np.stack([np.ones(ev.num_units, bool), lesion.keep_mask(ev.num_units, units)])
-    intact, lesioned = ev(state, ConstrainedSource(r.test, task), keeps)
+    intact, lesioned = ev(state, ConstrainedSource(ctx.test, task), keeps)
     return intact, lesioned
 
 
-def run_cell(r, config, cell: dict) -> dict[str, float]:
+def run_cell(ctx, config, cell: dict) -> dict[str, float]:
     """One lesion-and-retrain condition; see the module docstring for what it returns."""
     mode, retrain, seed = _check_cell(cell)
     cfg = config.lesion
-    classes = tasks(config, r.info)
-    gen = r.generalist()
+    classes = tasks(config, ctx.info)
+    gen = methods.generalist(ctx)
     path = lesion.unit_layer(gen.model, cfg.layer)
-    evs = _evaluators(r, gen, path, classes)
-    units = lesion.top_units(_ranking(r, evs["A"], gen, path, classes["A"]), cfg.fraction)
+    evs = _evaluators(ctx, gen, path, classes)
+    units = lesion.top_units(_ranking(ctx, evs["A"], gen, path, classes["A"]), cfg.fraction)
 
-    before = {t: _per_class(r, evs[t], gen.state, classes[t], units) for t in classes}
+    before = {t: _per_class(ctx, evs[t], gen.state, classes[t], units) for t in classes}
     start = {
         "none": gen.model,
         "init": lesion.lesion_model(gen.model, path, units),
         "always": lesion.hold_lesion(gen.model, path, units),
     }[mode]
     data = classes["A"] + classes["B"] if retrain == "both" else classes[retrain]
-    d, s = r.train_phase(f"lesion-{mode}-{retrain}-seed{seed}", start, ConstrainedSource(r.train, data),
-                         ConstrainedSource(r.val, data), cfg.retrain, seed, columns=data)
+    d, s = driver.train_phase(ctx, f"lesion-{mode}-{retrain}-seed{seed}", start, ConstrainedSource(ctx.train, data),
+                              ConstrainedSource(ctx.val, data), cfg.retrain, seed, outputs=Outputs.of(columns=data))
     model = to_model(d, s)
     if mode == "always":
         model = lesion.release_lesion(model, path)
-    after = methods.frozen(r, model, gen.classes)
+    after = methods.frozen(ctx, model, gen.classes)
 
     live = np.setdiff1d(np.arange(evs["A"].num_units), units) if mode == "always" else None
-    _, drops = lesion.lesion_impact(evs["A"], after.state, ConstrainedSource(r.val, classes["A"]),
+    _, drops = lesion.lesion_impact(evs["A"], after.state, ConstrainedSource(ctx.val, classes["A"]),
                                     name=f"rank {path} after retraining")
     units_after = lesion.top_units(drops, cfg.fraction, candidates=live)
-    now = {t: _per_class(r, evs[t], after.state, classes[t], units_after) for t in classes}
+    now = {t: _per_class(ctx, evs[t], after.state, classes[t], units_after) for t in classes}
 
     out = {}
     for t in classes:
@@ -138,7 +141,7 @@ def run_cell(r, config, cell: dict) -> dict[str, float]:
     return {k: float(v) for k, v in out.items()}
 
 
-def plots(r, config, results: list[dict], out_dir: pathlib.Path) -> list[str]:
+def plots(ctx, config, results: list[dict], out_dir: pathlib.Path) -> list[str]:
     """lesion.png: accuracy change per task, and lesion-impact difference before/after, per condition."""
     from matplotlib.figure import Figure
 
@@ -173,3 +176,5 @@ def plots(r, config, results: list[dict], out_dir: pathlib.Path) -> list[str]:
     fig.tight_layout()
     return [save(fig, pathlib.Path(out_dir) / "lesion.png", dpi=120).name]
 
+
+KIND = Kind(run_cell, plots=plots)

@@ -10,41 +10,46 @@ pick lies in the true class's group), and how often a specialist fell back.
 
 from __future__ import annotations
 
-from jaxspec import methods, route
+from jaxspec import classification, methods, route
 from jaxspec.experiments.grid import cell_id
+from jaxspec.experiments.kind import Kind
 
 
-def _jobs(r, config, cell: dict) -> list[methods.Job]:
+def _jobs(ctx, config, cell: dict) -> list[methods.Job]:
     """The group specialists of a cell, named as the `specialize` kind names the same specialist."""
     method, seed = cell.get("method", config.specialize.method), int(cell.get("seed", 0))
-    return [methods.Job(tuple(r.groups[g]), method, seed, f"cell-{cell_id({'group': g, 'method': method, 'seed': seed})}",
-                        config.specialize) for g in r.groupings[cell["grouping"]]]
+    return [methods.Job(tuple(ctx.groups[g]), method, seed, f"cell-{cell_id({'group': g, 'method': method, 'seed': seed})}",
+                        config.specialize) for g in ctx.groupings[cell["grouping"]]]
 
 
-def prepare(r, config, cells: list[dict], max_k: int) -> None:
+def prepare(ctx, config, cells: list[dict], max_k: int) -> None:
     """Trains all cells' vmappable group specialists together (`methods.train_together`) before the cells run."""
-    jobs = [j for c in cells if c.get("grouping") in r.groupings for j in _jobs(r, config, c)]
-    methods.train_together(r, r.generalist(), jobs, max_k)
+    jobs = [j for c in cells if c.get("grouping") in ctx.groupings for j in _jobs(ctx, config, c)]
+    methods.train_together(ctx, methods.generalist(ctx), jobs, max_k)
 
 
-def run_cell(r, config, cell: dict) -> dict[str, float]:
+def run_cell(ctx, config, cell: dict) -> dict[str, float]:
     grouping, seed = cell["grouping"], int(cell.get("seed", 0))
-    if grouping not in r.groupings:
-        raise ValueError(f"unknown grouping {grouping!r}; known: {sorted(r.groupings)}")
-    gen = r.generalist()
+    if grouping not in ctx.groupings:
+        raise ValueError(f"unknown grouping {grouping!r}; known: {sorted(ctx.groupings)}")
+    gen = methods.generalist(ctx)
     models, maps = [], []
-    for job in _jobs(r, config, cell):
-        trained = methods.specialize_from(r, gen, job.subset, job.method, seed=seed, name=job.name, phase=job.phase)
+    for job in _jobs(ctx, config, cell):
+        trained = methods.specialize_from(ctx, gen, job.subset, job.method, seed=seed, name=job.name, phase=job.phase)
         model, label_map = route.as_specialist(trained)
         models.append(model)
         maps.append(label_map)
-    system = route.build_routed(gen.model, models, maps, mean=r.info.mean, std=r.info.std, mesh=r.mesh)
-    res = route.evaluate(system, r.test, config.data, batch_size=config.eval.batch_size)
+    system = route.build_routed(gen.model, models, maps, mean=ctx.info.mean, std=ctx.info.std, mesh=ctx.mesh)
+    res = route.evaluate(system, ctx.test, config.data, batch_size=config.eval.batch_size)
     out = {"routed_top1": res["top1"], "generalist_top1": res["generalist_top1"],
            "routing_accuracy": res["routing_accuracy"], "fallback_rate": res["fallback_rate"],
            "gain_top1": res["top1"] - res["generalist_top1"]}
     if config.specialize.control:
-        control = methods.specialize_from(r, gen, range(r.info.num_classes), "continued", seed=seed,
+        control = methods.specialize_from(ctx, gen, range(ctx.info.num_classes), "continued", seed=seed,
                                           name=f"control-seed{seed}", phase=config.specialize)
-        out["control_top1"] = r.evaluator(control.modeldef, r.info.num_classes)(control.state, r.test)["top1"]
+        evaluator = classification.evaluator(ctx, control.modeldef, ctx.info.num_classes)
+        out["control_top1"] = evaluator(control.state, ctx.test)["top1"]
     return out
+
+
+KIND = Kind(run_cell, prepare=prepare)

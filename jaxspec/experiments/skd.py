@@ -27,6 +27,8 @@ from flax import nnx
 
 from jaxspec import distill, methods, models, specialize
 from jaxspec.data.constrain import ConstrainedSource
+from jaxspec.train import driver
+from jaxspec.experiments.kind import Kind
 
 STUDENTS = ("teacher", "generalist", "scratch", "finetuned", "skd", "skd_finetuned")
 
@@ -38,49 +40,51 @@ def draw_subset(num_classes: int, size: int, seed: int) -> tuple[int, ...]:
     return tuple(sorted(int(c) for c in np.random.default_rng(seed).permutation(num_classes)[:size]))
 
 
-def teacher(r, config) -> methods.Trained:
+def teacher(ctx, config) -> methods.Trained:
     """The large generalist, trained once per workdir (checkpoint `teacher`)."""
-    t, n = config.skd.teacher, r.info.num_classes
+    t, n = config.skd.teacher, ctx.info.num_classes
     model = models.get_model(t.name, n, rngs=nnx.Rngs(config.seed), width_multiplier=t.width_multiplier,
                              dropout_rate=config.model.dropout_rate, depthwise=config.model.depthwise,
                              dtype=config.model.dtype)
-    d, s = r.train_phase("teacher", model, r.train, r.val, config.skd.teacher_phase, config.seed)
+    d, s = driver.train_phase(ctx, "teacher", model, ctx.train, ctx.val, config.skd.teacher_phase, config.seed)
     return methods.Trained(d, s, tuple(range(n)))
 
 
-def _student(r, config, student: str, subset, seed: int) -> methods.Trained:
-    train_s, val_s = ConstrainedSource(r.train, subset), ConstrainedSource(r.val, subset)
+def _student(ctx, config, student: str, subset, seed: int) -> methods.Trained:
+    train_s, val_s = ConstrainedSource(ctx.train, subset), ConstrainedSource(ctx.val, subset)
     name = f"skd-{student}-{len(subset)}-seed{seed}"
     if student == "teacher":
-        return methods.restricted(teacher(r, config), subset)
+        return methods.restricted(teacher(ctx, config), subset)
     if student == "generalist":
-        return methods.restricted(r.generalist(), subset)
+        return methods.restricted(methods.generalist(ctx), subset)
     if student == "scratch":
-        d, s = r.train_phase(name, r.new_model(len(subset), seed), train_s, val_s, config.scratch, seed)
+        d, s = driver.train_phase(ctx, name, ctx.task.new_model(ctx, len(subset), seed), train_s, val_s,
+                                  config.scratch, seed)
         return methods.Trained(d, s, subset)
     if student == "finetuned":
-        return methods.specialize_from(r, r.generalist(), subset, "extract", seed=seed, name=name)
+        return methods.specialize_from(ctx, methods.generalist(ctx), subset, "extract", seed=seed, name=name)
     if student == "skd":
-        start, phase = r.new_model(len(subset), seed), config.scratch
+        start, phase = ctx.task.new_model(ctx, len(subset), seed), config.scratch
     else:
-        start, phase = specialize.extract(r.generalist().model, subset), config.specialize
-    t = teacher(r, config)
-    d, s = distill.train_skd(r, name, start, t.modeldef, t.state, train_s, val_s, phase, config.skd, seed)
+        start, phase = specialize.extract(methods.generalist(ctx).model, subset), config.specialize
+    t = teacher(ctx, config)
+    d, s = driver.train_phase(ctx, name, start, train_s, val_s, phase, seed,
+                              task=distill.Distillation(t.modeldef, t.state, config.skd))
     return methods.Trained(d, s, subset)
 
 
-def run_cell(r, config, cell: dict) -> dict[str, float]:
+def run_cell(ctx, config, cell: dict) -> dict[str, float]:
     student, seed = cell.get("student"), int(cell.get("seed", 0))
     if student not in STUDENTS:
         raise ValueError(f"Unknown student {student!r} in cell {cell}; choose one of {list(STUDENTS)}")
-    subset = draw_subset(r.info.num_classes, int(cell["subset_size"]), seed)
-    trained = _student(r, config, student, subset, seed)
-    m = methods.evaluate_on(r, trained, ConstrainedSource(r.test, subset), per_example=True)
+    subset = draw_subset(ctx.info.num_classes, int(cell["subset_size"]), seed)
+    trained = _student(ctx, config, student, subset, seed)
+    m = methods.evaluate_on(ctx, trained, ConstrainedSource(ctx.test, subset), per_example=True)
     return {"top1": m["top1"], "top2": m["top2"], "loss": m["loss"],
             "params": float(distill.student_params(trained.model)), "model_hits": m["hits"]}
 
 
-def plots(r, config, results: list[dict], out_dir: pathlib.Path) -> list[str]:
+def plots(ctx, config, results: list[dict], out_dir: pathlib.Path) -> list[str]:
     """skd.png: test top-1 on S against |S| per student, mean ± std over seeds."""
     from matplotlib.figure import Figure
 
@@ -100,3 +104,6 @@ def plots(r, config, results: list[dict], out_dir: pathlib.Path) -> list[str]:
     ax.legend(fontsize=8)
     fig.tight_layout()
     return [save(fig, pathlib.Path(out_dir) / "skd.png", dpi=120).name]
+
+
+KIND = Kind(run_cell, plots=plots)

@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 from jaxspec import methods  # noqa: E402
 from jaxspec.experiments.grid import cell_id, score  # noqa: E402
 from jaxspec.train import history  # noqa: E402
+from jaxspec.experiments.kind import Kind  # noqa: E402
 
 _CELL_AXES = ("group", "method", "seed")
 CONTROL_FIELDS = ("steps", "batch_size", "label_smoothing", "optim", "freeze_bn_stats")
@@ -68,44 +69,44 @@ def _name(cell: dict) -> str:
     return f"cell-{cell_id(cell)}"
 
 
-def _generalist(r, config, seed: int):
-    return r.generalist(seed if config.experiment.get("generalist_per_seed", False) else None)
+def _generalist(ctx, config, seed: int):
+    return methods.generalist(ctx, seed if config.experiment.get("generalist_per_seed", False) else None)
 
 
-def prepare(r, config, cells: list[dict], max_k: int) -> None:
+def prepare(ctx, config, cells: list[dict], max_k: int) -> None:
     """Trains the cells' vmappable specialists together (`methods.train_together`) before the cells run,
     K at a time from each generalist."""
     by_parent: dict[int, list] = {}
     for c in cells:
-        if c.get("group") in r.groups:
+        if c.get("group") in ctx.groups:
             phase, seed = phase_for(config, c), int(c.get("seed", 0))
-            job = methods.Job(tuple(r.groups[c["group"]]), c.get("method", phase.method), seed, _name(c), phase)
+            job = methods.Job(tuple(ctx.groups[c["group"]]), c.get("method", phase.method), seed, _name(c), phase)
             key = seed if config.experiment.get("generalist_per_seed", False) else None
             by_parent.setdefault(key, []).append(job)
     for key, jobs in by_parent.items():
-        methods.train_together(r, r.generalist(key), jobs, max_k)
+        methods.train_together(ctx, methods.generalist(ctx, key), jobs, max_k)
 
 
-def run_cell(r, config, cell: dict) -> dict[str, float]:
+def run_cell(ctx, config, cell: dict) -> dict[str, float]:
     if "group" not in cell:
         raise ValueError(f"a `specialize` grid needs a `group` axis; got axes {list(cell)}")
-    if cell["group"] not in r.groups:
-        raise ValueError(f"unknown group {cell['group']!r}; known: {sorted(r.groups)}")
-    subset, seed = r.groups[cell["group"]], int(cell.get("seed", 0))
+    if cell["group"] not in ctx.groups:
+        raise ValueError(f"unknown group {cell['group']!r}; known: {sorted(ctx.groups)}")
+    subset, seed = ctx.groups[cell["group"]], int(cell.get("seed", 0))
     phase = phase_for(config, cell)
     method = cell.get("method", phase.method)
-    gen = _generalist(r, config, seed)
+    gen = _generalist(ctx, config, seed)
     models = {"generalist": methods.restricted(gen, subset),
-              "specialist": methods.specialize_from(r, gen, subset, method, seed=seed, name=_name(cell), phase=phase)}
+              "specialist": methods.specialize_from(ctx, gen, subset, method, seed=seed, name=_name(cell), phase=phase)}
     if config.specialize.control:
-        models["control"] = methods.specialize_from(r, gen, subset, "continued", seed=seed,
+        models["control"] = methods.specialize_from(ctx, gen, subset, "continued", seed=seed,
                                                     name=_control_name(cell, seed),
                                                     phase=phase_for(config, cell, CONTROL_FIELDS))
     out = {}
     for prefix, trained in models.items():
-        out |= score(r, trained, subset, prefix, hits=True)
+        out |= score(ctx, trained, subset, prefix, hits=True)
         if config.experiment.get("validation", False):
-            out |= score(r, trained, subset, prefix, split="val")
+            out |= score(ctx, trained, subset, prefix, split="val")
     for tag in ("", "_val"):
         if f"specialist{tag}_top1" in out:
             out[f"gain{tag}_top1"] = out[f"specialist{tag}_top1"] - out[f"generalist{tag}_top1"]
@@ -115,11 +116,11 @@ def run_cell(r, config, cell: dict) -> dict[str, float]:
     return out
 
 
-def plots(r, config, results: list[dict], out_dir: pathlib.Path) -> list[str]:
+def plots(ctx, config, results: list[dict], out_dir: pathlib.Path) -> list[str]:
     """Validation top-1 over fine-tuning steps, one line per method (mean ± std over seeds), per group."""
     if not config.experiment.get("curves", False):
         return []
-    hist = history.read_history(r.workdir / "metrics.jsonl")
+    hist = history.read_history(ctx.workdir / "metrics.jsonl")
     curves: dict[tuple, list[list[tuple[int, float]]]] = {}
     for rec in results:
         cell = rec["cell"]
@@ -147,3 +148,6 @@ def plots(r, config, results: list[dict], out_dir: pathlib.Path) -> list[str]:
     fig.savefig(out_dir / "curves.png", dpi=120)
     plt.close(fig)
     return ["curves.png"]
+
+
+KIND = Kind(run_cell, prepare=prepare, plots=plots, paired=PAIRED)

@@ -47,6 +47,13 @@ def _to_regex(pattern: str) -> re.Pattern:
         raise ValueError(f"Invalid freeze pattern {pattern!r}: {e}") from None
 
 
+def under(prefix: str, pattern: str) -> str:
+    """`pattern` for the same parameters in a model mounted at `prefix` (e.g. an SKD student's `model/`)."""
+    if _BLOCK_RANGE.match(pattern):
+        return f"{prefix}/{pattern}"
+    return f"{prefix}/(?:{pattern})"
+
+
 def frozen_labels(params, patterns: Sequence[str]):
     """A pytree like `params` with 'frozen' or 'trainable' at each leaf.
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
 
 from jaxspec import sharding
 from jaxspec.train.checkpoint import Checkpointer
-from jaxspec.train.state import TrainState
+from jaxspec.train.state import TrainState, unstack
 
 
 def _fmt_time(seconds: float) -> str:
@@ -85,10 +85,12 @@ def last_good(ckpts: list[Checkpointer]) -> str:
     return "; ".join(out)
 
 
-def _check_finite(step: int, metrics: dict[str, float], ckpt: Checkpointer) -> None:
-    bad = {k: v for k, v in metrics.items() if k in ("loss", "grad_norm") and not np.isfinite(v)}
+def _check_finite(step: int, metrics: dict, names: Sequence[str], ckpts: Sequence[Checkpointer]) -> None:
+    bad = {k: v.tolist() for k, v in metrics.items() if k in ("loss", "grad_norm") and not np.all(np.isfinite(v))}
     if bad:
-        raise FloatingPointError(f"Non-finite {bad} at step {step}; stopping ({last_good([ckpt])}).")
+        who = "" if len(names) == 1 else " for specialists " + str(
+            [n for i, n in enumerate(names) if not all(np.isfinite(v[i]) for v in bad.values())])
+        raise FloatingPointError(f"Non-finite {bad}{who} at step {step}; stopping ({last_good(ckpts)}).")
 
 
 def fit(
@@ -100,46 +102,73 @@ def fit(
     num_steps: int,
     batch_size: int,
     mesh: jax.sharding.Mesh,
-    ckpt: Checkpointer,
+    ckpt: Checkpointer | Sequence[Checkpointer],
     writer,
     log_every: int = 50,
     checkpoint_every: int = 500,
     eval_every: int = 0,
-    eval_fn: Callable[[TrainState], dict[str, float]] | None = None,
+    eval_fn: Callable[[TrainState], dict[str, float] | list[dict[str, float]]] | None = None,
+    members: Sequence[str] | None = None,
 ) -> TrainState:
-    """Runs `train_step` until `state.step == num_steps`, from wherever it is."""
-    step = int(jax.device_get(state.step))
-    progress = Progress(name, num_steps, step, batch_size)
+    """Runs `train_step` until `state.step == num_steps`, from wherever it is.
+
+    One model: `data_iter` and `ckpt` are its own. K specialists trained in one
+    vmapped step (`members`: their names): `state` is their stacked state on a
+    `sharding.spec_mesh`, `data_iter` and `ckpt` are lists (one per member),
+    metrics come back with a leading K axis and are written per member, and
+    `eval_fn` returns one dict per member. The progress line shows the mean
+    loss and accuracy and the images/s of all K together.
+    """
+    stacked = members is not None
+    names = list(members) if stacked else [name]
+    iters = list(data_iter) if stacked else [data_iter]
+    ckpts = list(ckpt) if stacked else [ckpt]
+    step = int(np.ravel(jax.device_get(state.step))[0])
+    progress = Progress(name, num_steps, step, batch_size * len(names))
     pending: tuple[int, dict, float] | None = None  # (step, metrics on device, dispatch time)
+
+    def per_member(values: dict, i: int) -> dict:
+        return {k: float(v[i]) if stacked else float(v) for k, v in values.items()}
 
     def flush():
         nonlocal pending
         if pending is None:
             return
         at, metrics, t = pending
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        metrics = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
         pending = None
-        _check_finite(at, metrics, ckpt)
-        writer.write_scalars(at, {f"{name}/train_{k}": v for k, v in metrics.items()})
+        _check_finite(at, metrics, names, ckpts)
+        for i, member in enumerate(names):
+            writer.write_scalars(at, {f"{member}/train_{k}": v for k, v in per_member(metrics, i).items()})
         writer.write_scalars(at, {f"{name}/images_per_sec": progress.rate(at, t)})
-        progress.update(at, t, {"loss": metrics["loss"], "acc": metrics["accuracy"]})
+        progress.update(at, t, {"loss": metrics["loss"].mean(), "acc": metrics["accuracy"].mean()})
+
+    def save(force: bool):
+        for i, (c, it) in enumerate(zip(ckpts, iters)):
+            c.save(unstack(state, i) if stacked else state, it, force=force)
 
     while step < num_steps:
-        batch = sharding.put_batch(next(data_iter), mesh)
+        if stacked:
+            batch = sharding.put_batches([next(it) for it in iters], mesh)
+        else:
+            batch = sharding.put_batch(next(data_iter), mesh)
         state, metrics = train_step(state, batch)
         step += 1
-        save = step % checkpoint_every == 0 or step == num_steps
-        if save or step % log_every == 0:
+        due = step % checkpoint_every == 0 or step == num_steps
+        if due or step % log_every == 0:
             flush()
             pending = (step, metrics, time.perf_counter())
-        if save:
+        if due:
             flush()  # synchronous: never checkpoint a state not known to be finite
-            ckpt.save(state, data_iter, force=step == num_steps)
+            save(force=step == num_steps)
             writer.flush()  # the curve up to a checkpoint survives a kill as the checkpoint does
         if eval_fn is not None and eval_every and (step % eval_every == 0 or step == num_steps):
             values = eval_fn(state)
-            writer.write_scalars(step, {f"{name}/{k}": v for k, v in values.items()})
-            progress.note(step, values)
+            values = values if stacked else [values]
+            for member, v in zip(names, values):
+                writer.write_scalars(step, {f"{member}/{k}": x for k, x in v.items()})
+            progress.note(step, values[0] if not stacked else
+                          {f"{m}/{k}": x for m, v in zip(names, values) for k, x in v.items()})
     flush()
     progress.close()
     writer.flush()

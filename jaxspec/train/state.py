@@ -62,3 +62,13 @@ def to_model(modeldef: ModelDef, state: TrainState) -> nnx.Module:
     model = modeldef.merge(state.params, state.batch_stats)
     model.eval()
     return model
+
+
+def stack(trees):
+    """Equally shaped pytrees stacked along a new leading axis (K specialists trained or run as one)."""
+    return jax.tree.map(lambda *xs: jax.numpy.stack(xs), *trees)
+
+
+def unstack(tree, index: int):
+    """Member `index` of a stacked pytree."""
+    return jax.tree.map(lambda x: x[index], tree)

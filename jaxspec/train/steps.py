@@ -67,20 +67,24 @@ def make_train_step(
             return loss, (logits, nnx.state(model, nnx.BatchStat))
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        return apply_gradients(state, tx, schedule, grads, batch_stats, loss, logits, batch["label"])
+        return apply_gradients(state, tx, schedule, grads, batch_stats, loss=loss,
+                               accuracy=accuracy(logits, batch["label"]))
 
     return train_step
 
 
 def apply_gradients(state: TrainState, tx: optax.GradientTransformation, schedule: optax.Schedule, grads,
-                    batch_stats, loss, logits, labels, **extra_metrics) -> tuple[TrainState, dict]:
-    """What every classifier train step ends with: the optimizer update, the new BatchNorm statistics, and
-    the metrics (loss, `extra_metrics`, accuracy, gradient norm, learning rate)."""
+                    batch_stats, **metrics) -> tuple[TrainState, dict]:
+    """What every train step ends with: the optimizer update, the new BatchNorm statistics, and `metrics`
+    (loss, accuracy, ...) with the gradient norm and the learning rate added."""
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                               batch_stats=batch_stats, opt_state=opt_state)
-    return new_state, {"loss": loss, **extra_metrics, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-                       "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step)}
+    return new_state, {**metrics, "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step)}
+
+
+def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return jnp.mean(jnp.argmax(logits, -1) == labels)
 
 
 def make_eval_step(
@@ -146,6 +150,14 @@ def jit_train_step(train_step, mesh: jax.sharding.Mesh, state_sharding=None):
         out_shardings=(state_sharding, rep),
         donate_argnums=0,
     )
+
+
+def jit_stacked_train_step(train_step, mesh: jax.sharding.Mesh):
+    """Compiles `train_step` vmapped over K stacked states and [K, B, ...] batches on a `sharding.spec_mesh`:
+    states split over 'spec' (and donated), batches over ('spec', 'data'); metrics come back with a leading K."""
+    st = sharding.stacked_sharding(mesh)
+    return jax.jit(jax.vmap(train_step), in_shardings=(st, sharding.stacked_batch_sharding(mesh)),
+                   out_shardings=(st, st), donate_argnums=0)
 
 
 def jit_eval_step(eval_step, mesh: jax.sharding.Mesh, state_sharding=None):
