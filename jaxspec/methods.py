@@ -27,8 +27,9 @@ import ml_collections
 import optax
 from flax import nnx
 
-from jaxspec import classification, models, sharding, specialize, validate
+from jaxspec import classification, models, sharding, specialize
 from jaxspec.data.constrain import ConstrainedSource
+from jaxspec.models import torchvision
 from jaxspec.train import checkpoint, driver, freeze
 from jaxspec.train.context import RunContext
 from jaxspec.train.state import ModelDef, TrainState, create_state, to_model
@@ -68,7 +69,7 @@ def frozen(ctx: RunContext, model: nnx.Module, classes: Sequence[int], columns=N
 def _load_generalist(config, num_classes: int) -> nnx.Module:
     """The generalist named by `config.generalist.init`: exported model or torchvision weights."""
     init = config.generalist.init
-    if init.endswith(validate.TORCHVISION_SUFFIXES):
+    if init.endswith(torchvision.SUFFIXES):
         model = models.load_torchvision_file(init, config.model.name, dtype=config.model.dtype)
     else:
         model, _ = checkpoint.load_model(init, dtype=config.model.dtype)

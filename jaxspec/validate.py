@@ -18,11 +18,11 @@ import ml_collections
 import numpy as np
 
 from jaxspec import methods, models
+from jaxspec.models import torchvision
 from jaxspec.data import custom, datasets, embedded_files
 from jaxspec.data.subsets import resolve_subset
 from jaxspec.train import checkpoint, optimizers
 
-TORCHVISION_SUFFIXES = (".pth", ".pt", ".safetensors", ".npz")
 DTYPES = ("float32", "bfloat16")
 DETECTION_METHODS = ("suppress", "slice")  # a scratch detector is specialize.scratch=True
 DETECTION_OPTIMIZERS = ("yolov5_sgd",)  # `jaxspec.detection.train`'s own, with its own schedule
@@ -96,7 +96,7 @@ def check_phase(key: str, phase: ml_collections.ConfigDict, *, detect: bool = Fa
 def check_init(key: str, init: str) -> None:
     """`init` names a readable exported model or weights file."""
     path = pathlib.Path(init)
-    if init.endswith(TORCHVISION_SUFFIXES):
+    if init.endswith(torchvision.SUFFIXES):
         if not path.is_file():
             fail(key, init, "an existing weights file (.pth, .pt, .safetensors, .npz) or an exported model dir")
         if init.endswith(".npz"):

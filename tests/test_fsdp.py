@@ -127,7 +127,8 @@ def test_skd_students_train_through_the_driver_under_fsdp_and_freeze(tmp_path):
         config = use_fixture(skd_config.get_config("tiny"), str(tmp_path / "raw"), per_class=8)
         config.sharding.fsdp = fsdp
         phase = config.scratch
-        phase.steps, phase.optim.optimizer, phase.freeze, phase.reestimate_bn = 3, "sgd", "blocks:0-1", False
+        phase.steps, phase.batch_size, phase.optim.optimizer = 3, 16, "sgd"
+        phase.freeze, phase.reestimate_bn = "blocks:0-1", False
         ctx = run.open_run(config, str(tmp_path / f"w{fsdp}"))
         t = config.skd.teacher
         teacher = models.get_model(t.name, ctx.info.num_classes, rngs=nnx.Rngs(5), width_multiplier=t.width_multiplier)

@@ -16,6 +16,7 @@ from flax import nnx
 from jaxspec.models import layers
 from jaxspec.models import mobilenet_v3 as mnv3
 
+SUFFIXES = (".pth", ".pt", ".safetensors", ".npz")  # what `load_torchvision_file` reads
 _REQUIRED = ('features.0.0.weight', 'classifier.0.weight',
              'classifier.3.weight')
 
