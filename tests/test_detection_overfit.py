@@ -13,7 +13,12 @@ before scoring (`jaxspec.train.batchnorm`): after 100 Adam steps from scratch
 the running averages still describe much earlier weights (measured: mAP@0.5
 0.01 with them, 0.98 re-estimated), which would make the check slow without
 testing anything about detection.
+
+Also here: the driver's BatchNorm re-estimation (`phase.reestimate_bn`) reads every batch of
+detection scenes, not only the first.
 """
+
+import types
 
 import jax
 import numpy as np
@@ -23,9 +28,10 @@ from flax import nnx
 from configs import common, detect_animals
 from jaxspec import sharding
 from jaxspec.detection import data
+from jaxspec.detection.task import Detection
 from jaxspec.detection import train as dtrain
 from jaxspec.models.yolov5 import yolov5
-from jaxspec.train import batchnorm, steps
+from jaxspec.train import batchnorm, driver, steps
 from jaxspec.train.state import create_state
 from tests.synthetic_embedded import point_at, write_fixture
 
@@ -56,12 +62,16 @@ def manifest(tmp_path_factory):
     return write_fixture(str(tmp_path_factory.mktemp("raw")), per_class=20)
 
 
-def test_yolov5n_overfits_sixteen_scenes(manifest):
+def _fixed_scenes_config(manifest):
     config = point_at(detect_animals.get_config("tiny"), manifest)
     config.data.update(image_size=SIZE, mosaic=0.0, fliplr=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, degrees=0.0,
                        translate=0.0, scale=0.0, shear=0.0)
     config.eval = detect_animals.evaluation(batch_size=NUM_SCENES, max_nms=3000)  # YOLOv5 validation's NMS
-    source = First(data.get_source(config.data, "train"), NUM_SCENES)
+    return config, First(data.get_source(config.data, "train"), NUM_SCENES)
+
+
+def test_yolov5n_overfits_sixteen_scenes(manifest):
+    config, source = _fixed_scenes_config(manifest)
     info, nc = source.info, source.info.num_classes
     num_boxes = sum(len(labels) for labels in source.box_labels)
     # One batch is all 16 scenes; with augmentation off it is the same letterboxed images every epoch.
@@ -98,3 +108,24 @@ def test_yolov5n_overfits_sixteen_scenes(manifest):
     assert before["mAP50"] < 0.1 and after["boxes"] == num_boxes and after["images"] == NUM_SCENES
     assert after["mAP50"] >= 0.9, after
     assert after["mAP50_95"] >= 0.5, after
+
+
+def test_bn_reestimation_reads_every_batch_of_scenes(manifest):
+    """A detection batch's `mask` marks box rows; the task's eval_iterator gives re-estimation per-image masks."""
+    config, source = _fixed_scenes_config(manifest)
+    model = yolov5("n", source.info.num_classes, rngs=nnx.Rngs(0))
+    phase = detect_animals.phase(steps=1, batch_size=NUM_SCENES // 2, optim=common.optimizer())
+    phase.reestimate_bn = True
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    modeldef, state = create_state(model, dtrain.make_optimizer(phase, nnx.state(model, nnx.Param),
+                                                                steps_per_epoch=1)[0], 0)
+    ctx = types.SimpleNamespace(config=config, mesh=mesh, info=source.info)
+    got = driver.final_bn_stats(ctx, Detection(), modeldef, state, source, phase)
+    halves = [{"image": b["image"]} for b in data.eval_iterator(source, config.data, batch_size=phase.batch_size)]
+    assert len(halves) == 2
+    want = batchnorm.reestimate(modeldef, state, halves, mesh=mesh, mean=source.info.mean, std=source.info.std)
+    first = batchnorm.reestimate(modeldef, state, halves[:1], mesh=mesh, mean=source.info.mean, std=source.info.std)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got.batch_stats,
+                 want.batch_stats)
+    assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(want.batch_stats),
+                                                     jax.tree.leaves(first.batch_stats)))

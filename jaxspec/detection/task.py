@@ -68,7 +68,11 @@ class Detection(Defaults):
         return data.train_iterator(source, ctx.config.data, batch_size=batch_size, seed=seed)
 
     def eval_iterator(self, ctx, source, batch_size):
-        return data.eval_iterator(source, ctx.config.data, batch_size=batch_size)
+        """Letterboxed images with the contract's per-image `mask` (False for padding images). A detection
+        batch's own `mask` marks real box rows [B, M], which `batchnorm.reestimate` would read as padding
+        images and skip nearly every batch; its evaluation reads `data.eval_iterator` directly."""
+        for batch in data.eval_iterator(source, ctx.config.data, batch_size=batch_size):
+            yield {"image": batch["image"], "mask": batch["valid"]}
 
     def train_step(self, ctx, modeldef, tx, schedule, phase, outputs: Outputs):
         cfg, classes = ctx.config, _classes(ctx, outputs)
