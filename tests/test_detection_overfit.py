@@ -28,8 +28,8 @@ from flax import nnx
 from configs import common, detect_animals
 from jaxspec import sharding
 from jaxspec.detection import data
-from jaxspec.detection.task import Detection
 from jaxspec.detection import train as dtrain
+from jaxspec.detection.task import Detection
 from jaxspec.models.yolov5 import yolov5
 from jaxspec.train import batchnorm, driver, steps
 from jaxspec.train.state import create_state
