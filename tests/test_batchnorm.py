@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from configs.common import optimizer
@@ -68,3 +69,12 @@ def test_several_batches_give_the_mean_of_their_statistics_and_padded_batches_ar
                                 std=STD).batch_stats
     for got, x, y in zip(jax.tree.leaves(both), jax.tree.leaves(one[0]), jax.tree.leaves(one[1])):
         np.testing.assert_allclose(got, (np.asarray(x) + np.asarray(y)) / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_a_mask_that_is_not_one_flag_per_image_is_an_error():
+    mesh = sharding.make_mesh()
+    images, labels = _data(32)
+    modeldef, state = _trained(mesh, images, labels, num_steps=1)
+    boxes = {"image": images, "mask": np.ones((32, 8), bool)}  # a detection batch's box rows
+    with pytest.raises(ValueError, match="one flag per image"):
+        batchnorm.reestimate(modeldef, state, [boxes], mesh=mesh, mean=MEAN, std=STD)

@@ -47,6 +47,9 @@ def reestimate(modeldef: ModelDef, state: TrainState, batches: Iterable[dict], *
 
     total, count, padded = None, 0, None
     for batch in batches:
+        if "mask" in batch and batch["mask"].shape != batch["image"].shape[:1]:
+            raise ValueError(f"BatchNorm re-estimation: batch 'mask' has shape {batch['mask'].shape}; "
+                             f"expected one flag per image, shape {batch['image'].shape[:1]}")
         if "mask" in batch and not batch["mask"].all():
             padded = padded or batch
             continue
