@@ -67,23 +67,30 @@ def tiny_main_run(embedded_manifest, tmp_path_factory) -> types.SimpleNamespace:
                                  again_out=again_out, again_err=again_err)
 
 
-# ---- scheduling under `pytest -n 2` (pyproject: `--dist loadgroup --no-loadscope-reorder`) -------------------------
-# A test marked `xdist_group(name)` runs on the same worker as the rest of its group, so a module's or a
-# session's fixture is computed once; unmarked tests go wherever a worker is free. The wall time is set by
-# the worker that finishes last, so the long units start first, in this order (longest first, from
-# `--durations`), and the many short tests fill in at the end.
+# ---- scheduling under `pytest -n 2` (pyproject: `--dist loadgroup`) -----------------------------------------------
+# A test marked `xdist_group(name)` runs on the same worker as the rest of its group, so a module's or the
+# session's fixture is computed once; other tests go one by one to whichever worker is free. The wall time
+# is that of the worker that finishes last, so the long units are handed out first, in this order (longest
+# first, from `--durations`: a group's name or a file's), and the many short tests fill in at the end.
 SCHEDULE = (
-    "tiny_main", "detect_run", "bench", "sigkill", "multi", "methods", "experiments", "distill", "lesion",
-    "jpeg_data", "own_data", "predict",
+    "tiny_main", "test_workdir.py", "test_bench.py", "test_experiments.py", "test_multi.py", "detect_run",
+    "methods", "colab_detection", "test_jpeg_data.py", "distill", "test_distill.py", "test_lesion.py", "predict",
+    "test_own_data.py", "test_methods.py", "test_batchnorm.py", "test_export.py", "test_train.py",
 )
 
 
-def _group(item) -> str | None:
+def _rank(item, rank: dict) -> int:
     mark = item.get_closest_marker("xdist_group")
-    return None if mark is None else (mark.args[0] if mark.args else mark.kwargs.get("name"))
+    group = mark and (mark.args[0] if mark.args else mark.kwargs.get("name"))
+    return min(rank.get(group, len(rank)), rank.get(item.path.name, len(rank)))
 
 
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(SCHEDULE)}
-    items.sort(key=lambda item: rank.get(_group(item), len(rank)))  # stable: file order within a rank
+    items.sort(key=lambda item: _rank(item, rank))  # stable: in collection order within a rank
 
+
+def pytest_configure(config):
+    # xdist (>= 3.6) would hand out groups with the most tests first; the order above is by duration.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False

@@ -17,14 +17,15 @@ from jaxspec.detection import data, run
 from jaxspec.detection import specialize as dspec
 from jaxspec.experiments import grid
 from jaxspec.methods import restricted
-from tests.synthetic_embedded import write_fixture
+
+pytestmark = pytest.mark.xdist_group("detect_run")  # the tests share one finished run: one worker (tests/conftest.py)
 
 ANIMALS = tuple(range(10))
 
 
 @pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-    return write_fixture(str(tmp_path_factory.mktemp("raw")), per_class=20)
+def manifest(embedded_manifest):
+    return embedded_manifest
 
 
 def tiny(config, manifest):

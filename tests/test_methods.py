@@ -174,6 +174,11 @@ def runner(tmp_path_factory):
     return run.Runner(config, str(tmp_path_factory.mktemp("work")))
 
 
+# The tests on `runner` share its generalist: one worker (tests/conftest.py, SCHEDULE).
+SHARES_RUNNER = pytest.mark.xdist_group("methods")
+
+
+@SHARES_RUNNER
 @pytest.mark.parametrize("method", methods.METHODS)
 def test_each_method_trains_from_the_same_generalist(runner, method):
     gen = runner.generalist()
@@ -196,6 +201,7 @@ def test_each_method_trains_from_the_same_generalist(runner, method):
         assert all(np.array_equal(b_gen[k], b_head[k]) for k in b_gen)
 
 
+@SHARES_RUNNER
 def test_train_together_batches_equal_specialists_and_leaves_the_rest(runner, monkeypatch):
     calls = []
     monkeypatch.setattr(methods.multi, "train_specialists",
@@ -213,6 +219,7 @@ def test_train_together_batches_equal_specialists_and_leaves_the_rest(runner, mo
     assert methods.train_together(runner, runner.generalist(), jobs, max_k=1) == []
 
 
+@SHARES_RUNNER
 def test_specialists_trained_together_are_only_restored_later(runner):
     gen, spec = runner.generalist(), runner.config.specialize
     jobs = [methods.Job((0, 1, 2), "extract", s, f"together-{s}", spec) for s in (0, 1)]
