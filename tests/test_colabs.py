@@ -8,13 +8,12 @@ papermill does): TINY, the synthetic embedded fixture, a temporary workdir.
 import ast
 import pathlib
 import re
+import shutil
 
 import nbformat
 import pytest
 from IPython.core.inputtransformer2 import TransformerManager
 from nbclient import NotebookClient
-
-from tests.synthetic_embedded import write_fixture
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 COLABS = ROOT / "colabs"
@@ -67,8 +66,8 @@ def test_notebook_code_parses_and_shell_commands_run_only_in_colab(name):
 
 
 @pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-    return write_fixture(str(tmp_path_factory.mktemp("raw")), per_class=20)
+def manifest(embedded_manifest):
+    return embedded_manifest
 
 
 def execute(name: str, monkeypatch, **params) -> nbformat.NotebookNode:
@@ -94,13 +93,22 @@ def _tiny(manifest, workdir) -> dict:
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
-    """One workdir tree for the three classifier notebooks, run in this order: analysis resumes the
-    quickstart's run, routing resumes it as its `animals` group (the same tiny config), so CI trains
-    one generalist for all three; each notebook still runs top to bottom."""
+    """One workdir tree for the three classifier notebooks, run in this order: the quickstart resumes a copy
+    of the session's tiny main run, analysis resumes the quickstart's run, routing resumes it as its
+    `animals` group (the same tiny config), so the suite trains one generalist for all of them; each
+    notebook still runs top to bottom."""
     return tmp_path_factory.mktemp("notebooks")
 
 
-def test_quickstart_runs(manifest, shared, monkeypatch):
+# The classifier notebooks start from the session's tiny main run (tests/conftest.py), on its worker.
+SHARED = pytest.mark.xdist_group("tiny_main")
+
+
+@SHARED
+def test_quickstart_runs(manifest, shared, tiny_main_run, monkeypatch):
+    # The session's run has the quickstart's config (validation aside, which changes no result): the
+    # notebook's run.run resumes a copy of its workdir.
+    shutil.copytree(tiny_main_run.workdir, shared / "animals")
     nb = execute("quickstart.ipynb", monkeypatch, **_tiny(manifest, shared / "animals"))
     markdown = "\n".join(_outputs(nb, "text/markdown"))
     assert "| specialist (extract), tuned |" in markdown and "| generalist | 30 | 32 |" in markdown
@@ -108,12 +116,14 @@ def test_quickstart_runs(manifest, shared, monkeypatch):
     assert (shared / "animals" / "report.md").exists()
 
 
+@SHARED
 def test_analysis_runs(manifest, shared, monkeypatch):
     nb = execute("analysis.ipynb", monkeypatch, **_tiny(manifest, shared / "animals"))
     assert len(_outputs(nb, "image/png")) == 4  # CKA heatmap and same-layer curve, two UMAPs
     assert (shared / "animals" / "analysis" / "cka.json").exists()
 
 
+@SHARED
 def test_routing_runs(manifest, shared, monkeypatch):
     nb = execute("routing.ipynb", monkeypatch, **_tiny(manifest, shared))
     table = "\n".join(_outputs(nb, "text/markdown"))
@@ -122,6 +132,7 @@ def test_routing_runs(manifest, shared, monkeypatch):
     assert len(_outputs(nb, "image/png")) == 1
 
 
+@pytest.mark.xdist_group("colab_detection")
 def test_detection_runs(manifest, tmp_path, monkeypatch):
     nb = execute("detection.ipynb", monkeypatch, **_tiny(manifest, tmp_path / "run"))
     markdown = "\n".join(_outputs(nb, "text/markdown"))

@@ -19,14 +19,15 @@ from jaxspec.experiments import grid
 from jaxspec.detection.task import evaluator
 from jaxspec.methods import generalist, restricted
 from jaxspec.train import checkpoint
-from tests.synthetic_embedded import write_fixture
+
+pytestmark = pytest.mark.xdist_group("detect_run")  # the tests share one finished run: one worker (tests/conftest.py)
 
 ANIMALS = tuple(range(10))
 
 
 @pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-    return write_fixture(str(tmp_path_factory.mktemp("raw")), per_class=20)
+def manifest(embedded_manifest):
+    return embedded_manifest
 
 
 def tiny(config, manifest):

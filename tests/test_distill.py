@@ -161,6 +161,7 @@ def tiny_runner(tmp_path_factory):
     return open_run(config, str(tmp_path_factory.mktemp("work"))), config
 
 
+@pytest.mark.xdist_group("distill")  # with the next test, which restores the teacher this one trains
 def test_skd_cell_end_to_end(tiny_runner, tmp_path):
     r, config = tiny_runner
     cell = {"subset_size": 4, "student": "skd", "seed": 0}
@@ -179,6 +180,7 @@ def test_skd_cell_end_to_end(tiny_runner, tmp_path):
         skd_exp.run_cell(r, config, {**cell, "student": "giant"})
 
 
+@pytest.mark.xdist_group("distill")
 def test_skd_students_trained_from_scratch_get_reestimated_batchnorm_statistics(tiny_runner):
     r, config = tiny_runner
     assert config.scratch.reestimate_bn  # on by default for models trained from scratch

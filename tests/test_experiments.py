@@ -12,7 +12,6 @@ from configs.experiments import c1_sweep, forgetting, table1, table2
 from configs.experiments import methods as methods_cfg
 from jaxspec import tables
 from jaxspec.experiments import grid, stats
-from tests.synthetic_embedded import write_fixture
 
 
 def test_aggregate_is_mean_and_sample_std_over_seeds_with_group_average():
@@ -44,8 +43,8 @@ def test_cell_ids_are_file_safe_and_distinct():
 
 
 @pytest.fixture(scope="module")
-def fixture_data(tmp_path_factory):
-    return write_fixture(str(tmp_path_factory.mktemp("raw")), per_class=20)
+def fixture_data(embedded_manifest):
+    return embedded_manifest
 
 
 def tiny(module, manifest, **grid_axes):

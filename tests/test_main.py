@@ -8,12 +8,10 @@ import pytest
 
 from configs import animals
 from jaxspec import run
-from tests.synthetic_embedded import point_at, write_fixture
+from tests.synthetic_embedded import point_at
 
-
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-    return write_fixture(str(tmp_path_factory.mktemp("raw")), per_class=20)
+# The tests of the tiny main run share the session's run (tests/conftest.py) with the others of their group.
+SHARED = pytest.mark.xdist_group("tiny_main")
 
 
 def tiny_config(manifest):
@@ -21,10 +19,10 @@ def tiny_config(manifest):
     return config
 
 
-def test_main_job_end_to_end_and_resume(manifest, tmp_path, capsys):
-    config = tiny_config(manifest)
-    results = run.run(config, str(tmp_path))
-    out = capsys.readouterr().out
+@SHARED
+def test_main_job_end_to_end_and_resume(tiny_main_run):
+    config, tmp_path, results, out = (tiny_main_run.config, tiny_main_run.workdir, tiny_main_run.results,
+                                      tiny_main_run.out)
     assert "| generalist restricted to S |" in out and "| specialist (extract), tuned |" in out
     assert "| generalist trained further on its data (control) |" in out
     assert "smoke run" in out  # a :tiny run says that its near-chance numbers are expected
@@ -43,19 +41,21 @@ def test_main_job_end_to_end_and_resume(manifest, tmp_path, capsys):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
     # Rerunning on the finished workdir resumes from the checkpoints: same numbers, no retraining, and says so.
-    again = run.run(config, str(tmp_path))
+    again, err = tiny_main_run.again, tiny_main_run.again_err
     assert again["stages"] == results["stages"]
-    captured = capsys.readouterr()
-    assert "step 10/" not in captured.err
-    assert f"[generalist] finished: restored, not retrained (checkpoint step {config.generalist.steps}/" in captured.err
+    assert "step 10/" not in err
+    assert f"[generalist] finished: restored, not retrained (checkpoint step {config.generalist.steps}/" in err
     assert again["invocations"] == 2 and again["seconds_total"] == pytest.approx(results["seconds"] + again["seconds"])
     assert "over 2 runs" in (tmp_path / "report.md").read_text()  # the re-evaluation keeps the first run's time
 
 
-def test_generalist_init_from_exported_model(manifest, tmp_path):
-    config = tiny_config(manifest)
-    first = run.run(config, str(tmp_path / "a"))
-    config.generalist.init = str(tmp_path / "a" / "models" / "generalist")
+@SHARED
+def test_generalist_init_from_exported_model(tiny_main_run, tmp_path):
+    """A generalist loaded from the shared run's export scores as that run's generalist did."""
+    first = tiny_main_run.results
+    config = tiny_config(tiny_main_run.config.data.manifest)
+    config.generalist.init = str(tiny_main_run.workdir / "models" / "generalist")
+    config.specialize.control = False  # not compared here
     second = run.run(config, str(tmp_path / "b"))
     row = "generalist restricted to S"
     assert second["stages"][0]["test_on_S"][row] == first["stages"][0]["test_on_S"][row]
@@ -78,14 +78,16 @@ def test_cli_finds_configs_from_any_directory_and_lists_them(tmp_path):
     assert "configs/experiments/table1.py: Paper Table 1" in helped.stdout and ":seeds=N" in helped.stdout
 
 
+@pytest.mark.slow  # the same command, from the checkout, as test_workdir.py's test_cli_errors_are_one_line
 def test_cli_rejects_unknown_override_key(tmp_path):
     proc = _cli("--config=configs/animals.py:tiny", f"--workdir={tmp_path}", "--config.specialize.stepz=3")
     assert proc.returncode != 0
     assert "stepz" in proc.stderr
 
 
-def test_cli_rejects_unknown_subset(manifest, tmp_path):
-    proc = _cli("--config=configs/animals.py:tiny", f"--workdir={tmp_path}", f"--config.data.manifest={manifest}",
+def test_cli_rejects_unknown_subset(embedded_manifest, tmp_path):
+    proc = _cli("--config=configs/animals.py:tiny", f"--workdir={tmp_path}",
+                f"--config.data.manifest={embedded_manifest}",
                 "--config.specialize.subset=unicorns")
     assert proc.returncode != 0
     assert "Unknown class or group 'unicorns'" in proc.stderr and "animals" in proc.stderr

@@ -22,6 +22,11 @@ def small_model(num_classes=12, seed=0):
     return model
 
 
+@nnx.jit
+def _jit_call(model, x, dropout_key=None):  # a model compiled whole: eager calls compile every op
+    return model(x) if dropout_key is None else model(x, rngs=nnx.Rngs(dropout=dropout_key))
+
+
 def body(model):
     params = nnx.state(model, nnx.Param)
     return {freeze.path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(params)
@@ -46,10 +51,10 @@ def test_dustbin_head_is_subset_rows_plus_closed_form_everything_else():
     subset, rest = [3, 0, 7], [c for c in range(12) if c not in (3, 0, 7)]
     spec = specialize.add_dustbin(parent, subset)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32, 32, 3)), jnp.float32)
-    got = np.asarray(spec(x))
+    got = np.asarray(_jit_call(spec, x))
     assert got.shape == (4, 4)
-    np.testing.assert_allclose(got[:, :3], np.asarray(parent(x))[:, subset], rtol=1e-5, atol=1e-5)
-    feats = np.asarray(parent.features(x), np.float64)
+    np.testing.assert_allclose(got[:, :3], np.asarray(_jit_call(parent, x))[:, subset], rtol=1e-5, atol=1e-5)
+    feats = np.asarray(nnx.jit(lambda m, x: m.features(x))(parent, x), np.float64)
     w, b = np.asarray(parent.head.kernel[...], np.float64), np.asarray(parent.head.bias[...], np.float64)
     want = feats @ w[:, rest].mean(1) + np.log(np.exp(b[rest]).sum())
     np.testing.assert_allclose(got[:, 3], want, rtol=1e-4, atol=1e-4)
@@ -120,8 +125,8 @@ def test_suppression_loss_is_softmax_over_s_with_smoothing_only_on_s():
     m = modeldef.merge(state.params, state.batch_stats)
     m.train()
     x = (np.asarray(batch["image"], np.float32) / 255 - 0.5) / 0.5
-    logits = np.asarray(m(jnp.asarray(x), rngs=nnx.Rngs(dropout=jax.random.fold_in(
-        jax.random.wrap_key_data(state.rng), 0))), np.float64)
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 0)
+    logits = np.asarray(_jit_call(m, jnp.asarray(x), key), np.float64)
     sup = np.full_like(logits, specialize.SUPPRESSED)
     sup[:, cols] = logits[:, cols]
     logp = sup - sup.max(1, keepdims=True)
@@ -137,7 +142,7 @@ def test_suppression_loss_is_softmax_over_s_with_smoothing_only_on_s():
         out = mm(jnp.asarray(x), rngs=nnx.Rngs(dropout=0))[:, np.asarray(cols)]
         return steps.cross_entropy(out, batch["label"], ls).mean()
 
-    grad_w = np.asarray(jax.grad(loss)(state.params)["head"]["kernel"][...])
+    grad_w = np.asarray(jax.jit(jax.grad(loss))(state.params)["head"]["kernel"][...])
     outside = [c for c in range(12) if c not in cols]
     assert np.all(grad_w[:, outside] == 0) and np.any(grad_w[:, cols] != 0)
 
@@ -169,6 +174,11 @@ def runner(tmp_path_factory):
     return run.open_run(config, str(tmp_path_factory.mktemp("work")))
 
 
+# The tests on `runner` share its generalist: one worker (tests/conftest.py, SCHEDULE).
+SHARES_RUNNER = pytest.mark.xdist_group("methods")
+
+
+@SHARES_RUNNER
 @pytest.mark.parametrize("method", methods.METHODS)
 def test_each_method_trains_from_the_same_generalist(runner, method):
     gen = methods.generalist(runner)
@@ -191,6 +201,7 @@ def test_each_method_trains_from_the_same_generalist(runner, method):
         assert all(np.array_equal(b_gen[k], b_head[k]) for k in b_gen)
 
 
+@SHARES_RUNNER
 def test_train_together_batches_equal_specialists_and_leaves_the_rest(runner, monkeypatch):
     calls = []
     monkeypatch.setattr(methods.driver, "train_together",
@@ -208,6 +219,7 @@ def test_train_together_batches_equal_specialists_and_leaves_the_rest(runner, mo
     assert methods.train_together(runner, methods.generalist(runner), jobs, max_k=1) == []
 
 
+@SHARES_RUNNER
 def test_specialists_trained_together_are_only_restored_later(runner):
     gen, spec = methods.generalist(runner), runner.config.specialize
     jobs = [methods.Job((0, 1, 2), "extract", s, f"together-{s}", spec) for s in (0, 1)]

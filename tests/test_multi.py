@@ -51,6 +51,7 @@ def close(a, b):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6), a, b)
 
 
+@pytest.mark.slow  # step by step what test_train_specialists_equals_train_phase_and_resumes checks end to end
 def test_vmapped_step_equals_separate_steps():
     src = toy_source()
     cfg = data_config(image_size=32)

@@ -341,6 +341,7 @@ def test_analysis_reopens_own_data_from_results_json(folder_run):
     assert (work / "analysis" / "umap.png").exists()
 
 
+@pytest.mark.slow  # the main job as on a folder (test_main_job_on_a_folder...), on the .npz reader's source
 def test_main_job_on_an_npz(tmp_path):
     path = write_npz(tmp_path / "digits.npz")
     config = tiny_config(f"npz:{path}")

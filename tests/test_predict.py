@@ -25,6 +25,8 @@ from jaxspec.predict import Classification, Detections, RoutedClassification, fo
 from jaxspec.train import checkpoint
 from tests.synthetic_embedded import point_at, write_fixture
 
+pytestmark = pytest.mark.xdist_group("predict")  # the tests share `setup`'s models: one worker (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):

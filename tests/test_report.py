@@ -1,8 +1,6 @@
 """The per-run report of a tiny run, and the plot helpers on hand-made histories and accuracies."""
 
-import contextlib
 import copy
-import io
 import json
 import re
 
@@ -10,28 +8,26 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import animals, detect_animals
-from jaxspec import plots, report, run, tables
+from configs import detect_animals
+from jaxspec import plots, report, tables
 from jaxspec.train import history
-from tests.synthetic_embedded import use_fixture
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """One tiny run with validation on, shared by the module: (workdir, results, terminal output)."""
-    config = use_fixture(animals.get_config("tiny"), str(tmp_path_factory.mktemp("raw")))
-    config.eval.every_steps = 10
-    workdir = tmp_path_factory.mktemp("run")
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        results = run.run(config, str(workdir))
-    return workdir, results, out.getvalue()
+def tiny_run(tiny_main_run):
+    """The session's tiny run with validation on (tests/conftest.py): (workdir, results, terminal output)."""
+    return tiny_main_run.workdir, tiny_main_run.results, tiny_main_run.out
+
+
+# The tests on the tiny run go with the run's other users, on one worker.
+SHARED = pytest.mark.xdist_group("tiny_main")
 
 
 def _links(text: str) -> list[str]:
     return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
 
 
+@SHARED
 def test_run_writes_report_with_tables_and_images(tiny_run):
     workdir, results, terminal = tiny_run
     text = (workdir / "report.md").read_text()
@@ -49,6 +45,7 @@ def test_run_writes_report_with_tables_and_images(tiny_run):
             assert im.format == "PNG" and im.width > 300 and im.height > 200
 
 
+@SHARED
 def test_report_per_class_table_matches_results(tiny_run):
     workdir, results, _ = tiny_run
     text = (workdir / "report.md").read_text()
@@ -61,6 +58,7 @@ def test_report_per_class_table_matches_results(tiny_run):
         assert row + f"{100 * (tuned[i] - gen[i]):+.1f} |" in text
 
 
+@SHARED
 def test_report_without_curves_or_with_loaded_generalist(tiny_run, tmp_path):
     _, results, _ = tiny_run
     results = copy.deepcopy(results)
@@ -73,6 +71,7 @@ def test_report_without_curves_or_with_loaded_generalist(tiny_run, tmp_path):
     assert (tmp_path / "plots" / "class_change_1.png").exists() and not (tmp_path / "plots" / "curves.png").exists()
 
 
+@SHARED
 def test_report_of_a_gradual_run_from_results_json(tiny_run, tmp_path):
     """Two stages (as `animals>livestock` gives): a chart and a table per stage; JSON round trip is enough."""
     _, results, _ = tiny_run

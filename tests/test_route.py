@@ -12,6 +12,8 @@ from configs import common
 from jaxspec import models, route, sharding, specialize, tables
 from jaxspec.data.sources import ArraySource, DatasetInfo
 
+pytestmark = pytest.mark.xdist_group("route")  # the tests share `parts`' routed systems: one worker (tests/conftest.py)
+
 NUM_CLASSES = 12  # classes 10 and 11 are in no group: the generalist's answer stands
 GROUPS = [(0, 1, 2, 3, 4), (5, 6), (7, 8, 9)]
 DUSTBIN_GROUP = 1  # its specialist has a dustbin output

@@ -17,7 +17,7 @@ from jaxspec.analysis import features, umap_plot
 from jaxspec.data import datasets, pipeline
 from jaxspec.data.sources import ArraySource, DatasetInfo
 from jaxspec.train import checkpoint
-from tests.synthetic_embedded import point_at, write_fixture
+from tests.synthetic_embedded import point_at
 
 NAMES = ("ant", "bee", "cod", "eel", "fox")
 
@@ -76,8 +76,8 @@ def test_example_selection_per_class_and_shuffled():
 
 
 @pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-    return write_fixture(str(tmp_path_factory.mktemp("raw")), per_class=20)
+def manifest(embedded_manifest):
+    return embedded_manifest
 
 
 def tiny_config(manifest):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -21,12 +22,12 @@ from jaxspec.detection import data as det_data
 from jaxspec.detection import scenes
 from jaxspec.train import checkpoint, history, loop, workdir
 from jaxspec.train.state import TrainState
-from tests.synthetic_embedded import point_at, write_fixture
+from tests.synthetic_embedded import point_at
 
 
 @pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-    return write_fixture(str(tmp_path_factory.mktemp("raw")), per_class=20)
+def manifest(embedded_manifest):
+    return embedded_manifest
 
 
 def tiny(manifest, **overrides):
@@ -36,16 +37,23 @@ def tiny(manifest, **overrides):
     return config
 
 
+def _changed(config, key, value):
+    config = config.copy_and_resolve_references()
+    config.update_from_flattened_dict({key: value})
+    return config
+
+
 # ---- 1. a changed config never reuses the old phases -------------------------------------------------------------
 
 
-def test_changed_config_stops_naming_the_keys_and_overwrite_moves_only_changed_phases_aside(manifest, tmp_path,
+@pytest.mark.xdist_group("tiny_main")  # on a copy of the session's tiny main run (tests/conftest.py)
+def test_changed_config_stops_naming_the_keys_and_overwrite_moves_only_changed_phases_aside(tiny_main_run, tmp_path,
                                                                                           capsys):
-    wd = tmp_path / "w"
-    first = run.run(tiny(manifest), str(wd))
+    wd = shutil.copytree(tiny_main_run.workdir, tmp_path / "w")  # a finished run of the tiny config
+    first, manifest = tiny_main_run.results, tiny_main_run.config.data.manifest
     for key, value in (("specialize.subset", "clothing"), ("seed", 1)):
         with pytest.raises(workdir.WorkdirError) as e:
-            run.run(tiny(manifest, **{key: value}), str(wd))
+            run.run(_changed(tiny_main_run.config, key, value), str(wd))
         message = str(e.value)
         assert "\n" not in message and key in message and "--config.overwrite=True" in message
     capsys.readouterr()
@@ -58,7 +66,8 @@ def test_changed_config_stops_naming_the_keys_and_overwrite_moves_only_changed_p
     spec = json.loads((wd / "models" / "specialist" / "model.json").read_text())
     assert spec["class_names"][0] == "tshirt_top"  # the export is the new specialist's
     aside = sorted(p.name for p in (wd / "checkpoints").iterdir())
-    assert aside[0] == "generalist" and any(p.startswith("specialist.replaced-") for p in aside)
+    assert "generalist" in aside and not any(p.startswith("generalist.") for p in aside)
+    assert any(p.startswith("specialist.replaced-") for p in aside)
     old = next((wd / "checkpoints").glob("specialist.replaced-*"))
     assert json.loads((old / "fingerprint.json").read_text())["phase.subset"] == "animals"  # nothing lost
     assert first["stages"][0]["subset_names"][0] == "bear"
