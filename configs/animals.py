@@ -23,8 +23,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = arg.seed
     # dtype: activations; "bfloat16" is mixed precision for GPUs and TPUs (on CPU float32 is faster).
-    config.model = dict(name="mobilenet_v3_small", width_multiplier=1.0, dropout_rate=0.2, depthwise="auto",
-                        dtype="float32")
+    config.model = dict(
+        name="mobilenet_v3_small", width_multiplier=1.0, dropout_rate=0.2, depthwise="auto", dtype="float32"
+    )
     config.data = common.data(name="embedded")
 
     gen_batch, spec_batch = 128, 128

@@ -28,9 +28,19 @@ TRAIN_IMAGES = 118_287  # coco/2017 train
 
 def yolov5_sgd(**overrides) -> ml_collections.ConfigDict:
     """YOLOv5's optimizer (`jaxspec.detection.train.yolov5_sgd`), hyp.scratch-low values."""
-    cfg = ml_collections.ConfigDict({"optimizer": "yolov5_sgd", "lr": 0.01, "lrf": 0.01, "momentum": 0.937,
-                                     "weight_decay": 5e-4, "warmup_epochs": 3.0, "warmup_momentum": 0.8,
-                                     "warmup_bias_lr": 0.1, "nbs": 64})
+    cfg = ml_collections.ConfigDict(
+        {
+            "optimizer": "yolov5_sgd",
+            "lr": 0.01,
+            "lrf": 0.01,
+            "momentum": 0.937,
+            "weight_decay": 5e-4,
+            "warmup_epochs": 3.0,
+            "warmup_momentum": 0.8,
+            "warmup_bias_lr": 0.1,
+            "nbs": 64,
+        }
+    )
     cfg.update(overrides)
     return cfg
 
@@ -41,9 +51,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.task = "detect"
     config.seed = arg.seed
     config.model = {"name": f"yolov5{arg.scale}", "dtype": "float32"}
-    config.data = data.default_config(name="coco/2017", train_split="train", val_split="validation",
-                                      test_split="validation", image_size=640, max_boxes=300,
-                                      num_workers=-1, num_threads=2, prefetch=4)  # 4 x 20 MB per worker
+    config.data = data.default_config(
+        name="coco/2017",
+        train_split="train",
+        val_split="validation",
+        test_split="validation",
+        image_size=640,
+        max_boxes=300,
+        num_workers=-1,
+        num_threads=2,
+        prefetch=4,
+    )  # 4 x 20 MB per worker
     config.hyp = dict(DEFAULT_HYP)
     batch = 16
     config.generalist = detect_animals.phase(epochs=arg.epochs, batch_size=batch, optim=yolov5_sgd())

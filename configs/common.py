@@ -65,8 +65,9 @@ def data(**overrides) -> ml_collections.ConfigDict:
     return cfg
 
 
-def phase(*, steps: int, batch_size: int, label_smoothing: float, optim,
-          reestimate_bn: bool = False) -> ml_collections.ConfigDict:
+def phase(
+    *, steps: int, batch_size: int, label_smoothing: float, optim, reestimate_bn: bool = False
+) -> ml_collections.ConfigDict:
     """A training phase (generalist, specialist, scratch).
 
     `freeze`: comma-separated regexes on parameter paths ('blocks/0/.*') or
@@ -77,13 +78,28 @@ def phase(*, steps: int, batch_size: int, label_smoothing: float, optim,
     trained from random init, whose running averages trail their weights).
     """
     return ml_collections.ConfigDict(
-        dict(steps=steps, batch_size=batch_size, label_smoothing=label_smoothing, optim=optim,
-             freeze="", freeze_bn_stats=False, reestimate_bn=reestimate_bn)
+        dict(
+            steps=steps,
+            batch_size=batch_size,
+            label_smoothing=label_smoothing,
+            optim=optim,
+            freeze="",
+            freeze_bn_stats=False,
+            reestimate_bn=reestimate_bn,
+        )
     )
 
 
-def specialize(*, subset: str, steps: int, batch_size: int, label_smoothing: float, optim,
-               head_steps: int, dustbin_fraction: float = 0.1) -> ml_collections.ConfigDict:
+def specialize(
+    *,
+    subset: str,
+    steps: int,
+    batch_size: int,
+    label_smoothing: float,
+    optim,
+    head_steps: int,
+    dustbin_fraction: float = 0.1,
+) -> ml_collections.ConfigDict:
     """The specialization phase and how the specialist is made (see `jaxspec.methods`)."""
     cfg = phase(steps=steps, batch_size=batch_size, label_smoothing=label_smoothing, optim=optim)
     cfg.subset = subset  # group names, class names or indices; 'a>b' for gradual specialization
@@ -119,5 +135,13 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 def grouping(kind: str, **kw) -> ml_collections.ConfigDict:
     """A grouping section (see `jaxspec.groupings.make_groups`)."""
-    return ml_collections.ConfigDict(dict(kind=kind, k=kw.pop("k", 0), sizes=kw.pop("sizes", ()),
-                                          seed=kw.pop("seed", 0), level=kw.pop("level", "coarse"), **kw))
+    return ml_collections.ConfigDict(
+        dict(
+            kind=kind,
+            k=kw.pop("k", 0),
+            sizes=kw.pop("sizes", ()),
+            seed=kw.pop("seed", 0),
+            level=kw.pop("level", "coarse"),
+            **kw,
+        )
+    )

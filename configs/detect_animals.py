@@ -25,14 +25,31 @@ def phase(*, batch_size: int, optim, epochs: float = 0.0, steps: int = 0) -> ml_
     """A detection training phase of `epochs` over its data (counted when the data are known), or of `steps`
     when epochs is 0. `freeze`: YOLOv5 layer ranges (`layers:10-12`) or regexes on parameter paths;
     `freeze_bn_stats`: BatchNorm uses (and keeps) its running statistics."""
-    return ml_collections.ConfigDict({"epochs": float(epochs), "steps": steps, "batch_size": batch_size, "optim": optim,
-                                      "freeze": "", "freeze_bn_stats": False})
+    return ml_collections.ConfigDict(
+        {
+            "epochs": float(epochs),
+            "steps": steps,
+            "batch_size": batch_size,
+            "optim": optim,
+            "freeze": "",
+            "freeze_bn_stats": False,
+        }
+    )
 
 
 def evaluation(**overrides) -> ml_collections.ConfigDict:
     """Eval section: YOLOv5 validation's NMS (conf 0.001, IoU 0.6) and COCOeval's 100 detections per image."""
-    cfg = ml_collections.ConfigDict({"batch_size": 64, "every_steps": 0, "conf_thres": 0.001, "iou_thres": 0.6,
-                                     "max_det": 300, "max_nms": 30000, "coco_max_dets": 100})
+    cfg = ml_collections.ConfigDict(
+        {
+            "batch_size": 64,
+            "every_steps": 0,
+            "conf_thres": 0.001,
+            "iou_thres": 0.6,
+            "max_det": 300,
+            "max_nms": 30000,
+            "coco_max_dets": 100,
+        }
+    )
     cfg.update(overrides)
     return cfg
 
@@ -50,15 +67,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.hyp = dict(DEFAULT_HYP)
 
     batch = 32
-    config.generalist = phase(epochs=5, batch_size=batch, optim=common.optimizer(
-        optimizer="adam", lr=1e-3, schedule="cosine", warmup_steps=50))
+    config.generalist = phase(
+        epochs=5,
+        batch_size=batch,
+        optim=common.optimizer(optimizer="adam", lr=1e-3, schedule="cosine", warmup_steps=50),
+    )
     config.specialize = phase(epochs=2, batch_size=batch, optim=common.optimizer(optimizer="adam", lr=1e-4))
     config.specialize.subset = "animals"  # group names, class names or indices; 'animals>horse' is gradual
     config.specialize.method = "suppress"  # suppress | slice (see jaxspec.detection.specialize)
     config.specialize.scratch = False  # also train a detector from scratch on D_S (config.scratch; Table 4)
     # The generalist's recipe and epochs, on the animal scenes only.
-    config.scratch = phase(epochs=5, batch_size=batch, optim=common.optimizer(
-        optimizer="adam", lr=1e-3, schedule="cosine", warmup_steps=50))
+    config.scratch = phase(
+        epochs=5,
+        batch_size=batch,
+        optim=common.optimizer(optimizer="adam", lr=1e-3, schedule="cosine", warmup_steps=50),
+    )
 
     # max_nms 3000 instead of YOLOv5's 30000: a 96 px image has only 567 boxes x 30 classes.
     config.eval = evaluation(max_nms=3000)

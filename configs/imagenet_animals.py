@@ -32,8 +32,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg = common.parse_arg(arg, seed=0, epochs=600, spec_epochs=10, tiny=False)
     config = ml_collections.ConfigDict()
     config.seed = arg.seed
-    config.model = dict(name="mobilenet_v3_small", width_multiplier=1.0, dropout_rate=0.2, depthwise="auto",
-                        dtype="float32")
+    config.model = dict(
+        name="mobilenet_v3_small", width_multiplier=1.0, dropout_rate=0.2, depthwise="auto", dtype="float32"
+    )
     config.data = common.data(
         name="imagenet2012",
         train_split="train[:99%]",  # 1% of train held out for model selection

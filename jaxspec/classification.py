@@ -18,20 +18,44 @@ from jaxspec.train.task import Defaults, Outputs
 
 def model_spec(config, num_classes: int) -> dict:
     """The architecture `models.get_model` builds for `config.model` with `num_classes` outputs."""
-    return dict(name=config.model.name, num_classes=num_classes, width_multiplier=config.model.width_multiplier,
-                dropout_rate=config.model.dropout_rate)
+    return dict(
+        name=config.model.name,
+        num_classes=num_classes,
+        width_multiplier=config.model.width_multiplier,
+        dropout_rate=config.model.dropout_rate,
+    )
 
 
-def evaluator(ctx: RunContext, modeldef: ModelDef, num_classes: int, columns=None, confusion: bool = False,
-              per_example: bool = False) -> evaluate.Evaluator:
+def evaluator(
+    ctx: RunContext,
+    modeldef: ModelDef,
+    num_classes: int,
+    columns=None,
+    confusion: bool = False,
+    per_example: bool = False,
+) -> evaluate.Evaluator:
     """An `Evaluator` of `num_classes` scored classes, compiled once per model structure and column choice."""
-    key = ("evaluator", modeldef.graphdef, num_classes, None if columns is None else tuple(columns), confusion,
-           per_example)
+    key = (
+        "evaluator",
+        modeldef.graphdef,
+        num_classes,
+        None if columns is None else tuple(columns),
+        confusion,
+        per_example,
+    )
     if key not in ctx.cache:
-        ctx.cache[key] = evaluate.Evaluator(modeldef, mesh=ctx.mesh, data_cfg=ctx.config.data,
-                                            batch_size=ctx.config.eval.batch_size, mean=ctx.info.mean,
-                                            std=ctx.info.std, num_classes=num_classes, columns=columns,
-                                            confusion=confusion, per_example=per_example)
+        ctx.cache[key] = evaluate.Evaluator(
+            modeldef,
+            mesh=ctx.mesh,
+            data_cfg=ctx.config.data,
+            batch_size=ctx.config.eval.batch_size,
+            mean=ctx.info.mean,
+            std=ctx.info.std,
+            num_classes=num_classes,
+            columns=columns,
+            confusion=confusion,
+            per_example=per_example,
+        )
     return ctx.cache[key]
 
 
@@ -45,8 +69,14 @@ class Classification(Defaults):
 
     def new_model(self, ctx: RunContext, num_classes: int, seed: int) -> nnx.Module:
         spec = model_spec(ctx.config, num_classes)
-        return models.get_model(spec.pop("name"), spec.pop("num_classes"), rngs=nnx.Rngs(seed),
-                                depthwise=ctx.config.model.depthwise, dtype=ctx.config.model.dtype, **spec)
+        return models.get_model(
+            spec.pop("name"),
+            spec.pop("num_classes"),
+            rngs=nnx.Rngs(seed),
+            depthwise=ctx.config.model.depthwise,
+            dtype=ctx.config.model.dtype,
+            **spec,
+        )
 
     def optimizer(self, ctx, phase, model, source):
         tx, schedule = optimizers.make_optimizer(phase.optim, phase.steps)
@@ -59,9 +89,16 @@ class Classification(Defaults):
         return pipeline.eval_iterator(source, ctx.config.data, batch_size=batch_size)
 
     def train_step(self, ctx, modeldef, tx, schedule, phase, outputs: Outputs):
-        return steps.make_train_step(modeldef, tx, schedule, mean=ctx.info.mean, std=ctx.info.std,
-                                     label_smoothing=phase.label_smoothing, columns=outputs.columns,
-                                     freeze_bn_stats=phase.get("freeze_bn_stats", False))
+        return steps.make_train_step(
+            modeldef,
+            tx,
+            schedule,
+            mean=ctx.info.mean,
+            std=ctx.info.std,
+            label_smoothing=phase.label_smoothing,
+            columns=outputs.columns,
+            freeze_bn_stats=phase.get("freeze_bn_stats", False),
+        )
 
     def validator(self, ctx, modeldef, outputs: Outputs):
         columns = outputs.columns
@@ -73,8 +110,10 @@ class Classification(Defaults):
         return validate
 
     def fingerprint(self, ctx, phase, outputs: Outputs) -> dict:
-        return {"extendable": optimizers.length_free(phase.optim),
-                "columns": None if outputs.columns is None else list(outputs.columns)}
+        return {
+            "extendable": optimizers.length_free(phase.optim),
+            "columns": None if outputs.columns is None else list(outputs.columns),
+        }
 
     def results_table(self, rows, title: str) -> str:
         return tables.classification(rows, title)

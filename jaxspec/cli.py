@@ -82,13 +82,15 @@ def resolve_config(argv: list[str]) -> list[str]:
     out = []
     for a in argv:
         if a.startswith("--config="):
-            file, sep, arg = a[len("--config="):].partition(":")
+            file, sep, arg = a[len("--config=") :].partition(":")
             path = pathlib.Path(file).expanduser()
             if not path.is_absolute() and not path.exists() and (ROOT / path).exists():
                 path = ROOT / path
             if not path.exists():
-                exit_with(f"--config={file}: no such config file (looked in {pathlib.Path.cwd()} and {ROOT}); "
-                          f"shipped configs: {', '.join(shipped_configs())}")
+                exit_with(
+                    f"--config={file}: no such config file (looked in {pathlib.Path.cwd()} and {ROOT}); "
+                    f"shipped configs: {', '.join(shipped_configs())}"
+                )
             path = path.resolve()
             holder = next((d for d in path.parents if (d / "configs" / "__init__.py").exists()), None)
             if holder is not None and str(holder) not in sys.path:
@@ -100,14 +102,17 @@ def resolve_config(argv: list[str]) -> list[str]:
 
 def shipped_configs() -> list[str]:
     """The configs in the checkout, relative to it (`configs/animals.py`, `configs/experiments/table1.py`, ...)."""
-    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.py")
-                  if p.name not in ("__init__.py", "common.py"))
+    return sorted(
+        str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.py") if p.name not in ("__init__.py", "common.py")
+    )
 
 
 def config_help() -> str:
     """The --config flag's help: the syntax, and each shipped config with the first line of its docstring."""
-    lines = ["Path to a config file, optionally with ':arguments' (e.g. configs/animals.py:tiny or",
-             ":seed=1; experiment configs take :tiny, :seeds=N, :data=cifar100|imagenet). Shipped configs:"]
+    lines = [
+        "Path to a config file, optionally with ':arguments' (e.g. configs/animals.py:tiny or",
+        ":seed=1; experiment configs take :tiny, :seeds=N, :data=cifar100|imagenet). Shipped configs:",
+    ]
     for rel in shipped_configs():
         try:
             doc = ast.get_docstring(ast.parse((ROOT / rel).read_text())) or ""

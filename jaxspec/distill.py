@@ -61,8 +61,14 @@ def spectral_norm(m: jax.Array, num_iters: int = 20) -> jax.Array:
     return jnp.linalg.norm(jnp.einsum("...ij,...j->...i", a, jax.lax.stop_gradient(v)), axis=-1)
 
 
-def distill_loss(teacher_feats: Sequence[jax.Array], student_feats: Sequence[jax.Array], *, beta: float,
-                 num_iters: int = 20, normalize: bool = True) -> jax.Array:
+def distill_loss(
+    teacher_feats: Sequence[jax.Array],
+    student_feats: Sequence[jax.Array],
+    *,
+    beta: float,
+    num_iters: int = 20,
+    normalize: bool = True,
+) -> jax.Array:
     """Σ_i β^(L-1-i) (FM term + spectral-norm term), batch-averaged; the sum that λ/2 multiplies.
 
     Feature maps are [N, ..., C] in forward order, the student's already in
@@ -131,8 +137,9 @@ class DistillStudent(nnx.Module):
         return out["logits"], feats
 
 
-def make_student(model: nnx.Module, teacher: nnx.Module, pairs: Pairs, *, image_size: int, rngs: nnx.Rngs,
-                 in_channels: int = 3) -> DistillStudent:
+def make_student(
+    model: nnx.Module, teacher: nnx.Module, pairs: Pairs, *, image_size: int, rngs: nnx.Rngs, in_channels: int = 3
+) -> DistillStudent:
     """Wraps `model` with a 1x1 adapter (with bias) for every matched layer whose channel count differs."""
     _check_layers(teacher, [t for t, _ in pairs], "teacher")
     _check_layers(model, [s for _, s in pairs], "student")
@@ -158,9 +165,19 @@ def make_student(model: nnx.Module, teacher: nnx.Module, pairs: Pairs, *, image_
     return DistillStudent(model, tuple(pairs), adapters)
 
 
-def skd_objective(student: DistillStudent, teacher: nnx.Module, x: jax.Array, labels: jax.Array, *,
-                  lam: float, beta: float, label_smoothing: float = 0.0, num_iters: int = 20,
-                  normalize: bool = True, rngs: nnx.Rngs | None = None):
+def skd_objective(
+    student: DistillStudent,
+    teacher: nnx.Module,
+    x: jax.Array,
+    labels: jax.Array,
+    *,
+    lam: float,
+    beta: float,
+    label_smoothing: float = 0.0,
+    num_iters: int = 20,
+    normalize: bool = True,
+    rngs: nnx.Rngs | None = None,
+):
     """CE + (λ/2)·distill_loss for modules in whatever mode the caller set; returns (loss, (logits, ce, kd))."""
     t_names = [t for t, _ in student.pairs]
     t_out = teacher.intermediates(x, t_names)
@@ -179,18 +196,41 @@ class DistillState(TrainState):
     teacher_stats: nnx.State
 
 
-def create_distill_state(student: DistillStudent, teacher_def: ModelDef, teacher_state: TrainState,
-                         tx: optax.GradientTransformation, seed: int) -> tuple[ModelDef, DistillState]:
+def create_distill_state(
+    student: DistillStudent,
+    teacher_def: ModelDef,
+    teacher_state: TrainState,
+    tx: optax.GradientTransformation,
+    seed: int,
+) -> tuple[ModelDef, DistillState]:
     """A fresh (step 0) state for `student` with the teacher's parameters and statistics alongside."""
     student_def, s = create_state(student, tx, seed)
-    state = DistillState(step=s.step, params=s.params, batch_stats=s.batch_stats, opt_state=s.opt_state, rng=s.rng,
-                         teacher_params=teacher_state.params, teacher_stats=teacher_state.batch_stats)
+    state = DistillState(
+        step=s.step,
+        params=s.params,
+        batch_stats=s.batch_stats,
+        opt_state=s.opt_state,
+        rng=s.rng,
+        teacher_params=teacher_state.params,
+        teacher_stats=teacher_state.batch_stats,
+    )
     return student_def, state
 
 
-def make_skd_train_step(student_def: ModelDef, teacher_def: ModelDef, tx: optax.GradientTransformation,
-                        schedule: optax.Schedule, *, mean: Sequence[float], std: Sequence[float], lam: float,
-                        beta: float, label_smoothing: float = 0.0, num_iters: int = 20, normalize: bool = True):
+def make_skd_train_step(
+    student_def: ModelDef,
+    teacher_def: ModelDef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    lam: float,
+    beta: float,
+    label_smoothing: float = 0.0,
+    num_iters: int = 20,
+    normalize: bool = True,
+):
     """`train_step(state: DistillState, batch) -> (state, metrics)`; jit it with `steps.jit_train_step`.
 
     Gradients are taken with respect to the student's and adapters'
@@ -206,14 +246,32 @@ def make_skd_train_step(student_def: ModelDef, teacher_def: ModelDef, tx: optax.
         def loss_fn(params):
             student = student_def.merge(params, state.batch_stats)
             student.train()
-            loss, aux = skd_objective(student, teacher, x, batch["label"], lam=lam, beta=beta,
-                                      label_smoothing=label_smoothing, num_iters=num_iters, normalize=normalize,
-                                      rngs=nnx.Rngs(dropout=key))
+            loss, aux = skd_objective(
+                student,
+                teacher,
+                x,
+                batch["label"],
+                lam=lam,
+                beta=beta,
+                label_smoothing=label_smoothing,
+                num_iters=num_iters,
+                normalize=normalize,
+                rngs=nnx.Rngs(dropout=key),
+            )
             return loss, (aux, nnx.state(student, nnx.BatchStat))
 
         (loss, ((logits, ce, kd), batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        return steps.apply_gradients(state, tx, schedule, grads, batch_stats, loss=loss, ce=ce, distill=kd,
-                                     accuracy=steps.accuracy(logits, batch["label"]))
+        return steps.apply_gradients(
+            state,
+            tx,
+            schedule,
+            grads,
+            batch_stats,
+            loss=loss,
+            ce=ce,
+            distill=kd,
+            accuracy=steps.accuracy(logits, batch["label"]),
+        )
 
     return train_step
 
@@ -233,8 +291,9 @@ class Distillation(Classification):
 
     def wrap(self, ctx, model, seed):
         teacher = self.teacher_def.merge(self.teacher_state.params, self.teacher_state.batch_stats)
-        return make_student(model, teacher, parse_pairs(self.skd.layers), image_size=ctx.config.data.image_size,
-                            rngs=nnx.Rngs(seed))
+        return make_student(
+            model, teacher, parse_pairs(self.skd.layers), image_size=ctx.config.data.image_size, rngs=nnx.Rngs(seed)
+        )
 
     def optimizer(self, ctx, phase, model, source):
         """`phase.freeze` names the student's parameters as in any phase; the adapters always train."""
@@ -249,14 +308,27 @@ class Distillation(Classification):
         if outputs.columns is not None:
             raise ValueError("SKD students have |S| outputs; output suppression does not apply")
         skd = self.skd
-        return make_skd_train_step(modeldef, self.teacher_def, tx, schedule, mean=ctx.info.mean, std=ctx.info.std,
-                                   lam=skd.lam, beta=skd.beta, label_smoothing=phase.label_smoothing,
-                                   num_iters=skd.power_iters, normalize=skd.normalize)
+        return make_skd_train_step(
+            modeldef,
+            self.teacher_def,
+            tx,
+            schedule,
+            mean=ctx.info.mean,
+            std=ctx.info.std,
+            lam=skd.lam,
+            beta=skd.beta,
+            label_smoothing=phase.label_smoothing,
+            num_iters=skd.power_iters,
+            normalize=skd.normalize,
+        )
 
     def fingerprint(self, ctx, phase, outputs: Outputs) -> dict:
         teacher = self.teacher_def.merge(self.teacher_state.params, self.teacher_state.batch_stats)
-        return {"extendable": optimizers.length_free(phase.optim), "skd": self.skd.to_dict(),
-                "teacher_weights": workdir.weights_digest(teacher)}
+        return {
+            "extendable": optimizers.length_free(phase.optim),
+            "skd": self.skd.to_dict(),
+            "teacher_weights": workdir.weights_digest(teacher),
+        }
 
 
 def student_params(model: nnx.Module) -> int:

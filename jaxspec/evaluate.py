@@ -35,8 +35,15 @@ class Evaluator:
         confusion: bool = False,
         per_example: bool = False,
     ):
-        step = steps.make_eval_step(modeldef, mean=mean, std=std, num_classes=num_classes, columns=columns,
-                                    confusion=confusion, per_example=per_example)
+        step = steps.make_eval_step(
+            modeldef,
+            mean=mean,
+            std=std,
+            num_classes=num_classes,
+            columns=columns,
+            confusion=confusion,
+            per_example=per_example,
+        )
         self._step = steps.jit_eval_step(step, mesh)
         self._mesh, self._data_cfg, self._batch_size = mesh, data_cfg, batch_size
 

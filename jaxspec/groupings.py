@@ -106,8 +106,10 @@ def semantic(info: DatasetInfo, *, level: str | None = None) -> Groups:
     elif info.groups:  # own data: the groups of its data.groups_file
         groups = dict(info.groups)
     else:
-        raise ValueError(f"No semantic grouping for dataset {info.name!r}: give it a data.groups_file whose groups "
-                         "partition its classes (built in for embedded, cifar100, imagenet2012)")
+        raise ValueError(
+            f"No semantic grouping for dataset {info.name!r}: give it a data.groups_file whose groups "
+            "partition its classes (built in for embedded, cifar100, imagenet2012)"
+        )
     _check_partition(groups, info.num_classes, f"The semantic groups of {info.name!r}")
     return groups
 

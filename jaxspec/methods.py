@@ -97,8 +97,16 @@ def generalist(ctx: RunContext, seed: int | None = None) -> Trained:
             ctx.cache[key] = frozen(ctx, _load_generalist(config, n), range(n))
         else:
             name = "generalist" if seed == config.seed else f"generalist-seed{seed}"
-            d, s = driver.train_phase(ctx, name, ctx.task.new_model(ctx, n, seed), ctx.train, ctx.val,
-                                      config.generalist, seed, outputs=Outputs.of(range(n)))
+            d, s = driver.train_phase(
+                ctx,
+                name,
+                ctx.task.new_model(ctx, n, seed),
+                ctx.train,
+                ctx.val,
+                config.generalist,
+                seed,
+                outputs=Outputs.of(range(n)),
+            )
             ctx.cache[key] = Trained(d, s, tuple(range(n)))
     return ctx.cache[key]
 
@@ -106,8 +114,9 @@ def generalist(ctx: RunContext, seed: int | None = None) -> Trained:
 def evaluate_on(ctx: RunContext, trained: Trained, source: ConstrainedSource, per_example: bool = False) -> dict:
     """top-1/top-2/loss/per-class accuracy on `source` (labels are S's positions); `per_example` adds
     `hits`, each example's top-1 outcome in `source`'s order."""
-    ev = classification.evaluator(ctx, trained.modeldef, trained.num_scored, columns=trained.columns,
-                                  per_example=per_example)
+    ev = classification.evaluator(
+        ctx, trained.modeldef, trained.num_scored, columns=trained.columns, per_example=per_example
+    )
     out = ev(trained.state, source)
     out["per_class_top1"] = out["per_class_top1"][: len(source.subset)]  # a dustbin is not a class of S
     return out
@@ -122,8 +131,16 @@ def _head_phase(phase: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return head
 
 
-def specialize_from(ctx: RunContext, parent: Trained, subset: Sequence[int], method: str, *, seed: int, name: str,
-                    phase: ml_collections.ConfigDict | None = None) -> Trained:
+def specialize_from(
+    ctx: RunContext,
+    parent: Trained,
+    subset: Sequence[int],
+    method: str,
+    *,
+    seed: int,
+    name: str,
+    phase: ml_collections.ConfigDict | None = None,
+) -> Trained:
     """Trains the `method` model for `subset` (global class indices) from `parent`.
 
     Checkpoints go under `name`, so calling again with the same name resumes
@@ -155,8 +172,17 @@ def specialize_from(ctx: RunContext, parent: Trained, subset: Sequence[int], met
     return Trained(d, s, subset)
 
 
-def _start(ctx: RunContext, parent: Trained, pos: Sequence[int], train_s: ConstrainedSource, val_s: ConstrainedSource,
-           method: str, seed: int, phase, name: str):
+def _start(
+    ctx: RunContext,
+    parent: Trained,
+    pos: Sequence[int],
+    train_s: ConstrainedSource,
+    val_s: ConstrainedSource,
+    method: str,
+    seed: int,
+    phase,
+    name: str,
+):
     """The model that `extract`, `fresh_head`, `head_then_full` and `scratch` fine-tune, and their phase.
 
     `pos` are S's outputs in `parent`; `train_s`/`val_s` are D_S (the head-only phase trains on them)."""
@@ -203,15 +229,30 @@ def train_together(ctx: RunContext, parent: Trained, jobs: Sequence[Job], max_k:
     trained = []
     for group in batches.values():
         for i in range(0, len(group) if max_k > 1 else 0, max_k):
-            chunk = group[i:i + max_k]
+            chunk = group[i : i + max_k]
             if len(chunk) < 2:
                 continue
             trains = [ConstrainedSource(ctx.train, j.subset) for j in chunk]
             vals = [ConstrainedSource(ctx.val, j.subset) for j in chunk]
-            starts = [_start(ctx, parent, specialize.compose_subsets(parent.classes, j.subset), t, v, j.method,
-                             j.seed, j.phase, j.name) for j, t, v in zip(chunk, trains, vals)]
-            driver.train_together(ctx, [driver.Member(j.name, m, t, v, j.seed)
-                                        for j, (m, _), t, v in zip(chunk, starts, trains, vals)], starts[0][1])
+            starts = [
+                _start(
+                    ctx,
+                    parent,
+                    specialize.compose_subsets(parent.classes, j.subset),
+                    t,
+                    v,
+                    j.method,
+                    j.seed,
+                    j.phase,
+                    j.name,
+                )
+                for j, t, v in zip(chunk, trains, vals)
+            ]
+            driver.train_together(
+                ctx,
+                [driver.Member(j.name, m, t, v, j.seed) for j, (m, _), t, v in zip(chunk, starts, trains, vals)],
+                starts[0][1],
+            )
             trained += [j.name for j in chunk]
     return trained
 

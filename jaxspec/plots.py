@@ -27,8 +27,7 @@ PANELS = (
 # The detection job's (`jaxspec.detection.run`): YOLOv5's loss, validation F and mAP, learning rate.
 DETECTION_PANELS = (
     ("loss", "box + objectness + class", [("train_loss", "train batches")], False, False),
-    ("validation", "%", [("val_fitness", "F"), ("val_mAP50", "mAP@0.5"), ("val_mAP50_95", "mAP@0.5:0.95")],
-     True, True),
+    ("validation", "%", [("val_fitness", "F"), ("val_mAP50", "mAP@0.5"), ("val_mAP50_95", "mAP@0.5:0.95")], True, True),
     PANELS[2],
 )
 MAX_NAMED_CLASSES = 40  # beyond this, class names on the axis are unreadable: bars are sorted instead
@@ -63,8 +62,12 @@ def curves_figure(hist: History, names: Sequence[str], panels=PANELS) -> Figure:
                 if not points:
                     continue
                 steps, values = np.asarray(points, np.float64).T
-                ax.plot(steps, 100 * values if percent else values, marker="." if len(steps) < 30 else None,
-                        label=label or None)
+                ax.plot(
+                    steps,
+                    100 * values if percent else values,
+                    marker="." if len(steps) < 30 else None,
+                    label=label or None,
+                )
                 drawn += 1
             if drawn == 0:
                 ax.text(0.5, 0.5, "not logged", ha="center", va="center", color="grey", transform=ax.transAxes)
@@ -79,8 +82,14 @@ def curves_figure(hist: History, names: Sequence[str], panels=PANELS) -> Figure:
     return fig
 
 
-def class_change_figure(class_names: Sequence[str], before: Sequence[float],
-                        after: Mapping[str, Sequence[float]], *, title: str = "", metric: str = "top-1") -> Figure:
+def class_change_figure(
+    class_names: Sequence[str],
+    before: Sequence[float],
+    after: Mapping[str, Sequence[float]],
+    *,
+    title: str = "",
+    metric: str = "top-1",
+) -> Figure:
     """Bars of the per-class change of `metric` (points) of each model in `after` relative to `before`.
 
     `before` and every `after[name]` hold one accuracy in [0, 1] per class of
@@ -109,8 +118,12 @@ def class_change_figure(class_names: Sequence[str], before: Sequence[float],
     ax = fig.subplots()
     x = np.arange(n)
     for i, (name, change) in enumerate(changes.items()):
-        ax.bar(x + (i - (len(changes) - 1) / 2) * width, change[order], width,
-               label=f"{name} (mean {np.nanmean(change):+.2f})")
+        ax.bar(
+            x + (i - (len(changes) - 1) / 2) * width,
+            change[order],
+            width,
+            label=f"{name} (mean {np.nanmean(change):+.2f})",
+        )
     ax.axhline(0.0, color="black", linewidth=0.8)
     if named:
         ax.set_xticks(x, [class_names[c] for c in order], rotation=45, ha="right")
@@ -142,8 +155,10 @@ def routing_examples(labels, generalist_pred, final_pred, *, per_kind: int = 4, 
     labels, gen, final = (np.asarray(a) for a in (labels, generalist_pred, final_pred))
     mask = np.ones(labels.shape, bool) if mask is None else np.asarray(mask, bool)
     if not labels.shape == gen.shape == final.shape == mask.shape:
-        raise ValueError(f"labels {labels.shape}, generalist {gen.shape} and final {final.shape} predictions "
-                         f"and mask {mask.shape} differ in shape")
+        raise ValueError(
+            f"labels {labels.shape}, generalist {gen.shape} and final {final.shape} predictions "
+            f"and mask {mask.shape} differ in shape"
+        )
     kinds = {
         "corrected by the specialist": (gen != labels) & (final == labels),
         "made wrong by the specialist": (gen == labels) & (final != labels),
@@ -158,14 +173,21 @@ def _show(ax, image) -> None:
     h, w = image.shape[:2]
     gray = image.ndim == 2 or image.shape[-1] == 1
     # extent puts pixel (r, c) on [c, c+1) x [r, r+1), the frame boxes are given in
-    ax.imshow(image.reshape(h, w) if gray else image, cmap="gray" if gray else None, extent=(0, w, h, 0),
-              vmin=0, vmax=255, interpolation="nearest")
+    ax.imshow(
+        image.reshape(h, w) if gray else image,
+        cmap="gray" if gray else None,
+        extent=(0, w, h, 0),
+        vmin=0,
+        vmax=255,
+        interpolation="nearest",
+    )
     ax.set_xticks([])
     ax.set_yticks([])
 
 
-def routing_figure(images, labels, generalist_pred, final_pred, class_names: Sequence[str], *,
-                   per_kind: int = 4, mask=None) -> Figure:
+def routing_figure(
+    images, labels, generalist_pred, final_pred, class_names: Sequence[str], *, per_kind: int = 4, mask=None
+) -> Figure:
     """Example images per routing outcome (see `routing_examples`), titled with the true class,
     the generalist's pick and the routed system's final answer."""
     found = routing_examples(labels, generalist_pred, final_pred, per_kind=per_kind, mask=mask)
@@ -181,13 +203,17 @@ def routing_figure(images, labels, generalist_pred, final_pred, class_names: Seq
                 continue
             i = idx[j]
             _show(ax, images[i])
-            ax.set_title(f"true: {class_names[labels[i]]}\ngeneralist: {class_names[generalist_pred[i]]}\n"
-                         f"routed: {class_names[final_pred[i]]}", fontsize=7)
+            ax.set_title(
+                f"true: {class_names[labels[i]]}\ngeneralist: {class_names[generalist_pred[i]]}\n"
+                f"routed: {class_names[final_pred[i]]}",
+                fontsize=7,
+            )
     return fig
 
 
-def per_image(found: Mapping[str, np.ndarray], image_ids: Sequence[int], *, min_score: float = 0.0,
-              top: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+def per_image(
+    found: Mapping[str, np.ndarray], image_ids: Sequence[int], *, min_score: float = 0.0, top: int | None = None
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
     """Flat detections -> (boxes, labels, scores) per image of `image_ids`, the lists `boxes_figure` takes.
 
     `found` holds `image_id`, `boxes`, `labels` and `scores` of all images in one
@@ -197,8 +223,10 @@ def per_image(found: Mapping[str, np.ndarray], image_ids: Sequence[int], *, min_
     image, scores = np.asarray(found["image_id"]), np.asarray(found["scores"], np.float64)
     boxes, labels = np.asarray(found["boxes"]).reshape(-1, 4), np.asarray(found["labels"])
     if not len(image) == len(scores) == len(boxes) == len(labels):
-        raise ValueError(f"{len(image)} image ids, {len(scores)} scores, {len(boxes)} boxes and {len(labels)} labels "
-                         "differ in number")
+        raise ValueError(
+            f"{len(image)} image ids, {len(scores)} scores, {len(boxes)} boxes and {len(labels)} labels "
+            "differ in number"
+        )
     out: tuple[list, list, list] = ([], [], [])
     for i in image_ids:
         hit = np.flatnonzero((image == i) & (scores >= min_score))
@@ -208,8 +236,16 @@ def per_image(found: Mapping[str, np.ndarray], image_ids: Sequence[int], *, min_
     return out
 
 
-def boxes_figure(images, boxes, labels, class_names: Sequence[str], *, scores=None, cols: int = 4,
-                 titles: Sequence[str] | None = None) -> Figure:
+def boxes_figure(
+    images,
+    boxes,
+    labels,
+    class_names: Sequence[str],
+    *,
+    scores=None,
+    cols: int = 4,
+    titles: Sequence[str] | None = None,
+) -> Figure:
     """Images with their boxes (xyxy pixels) named by class, and scores when given (detections).
 
     Per image i: `boxes[i]` [n_i, 4], `labels[i]` [n_i], `scores[i]` [n_i]; one colour per class.
@@ -229,8 +265,15 @@ def boxes_figure(images, boxes, labels, class_names: Sequence[str], *, scores=No
             color = colors[int(c)]
             ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linewidth=1.2))
             text = class_names[int(c)] + (f" {scores[i][k]:.2f}" if scores is not None else "")
-            ax.text(x1, y1, text, fontsize=6, color="black", va="bottom",
-                    bbox={"facecolor": color, "edgecolor": "none", "pad": 0.5, "alpha": 0.85})
+            ax.text(
+                x1,
+                y1,
+                text,
+                fontsize=6,
+                color="black",
+                va="bottom",
+                bbox={"facecolor": color, "edgecolor": "none", "pad": 0.5, "alpha": 0.85},
+            )
         if titles is not None:
             ax.set_title(titles[i], fontsize=8)
     return fig

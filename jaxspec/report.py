@@ -21,10 +21,14 @@ from jaxspec.train import history
 
 PLOTS_DIR = "plots"
 CURVES = f"{PLOTS_DIR}/curves.png"
-VALIDATION_NOTE = ("Each phase validates on the classes it trains on: the generalist on all, the control on its "
-                   "parent's, a specialist on S's.")
-DETECTION_VALIDATION_NOTE = ("Each phase validates on the scenes and boxes it trains on: the generalist on all, a "
-                             "specialist (and the scratch one) on those of S.")
+VALIDATION_NOTE = (
+    "Each phase validates on the classes it trains on: the generalist on all, the control on its "
+    "parent's, a specialist on S's."
+)
+DETECTION_VALIDATION_NOTE = (
+    "Each phase validates on the scenes and boxes it trains on: the generalist on all, a "
+    "specialist (and the scratch one) on those of S."
+)
 # Rows that equal their reference (the parent restricted to S) by construction: no bars for them.
 UNTUNED = ("extracted specialist, untuned", "sliced specialist, untuned")
 
@@ -48,8 +52,9 @@ def stage_title(results: dict, k: int) -> str:
 def results_markdown(results: dict) -> str:
     """The run's results tables (one per stage of specialization), as printed at the end of a run."""
     table = tables.detection if is_detection(results) else tables.classification  # F and mAP, or top-1/top-2
-    return "\n\n".join(table(list(stage["test_on_S"].items()), stage_title(results, k))
-                       for k, stage in enumerate(results["stages"]))
+    return "\n\n".join(
+        table(list(stage["test_on_S"].items()), stage_title(results, k)) for k, stage in enumerate(results["stages"])
+    )
 
 
 def per_class_scores(metrics: dict, names: Sequence[str]) -> list[float]:
@@ -96,8 +101,10 @@ def write_curves(workdir: str | pathlib.Path, names: Sequence[str] | None = None
 
 def _optimizer(o: dict) -> str:
     if o["optimizer"] == "yolov5_sgd":  # its own schedule (`jaxspec.detection.train.yolov5_sgd`)
-        text = (f"yolov5_sgd, lr {o['lr']:g} linearly to {o['lr'] * o['lrf']:g}, momentum {o['momentum']:g}, "
-                f"{o['warmup_epochs']:g} warm-up epochs")
+        text = (
+            f"yolov5_sgd, lr {o['lr']:g} linearly to {o['lr'] * o['lrf']:g}, momentum {o['momentum']:g}, "
+            f"{o['warmup_epochs']:g} warm-up epochs"
+        )
     else:
         text = f"{o['optimizer']}, lr {o['lr']:g}, {o['schedule']}"
         if o.get("warmup_steps"):
@@ -110,12 +117,21 @@ def _optimizer(o: dict) -> str:
 
 
 def _phase_row(name: str, phase: dict, notes: str = "") -> str:
-    frozen = ", ".join(filter(None, [f"`{phase['freeze']}`" if phase.get("freeze") else "",
-                                     "BatchNorm statistics" if phase.get("freeze_bn_stats") else ""]))
+    frozen = ", ".join(
+        filter(
+            None,
+            [
+                f"`{phase['freeze']}`" if phase.get("freeze") else "",
+                "BatchNorm statistics" if phase.get("freeze_bn_stats") else "",
+            ],
+        )
+    )
     steps = f"{phase['epochs']:g} epochs" if phase.get("epochs", 0) > 0 else phase["steps"]  # detection phases
     smoothing = f"{phase['label_smoothing']:g}" if "label_smoothing" in phase else "—"
-    return (f"| {name} | {steps} | {phase['batch_size']} | {_optimizer(phase['optim'])} "
-            f"| {smoothing} | {frozen or '—'} | {notes or '—'} |")
+    return (
+        f"| {name} | {steps} | {phase['batch_size']} | {_optimizer(phase['optim'])} "
+        f"| {smoothing} | {frozen or '—'} | {notes or '—'} |"
+    )
 
 
 def config_markdown(results: dict) -> str:
@@ -129,19 +145,26 @@ def config_markdown(results: dict) -> str:
         method = s["method"] + (", beside a specialist trained from scratch on D_S" if s.get("scratch") else "")
     else:
         num_classes = len(results["generalist_test_all_classes"]["per_class_top1"])
-        lines = ["| | |", "|---|---|",
-                 (f"| data | {d['name']} ({num_classes} classes), {d['image_size']} px, "
-                  f"`{d['transform']}` augmentation |"),
-                 f"| model | {m['name']}, width {m['width_multiplier']:g}, dropout {m['dropout_rate']:g} |"]
+        lines = [
+            "| | |",
+            "|---|---|",
+            (f"| data | {d['name']} ({num_classes} classes), {d['image_size']} px, `{d['transform']}` augmentation |"),
+            f"| model | {m['name']}, width {m['width_multiplier']:g}, dropout {m['dropout_rate']:g} |",
+        ]
         method = s["method"] + (", with the `continued` control" if s.get("control") else "")
     for k, stage in enumerate(stages):
         names = stage["subset_names"]
         shown = ", ".join(names[:12]) + (f", … ({len(names) - 12} more)" if len(names) > 12 else "")
         label = "S" if len(stages) == 1 else f"S, stage {k + 1}"
         lines.append(f"| {label} | {str(s['subset']).split('>')[k]}: {len(names)} classes ({shown}) |")
-    lines += [f"| method | {method} |", f"| seed | {c['seed']} |", f"| run time | {run_time(results)} |",
-              "", "| phase | steps | batch | optimizer | label smoothing | frozen | notes |",
-              "|---|---:|---:|---|---:|---|---|"]
+    lines += [
+        f"| method | {method} |",
+        f"| seed | {c['seed']} |",
+        f"| run time | {run_time(results)} |",
+        "",
+        "| phase | steps | batch | optimizer | label smoothing | frozen | notes |",
+        "|---|---:|---:|---|---:|---|---|",
+    ]
     g = c["generalist"]
     if g.get("init"):
         lines.append(f"| generalist | — | — | loaded from `{g['init']}` | — | — | — |")
@@ -171,15 +194,23 @@ def generalist_markdown(results: dict) -> str:
                 verdict = "equals" if stage[key] else "**differs from**"
                 lines.append(f"- Stage {k + 1}: the untuned {what} specialist {verdict} its parent restricted to S.")
     if is_detection(results):
-        lines.append(f"- Generalist on all classes ({gen_all['images']} test images, {gen_all['boxes']} boxes): "
-                     f"F {100 * gen_all['fitness']:.2f}, mAP@0.5 {100 * gen_all['mAP50']:.2f}, "
-                     f"mAP@0.5:0.95 {100 * gen_all['mAP50_95']:.2f} (%).")
+        lines.append(
+            f"- Generalist on all classes ({gen_all['images']} test images, {gen_all['boxes']} boxes): "
+            f"F {100 * gen_all['fitness']:.2f}, mAP@0.5 {100 * gen_all['mAP50']:.2f}, "
+            f"mAP@0.5:0.95 {100 * gen_all['mAP50_95']:.2f} (%)."
+        )
         return "\n".join(lines)
     gen_train = results["generalist_train_eval_mode"]
-    lines += [(f"- Generalist on all {len(gen_all['per_class_top1'])} classes (test): top-1 "
-               f"{100 * gen_all['top1']:.2f}%, top-2 {100 * gen_all['top2']:.2f}%, loss {gen_all['loss']:.4f}."),
-              (f"- Generalist on its own training data (eval mode): top-1 {100 * gen_train['top1']:.2f}%, "
-               f"loss {gen_train['loss']:.4f} (specialization can only help if this is not perfect).")]
+    lines += [
+        (
+            f"- Generalist on all {len(gen_all['per_class_top1'])} classes (test): top-1 "
+            f"{100 * gen_all['top1']:.2f}%, top-2 {100 * gen_all['top2']:.2f}%, loss {gen_all['loss']:.4f}."
+        ),
+        (
+            f"- Generalist on its own training data (eval mode): top-1 {100 * gen_train['top1']:.2f}%, "
+            f"loss {gen_train['loss']:.4f} (specialization can only help if this is not perfect)."
+        ),
+    ]
     return "\n".join(lines)
 
 
@@ -209,26 +240,52 @@ def write_run_report(workdir: str | pathlib.Path, results: dict) -> pathlib.Path
     subset = str(c["specialize"]["subset"])
     detection = is_detection(results)
     metric, panels = ("AP@0.5:0.95", plots.DETECTION_PANELS) if detection else ("top-1", plots.PANELS)
-    scores = ("F = 0.1 mAP@0.5 + 0.9 mAP@0.5:0.95, in %; \"restricted to S\": only S's outputs are kept" if detection
-              else "top-1/top-2 in %; \"restricted to S\" is the argmax over S's outputs only")
-    out = [f"# jaxspec run: S = {subset}, method {c['specialize']['method']}", "", f"Workdir: `{workdir}`", "",
-           "## Config", "", config_markdown(results), "", "## Results", "",
-           f"Test split (images of S only); {scores}.", "",
-           results_markdown(results), "", generalist_markdown(results), ""]
+    scores = (
+        'F = 0.1 mAP@0.5 + 0.9 mAP@0.5:0.95, in %; "restricted to S": only S\'s outputs are kept'
+        if detection
+        else 'top-1/top-2 in %; "restricted to S" is the argmax over S\'s outputs only'
+    )
+    out = [
+        f"# jaxspec run: S = {subset}, method {c['specialize']['method']}",
+        "",
+        f"Workdir: `{workdir}`",
+        "",
+        "## Config",
+        "",
+        config_markdown(results),
+        "",
+        "## Results",
+        "",
+        f"Test split (images of S only); {scores}.",
+        "",
+        results_markdown(results),
+        "",
+        generalist_markdown(results),
+        "",
+    ]
 
     out += [f"## Per-class {metric} change on S", ""]
     for k, stage in enumerate(stages):
         ref, before, after = class_changes(stage)
         spec = subset.split(">")[k]
-        fig = plots.class_change_figure(stage["subset_names"], before, after, metric=metric,
-                                        title=f"S = {spec}: per-class {metric} change vs {ref} (test split)")
+        fig = plots.class_change_figure(
+            stage["subset_names"],
+            before,
+            after,
+            metric=metric,
+            title=f"S = {spec}: per-class {metric} change vs {ref} (test split)",
+        )
         image = class_change_image(k)
         plots.save(fig, workdir / image)
         out += [f"![per-class change, S = {spec}]({image})", ""]
         if len(stage["subset_names"]) <= plots.MAX_NAMED_CLASSES:
-            out += [f"{metric} per class (%); Δ = {next(iter(after))} − {ref} (points)"
-                    + ("; — : no test boxes of the class." if detection else "."), "",
-                    _per_class_table(stage["subset_names"], ref, before, after), ""]
+            out += [
+                f"{metric} per class (%); Δ = {next(iter(after))} − {ref} (points)"
+                + ("; — : no test boxes of the class." if detection else "."),
+                "",
+                _per_class_table(stage["subset_names"], ref, before, after),
+                "",
+            ]
         else:
             out += ["(per-class scores of every row: results.json)", ""]
 
@@ -248,8 +305,10 @@ def write_run_report(workdir: str | pathlib.Path, results: dict) -> pathlib.Path
     return path
 
 
-SMOKE_NOTE = ("This was a `:tiny` smoke run: a tiny network trained for a few dozen steps, to check the pipeline "
-              "end to end. Numbers near chance are expected; the default config trains for real.")
+SMOKE_NOTE = (
+    "This was a `:tiny` smoke run: a tiny network trained for a few dozen steps, to check the pipeline "
+    "end to end. Numbers near chance are expected; the default config trains for real."
+)
 
 
 def run_time(results: dict) -> str:

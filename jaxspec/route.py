@@ -65,11 +65,13 @@ def _pad_head(params: nnx.State, width: int, head: str) -> nnx.State:
     """The head widened to `width` outputs whose logit is always `SUPPRESSED` (zero weights)."""
     extra = width - _head_width(params, head)
     out = jax.tree.map(lambda x: x, params)
-    out[head]["kernel"] = jax.tree.map(lambda k: jnp.pad(k, [(0, 0)] * (k.ndim - 1) + [(0, extra)]),
-                                       params[head]["kernel"])
+    out[head]["kernel"] = jax.tree.map(
+        lambda k: jnp.pad(k, [(0, 0)] * (k.ndim - 1) + [(0, extra)]), params[head]["kernel"]
+    )
     if "bias" in params[head]:
-        out[head]["bias"] = jax.tree.map(lambda b: jnp.pad(b, (0, extra), constant_values=specialize.SUPPRESSED),
-                                         params[head]["bias"])
+        out[head]["bias"] = jax.tree.map(
+            lambda b: jnp.pad(b, (0, extra), constant_values=specialize.SUPPRESSED), params[head]["bias"]
+        )
     return out
 
 
@@ -80,12 +82,16 @@ def _check_same_arch(trees: Sequence, what: str) -> None:
         got = jax.tree_util.tree_flatten_with_path(tree)[0]
         if [p for p, _ in got] != [p for p, _ in ref]:
             names = {jax.tree_util.keystr(p) for p, _ in got} ^ {jax.tree_util.keystr(p) for p, _ in ref}
-            raise ValueError(f"specialist {k} has a different architecture from specialist 0: {what} "
-                             f"differ at {sorted(names)[:5] or 'their order'}")
+            raise ValueError(
+                f"specialist {k} has a different architecture from specialist 0: {what} "
+                f"differ at {sorted(names)[:5] or 'their order'}"
+            )
         for (path, a), (_, b) in zip(got, ref):
             if a.shape != b.shape or a.dtype != b.dtype:
-                raise ValueError(f"specialist {k} has a different architecture from specialist 0: {what} "
-                                 f"{jax.tree_util.keystr(path)} is {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}")
+                raise ValueError(
+                    f"specialist {k} has a different architecture from specialist 0: {what} "
+                    f"{jax.tree_util.keystr(path)} is {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}"
+                )
 
 
 def _check_label_maps(label_maps, widths: Sequence[int], num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -100,8 +106,10 @@ def _check_label_maps(label_maps, widths: Sequence[int], num_classes: int) -> tu
             raise ValueError(f"label_maps[{k}] has {lm.size} entries but specialist {k}'s head has {width} outputs")
         bad = lm[(lm < DUSTBIN) | (lm >= num_classes)]
         if bad.size:
-            raise ValueError(f"label_maps[{k}] values {bad.tolist()} are out of range: use 0..{num_classes - 1} "
-                             f"(the generalist's classes) or {DUSTBIN} for a dustbin")
+            raise ValueError(
+                f"label_maps[{k}] values {bad.tolist()} are out of range: use 0..{num_classes - 1} "
+                f"(the generalist's classes) or {DUSTBIN} for a dustbin"
+            )
         classes = lm[lm >= 0]
         if classes.size == 0:
             raise ValueError(f"label_maps[{k}] has no class, only dustbins: {lm.tolist()}")
@@ -109,8 +117,10 @@ def _check_label_maps(label_maps, widths: Sequence[int], num_classes: int) -> tu
             raise ValueError(f"label_maps[{k}] names a class twice: {lm.tolist()}")
         taken = classes[class_to_group[classes] != NO_GROUP]
         if taken.size:
-            raise ValueError(f"groups overlap: classes {taken.tolist()} are in both specialist "
-                             f"{class_to_group[taken[0]]} and specialist {k}; each class needs one specialist")
+            raise ValueError(
+                f"groups overlap: classes {taken.tolist()} are in both specialist "
+                f"{class_to_group[taken[0]]} and specialist {k}; each class needs one specialist"
+            )
         class_to_group[classes] = k
         table[k, : lm.size] = lm
     return table, class_to_group
@@ -122,8 +132,9 @@ def _generalist_pred(gen_def: ModelDef, params, x: jax.Array) -> jax.Array:
     return jnp.argmax(model(x), -1).astype(jnp.int32)
 
 
-def _route_local(gen_def: ModelDef, spec_def: ModelDef, chunk: int | None, mean, std,
-                 params, tables, images) -> dict[str, jax.Array]:
+def _route_local(
+    gen_def: ModelDef, spec_def: ModelDef, chunk: int | None, mean, std, params, tables, images
+) -> dict[str, jax.Array]:
     """Routing of one device's batch; see the module docstring for the layout."""
     x = pipeline.normalize(images, mean, std)
     gen_pred = _generalist_pred(gen_def, params["generalist"], x)
@@ -216,9 +227,17 @@ class RoutedSystem:
         return self._generalist(self.params["generalist"], self.put(images))
 
 
-def build_routed(generalist: nnx.Module, specialists: Sequence[nnx.Module], label_maps: Sequence[Sequence[int]], *,
-                 mean: Sequence[float], std: Sequence[float], mesh: jax.sharding.Mesh | None = None,
-                 chunk: int | None = None, head: str = "head") -> RoutedSystem:
+def build_routed(
+    generalist: nnx.Module,
+    specialists: Sequence[nnx.Module],
+    label_maps: Sequence[Sequence[int]],
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    mesh: jax.sharding.Mesh | None = None,
+    chunk: int | None = None,
+    head: str = "head",
+) -> RoutedSystem:
     """Stacks `specialists` behind `generalist` and compiles the routed prediction.
 
     `label_maps[k][j]` is the generalist class (0..C−1) of specialist k's
@@ -228,8 +247,10 @@ def build_routed(generalist: nnx.Module, specialists: Sequence[nnx.Module], labe
     chunk size (default: `default_chunk` of the per-device batch).
     """
     if not specialists or len(specialists) != len(label_maps):
-        raise ValueError(f"need one label map per specialist and at least one: got {len(specialists)} "
-                         f"specialists and {len(label_maps)} label maps")
+        raise ValueError(
+            f"need one label map per specialist and at least one: got {len(specialists)} "
+            f"specialists and {len(label_maps)} label maps"
+        )
     if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
     mesh = sharding.make_mesh() if mesh is None else mesh
@@ -242,16 +263,22 @@ def build_routed(generalist: nnx.Module, specialists: Sequence[nnx.Module], labe
     stats = [s for _, _, s in splits]
     _check_same_arch(params, "parameters")
     _check_same_arch(stats, "BatchNorm statistics")
-    placed = sharding.replicate({"generalist": (gen_params, gen_stats),
-                                 "specialists": (stack(params), stack(stats))}, mesh)
+    placed = sharding.replicate(
+        {"generalist": (gen_params, gen_stats), "specialists": (stack(params), stack(stats))}, mesh
+    )
     tables = sharding.replicate({"label_maps": table, "class_to_group": class_to_group}, mesh)
     mean, std = tuple(mean), tuple(std)
     # Padding the head does not change the graph apart from a static width attribute, unused by the forward pass.
     route = functools.partial(_route_local, gen_def, splits[0][0], chunk, mean, std)
     predict = jax.jit(jax.shard_map(route, mesh=mesh, in_specs=(P(), P(), P("data")), out_specs=P("data")))
-    gen_only = jax.jit(jax.shard_map(
-        lambda p, im: _generalist_pred(gen_def, p, pipeline.normalize(im, mean, std)),
-        mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data")))
+    gen_only = jax.jit(
+        jax.shard_map(
+            lambda p, im: _generalist_pred(gen_def, p, pipeline.normalize(im, mean, std)),
+            mesh=mesh,
+            in_specs=(P(), P("data")),
+            out_specs=P("data"),
+        )
+    )
     groups = tuple(tuple(int(c) for c in row if c >= 0) for row in table)
     return RoutedSystem(gen_def, splits[0][0], placed, tables, groups, mesh, chunk, mean, std, predict, gen_only)
 
@@ -261,8 +288,9 @@ def as_specialist(trained) -> tuple[nnx.Module, list[int]]:
     return specialist_of(trained.model, trained.classes, trained.columns)
 
 
-def specialist_of(model: nnx.Module, classes: Sequence[int], columns: Sequence[int] | None
-                  ) -> tuple[nnx.Module, list[int]]:
+def specialist_of(
+    model: nnx.Module, classes: Sequence[int], columns: Sequence[int] | None
+) -> tuple[nnx.Module, list[int]]:
     """(model, label_map) of a model whose output j is global class `classes[j]` (-1: dustbin), only
     `columns` competing when given (suppression): then the model keeps only those outputs."""
     if columns is None:
@@ -271,9 +299,9 @@ def specialist_of(model: nnx.Module, classes: Sequence[int], columns: Sequence[i
     return specialize.extract(model, cols), [classes[j] for j in cols]
 
 
-
-def _batch_sums(num_groups: int, out: dict, labels: jax.Array, mask: jax.Array,
-                class_to_group: jax.Array) -> dict[str, jax.Array]:
+def _batch_sums(
+    num_groups: int, out: dict, labels: jax.Array, mask: jax.Array, class_to_group: jax.Array
+) -> dict[str, jax.Array]:
     """Masked sums over one device's examples for `evaluate`, added up over `data`.
 
     Per-group arrays have K+1 entries, the last for classes in no group.
@@ -288,17 +316,21 @@ def _batch_sums(num_groups: int, out: dict, labels: jax.Array, mask: jax.Array,
         "routing": out["group"] == true_group,
     }
     fallback = (out["group"] >= 0) & ~out["used_specialist"]
-    sums = {"count": m.sum(), "chunks": out["chunks"].sum(), "fallbacks": (fallback * m).sum(),
-            "group_count": by_true.sum(0), "group_sent": by_sent.sum(0),
-            "group_fallbacks": (by_sent * fallback[:, None]).sum(0)}
+    sums = {
+        "count": m.sum(),
+        "chunks": out["chunks"].sum(),
+        "fallbacks": (fallback * m).sum(),
+        "group_count": by_true.sum(0),
+        "group_sent": by_sent.sum(0),
+        "group_fallbacks": (by_sent * fallback[:, None]).sum(0),
+    }
     for name, hit in hits.items():
         sums[name] = (hit * m).sum()
         sums[f"group_{name}"] = (by_true * hit[:, None]).sum(0)
     return jax.lax.psum(sums, "data")
 
 
-def evaluate(system: RoutedSystem, source: Source, data_cfg, *, batch_size: int,
-             progress: bool = True) -> dict:
+def evaluate(system: RoutedSystem, source: Source, data_cfg, *, batch_size: int, progress: bool = True) -> dict:
     """Routed system vs. generalist over every example of `source` (labels in the generalist's classes).
 
     `routing_accuracy`: how often the generalist's predicted class lies in the
@@ -308,8 +340,14 @@ def evaluate(system: RoutedSystem, source: Source, data_cfg, *, batch_size: int,
     generalist sent there and dustbin fallbacks among those.
     """
     k = system.num_groups
-    sums_fn = jax.jit(jax.shard_map(functools.partial(_batch_sums, k), mesh=system.mesh,
-                                    in_specs=(P("data"), P("data"), P("data"), P()), out_specs=P()))
+    sums_fn = jax.jit(
+        jax.shard_map(
+            functools.partial(_batch_sums, k),
+            mesh=system.mesh,
+            in_specs=(P("data"), P("data"), P("data"), P()),
+            out_specs=P(),
+        )
+    )
     num_batches = math.ceil(len(source) / batch_size)
     bar = Progress("routed eval", num_batches, 0, batch_size) if progress else None
     totals = None
@@ -329,10 +367,16 @@ def evaluate(system: RoutedSystem, source: Source, data_cfg, *, batch_size: int,
         def frac(key: str) -> float:
             return float(t[f"group_{key}"][g] / n) if n else float("nan")
 
-        return {"group": g if g < k else None, "classes": len(system.groups[g]) if g < k else None, "count": int(n),
-                "top1": frac("top1"), "generalist_top1": frac("generalist_top1"),
-                "routing_accuracy": frac("routing"), "sent": int(t["group_sent"][g]),
-                "fallbacks": int(t["group_fallbacks"][g])}
+        return {
+            "group": g if g < k else None,
+            "classes": len(system.groups[g]) if g < k else None,
+            "count": int(n),
+            "top1": frac("top1"),
+            "generalist_top1": frac("generalist_top1"),
+            "routing_accuracy": frac("routing"),
+            "sent": int(t["group_sent"][g]),
+            "fallbacks": int(t["group_fallbacks"][g]),
+        }
 
     no_group = t["group_count"][k] or t["group_sent"][k]
     n = float(t["count"])

@@ -28,12 +28,18 @@ def open_run(config: ml_collections.ConfigDict, workdir: str) -> RunContext:
 
 def export(ctx: RunContext, name: str, trained: methods.Trained, subset) -> None:
     """Writes `trained` to workdir/models/<name> with what a user needs to read its outputs."""
-    checkpoint.export_model(ctx.workdir / "models" / name, trained.model, {
-        "subset": list(subset),
-        "class_names": [ctx.info.class_names[c] for c in subset],
-        "output_classes": list(trained.classes),
-        "columns": None if trained.columns is None else list(trained.columns),
-    }, preprocess=ctx.task.preprocess(ctx), classes=checkpoint.classes_record(trained.classes, ctx.info.class_names))
+    checkpoint.export_model(
+        ctx.workdir / "models" / name,
+        trained.model,
+        {
+            "subset": list(subset),
+            "class_names": [ctx.info.class_names[c] for c in subset],
+            "output_classes": list(trained.classes),
+            "columns": None if trained.columns is None else list(trained.columns),
+        },
+        preprocess=ctx.task.preprocess(ctx),
+        classes=checkpoint.classes_record(trained.classes, ctx.info.class_names),
+    )
 
 
 def specialize_stage(ctx: RunContext, parent: methods.Trained, subset, k: int) -> tuple[methods.Trained, list]:
@@ -73,9 +79,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     info = ctx.info
     if jax.process_index() == 0:
         chain = " > ".join(f"{len(s)} classes" for s in ctx.stages)
-        print(f"jaxspec: {info.name} ({info.num_classes} classes), S = {config.specialize.subset!r} ({chain}), "
-              f"method {config.specialize.method}, {jax.device_count()} {jax.default_backend()} device(s)",
-              flush=True)
+        print(
+            f"jaxspec: {info.name} ({info.num_classes} classes), S = {config.specialize.subset!r} ({chain}), "
+            f"method {config.specialize.method}, {jax.device_count()} {jax.default_backend()} device(s)",
+            flush=True,
+        )
 
     generalist = methods.generalist(ctx)
     export(ctx, "generalist", generalist, range(info.num_classes))
@@ -110,8 +118,13 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if jax.process_index() == 0:
         from jaxspec import report  # matplotlib is imported only once a report is written
 
-        report.finish(ctx.workdir, results, printed, f"generalist on all {info.num_classes} classes: top-1 "
-                      f"{100 * gen_all['top1']:.2f}%; on its training data (eval mode): top-1 "
-                      f"{100 * gen_train['top1']:.2f}%, loss {gen_train['loss']:.4f}")
+        report.finish(
+            ctx.workdir,
+            results,
+            printed,
+            f"generalist on all {info.num_classes} classes: top-1 "
+            f"{100 * gen_all['top1']:.2f}%; on its training data (eval mode): top-1 "
+            f"{100 * gen_train['top1']:.2f}%, loss {gen_train['loss']:.4f}",
+        )
     ctx.writer.close()
     return results

@@ -40,8 +40,7 @@ def _env_int(env: Mapping[str, str], key: str) -> int:
 
 def _cluster_processes(env: Mapping[str, str]) -> int:
     """Processes of the SLURM step, Open MPI job or Cloud TPU (GKE / multislice) run JAX would detect; else 1."""
-    if all(k in env for k in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
-                              "SLURM_LOCALID")):
+    if all(k in env for k in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")):
         return _env_int(env, "SLURM_NTASKS")  # inside `srun`; a batch script alone is one process
     if "OMPI_MCA_orte_hnp_uri" in env and "OMPI_COMM_WORLD_SIZE" in env:
         return _env_int(env, "OMPI_COMM_WORLD_SIZE")
@@ -67,15 +66,21 @@ def distributed_args(env: Mapping[str, str] = os.environ) -> dict[str, int] | No
     if mode in _FALSE:
         return None
     if env.get("JAX_COORDINATOR_ADDRESS"):
-        args = {name: _env_int(env, key) for key, name in (("JAX_NUM_PROCESSES", "num_processes"),
-                                                           ("JAX_PROCESS_ID", "process_id")) if env.get(key)}
+        args = {
+            name: _env_int(env, key)
+            for key, name in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id"))
+            if env.get(key)
+        }
         if len(args) == 2:
             if not 0 <= args["process_id"] < args["num_processes"]:
-                raise ValueError(f"JAX_PROCESS_ID={args['process_id']} is not in [0, "
-                                 f"JAX_NUM_PROCESSES={args['num_processes']})")
+                raise ValueError(
+                    f"JAX_PROCESS_ID={args['process_id']} is not in [0, JAX_NUM_PROCESSES={args['num_processes']})"
+                )
         elif _cluster_processes(env) == 1:
-            raise ValueError(f"JAX_COORDINATOR_ADDRESS={env['JAX_COORDINATOR_ADDRESS']!r} is set, so set both "
-                             "JAX_NUM_PROCESSES and JAX_PROCESS_ID too (no SLURM/Open MPI/TPU job provides them)")
+            raise ValueError(
+                f"JAX_COORDINATOR_ADDRESS={env['JAX_COORDINATOR_ADDRESS']!r} is set, so set both "
+                "JAX_NUM_PROCESSES and JAX_PROCESS_ID too (no SLURM/Open MPI/TPU job provides them)"
+            )
         return args
     if mode in _TRUE or _cluster_processes(env) > 1:
         return {}
@@ -161,15 +166,19 @@ def _put(tree, shardings):
     state from the same seed, so one collective compares a checksum per array.
     """
     leaves, treedef = jax.tree.flatten(tree)
-    targets = [shardings] * len(leaves) if isinstance(shardings, jax.sharding.Sharding) else \
-        treedef.flatten_up_to(shardings)
+    targets = (
+        [shardings] * len(leaves) if isinstance(shardings, jax.sharding.Sharding) else treedef.flatten_up_to(shardings)
+    )
     host = [None if isinstance(x, jax.Array) and not x.is_fully_addressable else np.array(x) for x in leaves]
     if jax.process_count() > 1:
         sums = np.array([0 if h is None else zlib.crc32(np.ascontiguousarray(h).tobytes()) for h in host], np.uint32)
         multihost_utils.assert_equal(sums, "The state to place differs between processes (seeded differently?)")
-    out = [jax.device_put(x, t, may_alias=False) if h is None
-           else jax.make_array_from_callback(h.shape, t, lambda index, h=h: h[index])
-           for x, h, t in zip(leaves, host, targets)]
+    out = [
+        jax.device_put(x, t, may_alias=False)
+        if h is None
+        else jax.make_array_from_callback(h.shape, t, lambda index, h=h: h[index])
+        for x, h, t in zip(leaves, host, targets)
+    ]
     return treedef.unflatten(out)
 
 
@@ -206,8 +215,7 @@ def spec_mesh(num_specialists: int, devices=None) -> jax.sharding.Mesh:
     spec = math.gcd(num_specialists, len(devices)) if jax.process_count() == 1 else 1
     # Auto axes: under vmap a batched kernel turns convolutions into grouped ones, whose reshapes
     # explicit sharding types cannot express; the compiler propagates from the jit's shardings.
-    return jax.make_mesh((spec, len(devices) // spec), SPEC_AXES, devices=devices,
-                         axis_types=(AxisType.Auto,) * 2)
+    return jax.make_mesh((spec, len(devices) // spec), SPEC_AXES, devices=devices, axis_types=(AxisType.Auto,) * 2)
 
 
 def stacked_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:

@@ -61,7 +61,7 @@ def extract(model: nnx.Module, subset: Sequence[int], head: str = "head") -> nnx
     graphdef, state = nnx.split(model)
     specialist = nnx.merge(graphdef, extract_params(state, subset, head), copy=True)
     # The layer's static width lives in the graph, not the parameters: keep it honest.
-    setattr(getattr(specialist, head), "out_features", len(subset))
+    getattr(specialist, head).out_features = len(subset)
     return specialist
 
 
@@ -73,8 +73,9 @@ def suppress_logits(logits: jax.Array, subset: Sequence[int]) -> jax.Array:
     return jnp.where(keep, logits, jnp.asarray(SUPPRESSED, logits.dtype))
 
 
-def fresh_head(model: nnx.Module, num_outputs: int, *, rngs: nnx.Rngs, head: str = "head",
-               kernel_init=linear_init) -> nnx.Module:
+def fresh_head(
+    model: nnx.Module, num_outputs: int, *, rngs: nnx.Rngs, head: str = "head", kernel_init=linear_init
+) -> nnx.Module:
     """A copy of `model` whose `head` is a new, randomly initialized `num_outputs`-way layer.
 
     The default initializer is MobileNetV3's own, so the head starts like one

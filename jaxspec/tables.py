@@ -26,13 +26,20 @@ def detection(rows: Sequence[tuple[str, dict]], title: str) -> str:
 def routed(result: dict, names: Sequence[str] | None = None) -> str:
     """A Markdown table of `evaluate`'s result: one row per group and one for all classes (in %)."""
     names = names or [f"group {g}" for g in range(len(result["groups"]))]
-    lines = ["| group | classes | images | routing acc. | generalist top-1 | routed top-1 |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| group | classes | images | routing acc. | generalist top-1 | routed top-1 |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for g in result["groups"]:
         name = "no specialist" if g["group"] is None else names[g["group"]]
-        lines.append(f"| {name} | {g['classes'] or '-'} | {g['count']} | {100 * g['routing_accuracy']:.2f} "
-                     f"| {100 * g['generalist_top1']:.2f} | {100 * g['top1']:.2f} |")
-    lines.append(f"| **all** | | {int(result['count'])} | {100 * result['routing_accuracy']:.2f} "
-                 f"| {100 * result['generalist_top1']:.2f} | {100 * result['top1']:.2f} |")
+        lines.append(
+            f"| {name} | {g['classes'] or '-'} | {g['count']} | {100 * g['routing_accuracy']:.2f} "
+            f"| {100 * g['generalist_top1']:.2f} | {100 * g['top1']:.2f} |"
+        )
+    lines.append(
+        f"| **all** | | {int(result['count'])} | {100 * result['routing_accuracy']:.2f} "
+        f"| {100 * result['generalist_top1']:.2f} | {100 * result['top1']:.2f} |"
+    )
     return "\n".join(lines)
 
 

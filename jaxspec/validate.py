@@ -18,9 +18,9 @@ import ml_collections
 import numpy as np
 
 from jaxspec import methods, models
-from jaxspec.models import torchvision
 from jaxspec.data import custom, datasets, embedded_files
 from jaxspec.data.subsets import resolve_subset
+from jaxspec.models import torchvision
 from jaxspec.train import checkpoint, optimizers
 
 DTYPES = ("float32", "bfloat16")
@@ -42,8 +42,13 @@ def _int_at_least(key: str, value, low: int) -> None:
 
 
 def _number_in(key: str, value, low: float, high: float, *, closed_high: bool = False) -> None:
-    ok = (not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-          and low <= value and (value <= high if closed_high else value < high))
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, int | float)
+        and math.isfinite(value)
+        and low <= value
+        and (value <= high if closed_high else value < high)
+    )
     if not ok:
         fail(key, value, f"a number in [{low}, {high}{']' if closed_high else ')'}")
 
@@ -132,8 +137,11 @@ def check_data(data: ml_collections.ConfigDict) -> None:
             _int_at_least(f"data.{key}", data[key], 1 if key == "num_threads" else 0)
     workers = data.get("num_workers", 0)
     if isinstance(workers, bool) or not isinstance(workers, int | np.integer) or workers < -1:
-        fail("data.num_workers", workers, "0 (batches made in this process), a number of worker processes, "
-             "or -1 (one per core)")
+        fail(
+            "data.num_workers",
+            workers,
+            "0 (batches made in this process), a number of worker processes, or -1 (one per core)",
+        )
 
 
 def _read(data: ml_collections.ConfigDict, split_key: str | None, read):
@@ -155,9 +163,13 @@ def check_dataset(data: ml_collections.ConfigDict) -> None:
     if not own and data.name not in datasets.SOURCES:
         fail("data.name", data.name, f"one of {list(datasets.SOURCES)}, or own data: {', '.join(custom.KINDS)}")
     fractions = data.get("split_fractions", custom.SPLIT_FRACTIONS)
-    if not (isinstance(fractions, tuple | list) and len(fractions) == 3
-            and all(not isinstance(f, bool) and isinstance(f, int | float) and 0 <= f <= 1 for f in fractions)
-            and fractions[0] > 0 and math.isclose(sum(fractions), 1.0)):
+    if not (
+        isinstance(fractions, tuple | list)
+        and len(fractions) == 3
+        and all(not isinstance(f, bool) and isinstance(f, int | float) and 0 <= f <= 1 for f in fractions)
+        and fractions[0] > 0
+        and math.isclose(sum(fractions), 1.0)
+    ):
         fail("data.split_fractions", fractions, "three numbers in [0, 1] (train, val, test) summing to 1, train > 0")
     if not own:
         if data.get("groups_file"):
@@ -167,8 +179,12 @@ def check_dataset(data: ml_collections.ConfigDict) -> None:
         source = _read(data, key, lambda: datasets.open_split(data, data[key]))  # noqa: B023 -- called at once
         big = custom.oversized(source, data.image_size) if data.transform == "small" else None
         if big:
-            fail("data.transform", data.transform, f"images up to data.image_size={data.image_size} (it pads, "
-                 f"never shrinks), but {big}; 'imagenet' resizes")
+            fail(
+                "data.transform",
+                data.transform,
+                f"images up to data.image_size={data.image_size} (it pads, "
+                f"never shrinks), but {big}; 'imagenet' resizes",
+            )
 
 
 def check_batches_fit(config: ml_collections.ConfigDict) -> None:
@@ -178,8 +194,11 @@ def check_batches_fit(config: ml_collections.ConfigDict) -> None:
     data = config.data
     train = datasets.open_split(data, data.train_split)
     if not config.generalist.get("init") and config.generalist.batch_size > len(train):
-        fail("generalist.batch_size", config.generalist.batch_size,
-             f"at most the {len(train)} training examples of {data.name}")
+        fail(
+            "generalist.batch_size",
+            config.generalist.batch_size,
+            f"at most the {len(train)} training examples of {data.name}",
+        )
     spec = config.specialize
     phase = "scratch" if spec.method == "scratch" else "specialize"
     for part in str(spec.subset).split(">"):
@@ -189,8 +208,11 @@ def check_batches_fit(config: ml_collections.ConfigDict) -> None:
             fail("specialize.subset", spec.subset, str(e))
         count = int(np.isin(train.labels, subset).sum())
         if config[phase].batch_size > count:
-            fail(f"{phase}.batch_size", config[phase].batch_size,
-                 f"at most the {count} training examples of S={part!r} in {data.name}")
+            fail(
+                f"{phase}.batch_size",
+                config[phase].batch_size,
+                f"at most the {count} training examples of S={part!r} in {data.name}",
+            )
 
 
 def check(config: ml_collections.ConfigDict) -> None:
@@ -228,4 +250,3 @@ def check(config: ml_collections.ConfigDict) -> None:
     if method is not None and method not in allowed:
         scratch = " (a scratch detector is specialize.scratch=True)" if allowed is DETECTION_METHODS else ""
         fail("specialize.method", method, f"one of {list(allowed)}{scratch}")
-

@@ -14,7 +14,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # The 8 fake devices are threads: on a loaded 2-core machine they can reach a collective far apart, and
 # XLA:CPU aborts the whole process after 40 s by default. Notebook kernels and worker processes inherit this.
 os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), "--xla_cpu_collective_call_terminate_timeout_seconds=600"]).strip()
+    [os.environ.get("XLA_FLAGS", ""), "--xla_cpu_collective_call_terminate_timeout_seconds=600"]
+).strip()
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "jaxspec-test-xla-cache"))
 # Every executable goes to the cache, not only those over a second: a fresh process (a CLI run, a notebook
 # kernel, the other xdist worker) otherwise recompiles the hundreds of small ones that building a model and
@@ -25,8 +26,9 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+jax.config.update(
+    "jax_persistent_cache_min_compile_time_secs", float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"])
+)
 
 
 # ---- shared end-to-end runs ---------------------------------------------------------------------------------------
@@ -63,8 +65,16 @@ def tiny_main_run(embedded_manifest, tmp_path_factory) -> types.SimpleNamespace:
     workdir = tmp_path_factory.mktemp("tiny_main")
     results, out, err = _captured(lambda: run.run(config, str(workdir)))
     again, again_out, again_err = _captured(lambda: run.run(config, str(workdir)))
-    return types.SimpleNamespace(config=config, workdir=workdir, results=results, out=out, err=err, again=again,
-                                 again_out=again_out, again_err=again_err)
+    return types.SimpleNamespace(
+        config=config,
+        workdir=workdir,
+        results=results,
+        out=out,
+        err=err,
+        again=again,
+        again_out=again_out,
+        again_err=again_err,
+    )
 
 
 # ---- scheduling under `pytest -n 2` (pyproject: `--dist loadgroup`) -----------------------------------------------
@@ -73,9 +83,24 @@ def tiny_main_run(embedded_manifest, tmp_path_factory) -> types.SimpleNamespace:
 # is that of the worker that finishes last, so the long units are handed out first, in this order (longest
 # first, from `--durations`: a group's name or a file's), and the many short tests fill in at the end.
 SCHEDULE = (
-    "tiny_main", "test_workdir.py", "test_bench.py", "test_experiments.py", "test_multi.py", "detect_run",
-    "methods", "colab_detection", "test_jpeg_data.py", "distill", "test_distill.py", "test_lesion.py", "predict",
-    "test_own_data.py", "test_methods.py", "test_batchnorm.py", "test_export.py", "test_train.py",
+    "tiny_main",
+    "test_workdir.py",
+    "test_bench.py",
+    "test_experiments.py",
+    "test_multi.py",
+    "detect_run",
+    "methods",
+    "colab_detection",
+    "test_jpeg_data.py",
+    "distill",
+    "test_distill.py",
+    "test_lesion.py",
+    "predict",
+    "test_own_data.py",
+    "test_methods.py",
+    "test_batchnorm.py",
+    "test_export.py",
+    "test_train.py",
 )
 
 

@@ -34,8 +34,13 @@ INFO = DatasetInfo("ids", tuple(f"c{i}" for i in range(5)), {}, (0.5,), (0.5,))
 def global_batches(num_steps: int, batch_size: int = BATCH) -> list[dict[str, np.ndarray]]:
     """The same global batches in every process."""
     rng = np.random.default_rng(0)
-    return [{"image": rng.integers(0, 256, (batch_size, 32, 32, 3), dtype=np.uint8),
-             "label": rng.integers(0, 5, batch_size).astype(np.int32)} for _ in range(num_steps)]
+    return [
+        {
+            "image": rng.integers(0, 256, (batch_size, 32, 32, 3), dtype=np.uint8),
+            "label": rng.integers(0, 5, batch_size).astype(np.int32),
+        }
+        for _ in range(num_steps)
+    ]
 
 
 def local_rows(mesh: jax.sharding.Mesh, batch_size: int) -> slice:

@@ -72,11 +72,13 @@ def test_a_model_trained_from_scratch_scores_with_reestimated_statistics_as_with
 def test_several_batches_give_the_mean_of_their_statistics_and_padded_batches_are_skipped(trained):
     mesh, images, modeldef, state = trained
     a, b = images[:32], images[32:]
-    one = [batchnorm.reestimate(modeldef, state, [{"image": x}], mesh=mesh, mean=MEAN, std=STD).batch_stats
-           for x in (a, b)]
+    one = [
+        batchnorm.reestimate(modeldef, state, [{"image": x}], mesh=mesh, mean=MEAN, std=STD).batch_stats for x in (a, b)
+    ]
     padded = {"image": a, "mask": np.arange(32) < 20}
-    both = batchnorm.reestimate(modeldef, state, [{"image": a}, padded, {"image": b}], mesh=mesh, mean=MEAN,
-                                std=STD).batch_stats
+    both = batchnorm.reestimate(
+        modeldef, state, [{"image": a}, padded, {"image": b}], mesh=mesh, mean=MEAN, std=STD
+    ).batch_stats
     for got, x, y in zip(jax.tree.leaves(both), jax.tree.leaves(one[0]), jax.tree.leaves(one[1])):
         np.testing.assert_allclose(got, (np.asarray(x) + np.asarray(y)) / 2, rtol=1e-5, atol=1e-6)
 

@@ -17,8 +17,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_quick_cli_writes_json_with_every_benchmark(tmp_path):
     out = tmp_path / "bench.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "jaxspec.bench", "--quick", f"--out={out}", "--torch_python=/nonexistent"],
-                          check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxspec.bench", "--quick", f"--out={out}", "--torch_python=/nonexistent"],
+        check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
     assert json.loads(out.read_text()) == report
@@ -38,7 +45,8 @@ def test_quick_cli_writes_json_with_every_benchmark(tmp_path):
     # the JPEG pipeline with tf.data's on 1 (and 2) cores, and 2 workers against 1
     cores = min(2, len(os.sched_getaffinity(0)))
     assert [(r["reference"], r["cores"], r["target"]) for r in jpeg] == (
-        [("tf.data", n, 1.0) for n in range(1, cores + 1)] + [("1 worker", 2, 1.8)] * (cores == 2))
+        [("tf.data", n, 1.0) for n in range(1, cores + 1)] + [("1 worker", 2, 1.8)] * (cores == 2)
+    )
     for r in jpeg:
         assert r["ratio"] == pytest.approx(r["jaxspec"] / r[r["reference"]]) and "224 px" in r["setting"]
     assert jpeg[0]["img_s_per_core"] == pytest.approx(jpeg[0]["jaxspec"])
@@ -59,8 +67,18 @@ def test_quick_cli_writes_json_with_every_benchmark(tmp_path):
 
 
 def test_registry_runs_named_benchmarks_and_rejects_unknown(monkeypatch):
-    monkeypatch.setitem(bench.BENCHMARKS, "fake", lambda s: [bench._row(
-        "fake", "x", 10, {"seconds": 0.5, "rounds": [0.5], "ref_seconds": 1.0, "ref_rounds": [1.0], "ratio": 2.0})])
+    monkeypatch.setitem(
+        bench.BENCHMARKS,
+        "fake",
+        lambda s: [
+            bench._row(
+                "fake",
+                "x",
+                10,
+                {"seconds": 0.5, "rounds": [0.5], "ref_seconds": 1.0, "ref_rounds": [1.0], "ratio": 2.0},
+            )
+        ],
+    )
     s = bench.Settings(quick=True, repeats=1, steps=1, warmup=0, specialists=2, torch=None)
     report = bench.run(s, ["fake"])
     (row,) = report["results"]
@@ -70,15 +88,18 @@ def test_registry_runs_named_benchmarks_and_rejects_unknown(monkeypatch):
         bench.run(s, ["nope"])
 
 
-@pytest.mark.parametrize("name, ratio, met", [("train", 1.6, True), ("eval", 2.9, False), ("multi", 1.05, True),
-                                                  ("multi", 1.2, False)])
+@pytest.mark.parametrize(
+    "name, ratio, met", [("train", 1.6, True), ("eval", 2.9, False), ("multi", 1.05, True), ("multi", 1.2, False)]
+)
 def test_targets(name, ratio, met):
     row = bench._row(name, "s", 4, {"seconds": 1.0, "rounds": [1.0]}, ratio=ratio)
     assert row["meets_target"] is met
 
 
-@pytest.mark.skipif(not os.environ.get("JAXSPEC_TORCH_PYTHON"),
-                    reason="set JAXSPEC_TORCH_PYTHON to an interpreter with torch + torchvision")
+@pytest.mark.skipif(
+    not os.environ.get("JAXSPEC_TORCH_PYTHON"),
+    reason="set JAXSPEC_TORCH_PYTHON to an interpreter with torch + torchvision",
+)
 def test_torch_worker_builds_torchvisions_model():
     worker = bench.TorchWorker(os.environ["JAXSPEC_TORCH_PYTHON"], threads=1)
     params = worker.setup("t", res=32, batch=2, classes=7)
@@ -102,8 +123,17 @@ def test_run_keeps_a_live_torch_worker_out_of_the_report(monkeypatch):
     monkeypatch.setitem(bench.BENCHMARKS, "fake", lambda s: [])
     s = bench.Settings(quick=True, repeats=1, steps=1, warmup=0, specialists=2, torch=Worker())
     report = bench.run(s, ["fake"])
-    assert report["settings"] == {"quick": True, "repeats": 1, "steps": 1, "warmup": 0, "specialists": 2,
-                                  "dtype": "float32", "jpeg_images": 512, "jpeg_batch": 32, "jpeg_steps": 20}
+    assert report["settings"] == {
+        "quick": True,
+        "repeats": 1,
+        "steps": 1,
+        "warmup": 0,
+        "specialists": 2,
+        "dtype": "float32",
+        "jpeg_images": 512,
+        "jpeg_batch": 32,
+        "jpeg_steps": 20,
+    }
     assert report["memory"]["torch_worker_peak_rss_mib"] == 1.0
 
 

@@ -28,15 +28,18 @@ def np_hsic1(x, y):
     np.fill_diagonal(k, 0)
     np.fill_diagonal(m, 0)
     n, one = len(k), np.ones(len(k))
-    return (np.trace(k @ m) + (one @ k @ one) * (one @ m @ one) / ((n - 1) * (n - 2))
-            - 2 / (n - 2) * one @ k @ m @ one) / (n * (n - 3))
+    return (
+        np.trace(k @ m) + (one @ k @ one) * (one @ m @ one) / ((n - 1) * (n - 2)) - 2 / (n - 2) * one @ k @ m @ one
+    ) / (n * (n - 3))
 
 
 def u_statistic_hsic(x, y):
     """HSIC as the U-statistic over all ordered 4-tuples of distinct examples (brute force)."""
     k, m = x @ x.T, y @ y.T
-    total = [k[i, j] * m[i, j] + k[i, j] * m[q, r] - 2 * k[i, j] * m[i, q]
-             for i, j, q, r in itertools.permutations(range(len(x)), 4)]
+    total = [
+        k[i, j] * m[i, j] + k[i, j] * m[q, r] - 2 * k[i, j] * m[i, q]
+        for i, j, q, r in itertools.permutations(range(len(x)), 4)
+    ]
     return np.mean(total)
 
 
@@ -161,8 +164,16 @@ LAYERS = ["stem", "block2", "block7", "pool", "logits"]
 
 
 def _kw(data_cfg, mesh, **extra):
-    return dict(layers_a=LAYERS, layers_b=LAYERS[1:], mesh=mesh, data_cfg=data_cfg, batch_size=32,
-                mean=INFO.mean, std=INFO.std, **extra)
+    return dict(
+        layers_a=LAYERS,
+        layers_b=LAYERS[1:],
+        mesh=mesh,
+        data_cfg=data_cfg,
+        batch_size=32,
+        mean=INFO.mean,
+        std=INFO.std,
+        **extra,
+    )
 
 
 def test_minibatch_cka_of_models_matches_numpy_and_one_device(toy):
@@ -174,13 +185,21 @@ def test_minibatch_cka_of_models_matches_numpy_and_one_device(toy):
     np.testing.assert_allclose(got["cka"], one["cka"], rtol=1e-4, atol=1e-6)
 
     # Reference: the same examples in the same shuffled order, batched alike, HSIC_1 in NumPy.
-    acts_a, acts_b = features.collect([a, b], [LAYERS, LAYERS[1:]], features.shuffled(source, 5), mesh=mesh8,
-                                      data_cfg=data_cfg, batch_size=32, mean=INFO.mean, std=INFO.std)
+    acts_a, acts_b = features.collect(
+        [a, b],
+        [LAYERS, LAYERS[1:]],
+        features.shuffled(source, 5),
+        mesh=mesh8,
+        data_cfg=data_cfg,
+        batch_size=32,
+        mean=INFO.mean,
+        std=INFO.std,
+    )
     mats = [acts_a[n] for n in LAYERS] + [acts_b[n] for n in LAYERS[1:]]
     assert mats[0].shape == (70, 16 * 16 * 8)  # stem: 16x16 maps of 8 channels at width 0.25, flattened
     hs = np.zeros((len(mats), len(mats)))
     for lo in range(0, 70, 32):
-        rows = [m[lo:lo + 32] for m in mats]
+        rows = [m[lo : lo + 32] for m in mats]
         hs += len(rows[0]) * np.array([[np_hsic1(u, v) for v in rows] for u in rows])
     want = cka.cka_from_hsic(hs)
     np.testing.assert_allclose(got["cka"], want[:5, 5:], rtol=2e-3, atol=2e-4)
@@ -194,8 +213,17 @@ def test_full_cka_of_models_matches_numpy(toy):
     a, b, source, data_cfg = toy
     mesh = sharding.make_mesh()
     got = cka.full_cka(a, b, source, spatial="mean", **_kw(data_cfg, mesh))
-    acts_a, acts_b = features.collect([a, b], [LAYERS, LAYERS[1:]], source, mesh=mesh, data_cfg=data_cfg,
-                                      batch_size=32, mean=INFO.mean, std=INFO.std, spatial="mean")
+    acts_a, acts_b = features.collect(
+        [a, b],
+        [LAYERS, LAYERS[1:]],
+        source,
+        mesh=mesh,
+        data_cfg=data_cfg,
+        batch_size=32,
+        mean=INFO.mean,
+        std=INFO.std,
+        spatial="mean",
+    )
     assert acts_a["stem"].shape == (70, 8)  # averaged over space
     want = [[np_cka(acts_a[i], acts_b[j]) for j in LAYERS[1:]] for i in LAYERS]
     np.testing.assert_allclose(got["cka"], want, rtol=1e-3, atol=1e-5)

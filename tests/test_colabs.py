@@ -82,13 +82,22 @@ def execute(name: str, monkeypatch, **params) -> nbformat.NotebookNode:
 
 
 def _outputs(nb, mime: str) -> list:
-    return [o["data"][mime] for c in nb.cells if c.cell_type == "code" for o in c.outputs
-            if o.get("output_type") in ("display_data", "execute_result") and mime in o.get("data", {})]
+    return [
+        o["data"][mime]
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+        if o.get("output_type") in ("display_data", "execute_result") and mime in o.get("data", {})
+    ]
 
 
 def _tiny(manifest, workdir) -> dict:
-    return {"TINY": True, "DATA_MANIFEST": manifest, "DATA_DIR": str(pathlib.Path(manifest).parent / "cache"),
-            "WORKDIR": str(workdir)}
+    return {
+        "TINY": True,
+        "DATA_MANIFEST": manifest,
+        "DATA_DIR": str(pathlib.Path(manifest).parent / "cache"),
+        "WORKDIR": str(workdir),
+    }
 
 
 @pytest.fixture(scope="module")

@@ -48,8 +48,7 @@ def test_boxes_follow_the_pixels(seed):
 
     kept_any = False
     for _ in range(4):
-        out, abox, kept = augment.random_affine(boxed, lbox, rng, degrees=15, translate=0.1, scale=0.4, shear=5,
-                                                fill=0)
+        out, abox, kept = augment.random_affine(boxed, lbox, rng, degrees=15, translate=0.1, scale=0.4, shear=5, fill=0)
         if not len(kept):  # box_candidates dropped it (mostly pushed off the canvas)
             continue
         kept_any = True
@@ -117,8 +116,14 @@ def _coco_like_records(n, rng, size=(48, 64)):
             labels[:1] = 16  # a dog, so the animal subset is never empty
         xy = rng.uniform(0, 30, (k, 2))
         boxes = np.concatenate([xy, xy + rng.uniform(4, 20, (k, 2))], 1).astype(np.float32)
-        records.append({"image": rng.integers(0, 255, (*size, 3), dtype=np.uint8), "boxes": boxes,
-                        "labels": labels, "crowd": rng.uniform(size=k) < 0.2})
+        records.append(
+            {
+                "image": rng.integers(0, 255, (*size, 3), dtype=np.uint8),
+                "boxes": boxes,
+                "labels": labels,
+                "crowd": rng.uniform(size=k) < 0.2,
+            }
+        )
     return records
 
 
@@ -171,9 +176,20 @@ def _tfds_records(n, rng):
         bbox = np.stack([y1, x1, y1 + rng.uniform(0.1, 0.5, k), x1 + rng.uniform(0.1, 0.5, k)], 1)
         labels = rng.integers(0, 80, k)
         labels[:1] = 18 if i % 2 else labels[:1]
-        out.append({"image": rng.integers(0, 255, (h, w, 3), dtype=np.uint8), "image/id": i, "image/filename": f"{i}",
-                    "objects": {"bbox": bbox.astype(np.float32), "label": labels, "is_crowd": np.arange(k) == 2,
-                                "area": np.ones(k, np.int64), "id": np.arange(k)}})
+        out.append(
+            {
+                "image": rng.integers(0, 255, (h, w, 3), dtype=np.uint8),
+                "image/id": i,
+                "image/filename": f"{i}",
+                "objects": {
+                    "bbox": bbox.astype(np.float32),
+                    "label": labels,
+                    "is_crowd": np.arange(k) == 2,
+                    "area": np.ones(k, np.int64),
+                    "id": np.arange(k),
+                },
+            }
+        )
     return out
 
 
@@ -206,8 +222,9 @@ def _perfect_detections(batch):
 
 def test_scene_pipeline_and_evaluator(tmp_path):
     manifest = write_fixture(str(tmp_path / "raw"), per_class=20)
-    cfg = data.default_config(image_size=96, max_boxes=10, num_threads=1, prefetch=2, data_dir=str(tmp_path / "c"),
-                              manifest=manifest)
+    cfg = data.default_config(
+        image_size=96, max_boxes=10, num_threads=1, prefetch=2, data_dir=str(tmp_path / "c"), manifest=manifest
+    )
     cfg.scenes.num_scenes = (16, 4, 12)
     train = data.get_source(cfg, "train")
     batch = next(data.train_iterator(train, cfg, batch_size=8, seed=0))
@@ -221,7 +238,6 @@ def test_scene_pipeline_and_evaluator(tmp_path):
     assert len(gt["labels"]) == sum(len(test[i]["labels"]) for i in range(len(test)))
     np.testing.assert_allclose(gt["boxes"], np.concatenate([test[i]["boxes"] for i in range(len(test))]), atol=1e-3)
     assert ev.result()["mAP50_95"] == pytest.approx(1.0)
-
 
 
 def test_coco_animals_config_builds_the_papers_recipe():

@@ -63,13 +63,21 @@ def _cocoeval(dt, gt, num_images):
         "images": [{"id": i} for i in range(num_images)],
         "categories": [{"id": c} for c in range(NUM_CLASSES)],
         "annotations": [
-            {"id": j + 1, "image_id": int(i), "category_id": int(c), "bbox": xywh(b), "area": xywh(b)[2] * xywh(b)[3],
-             "iscrowd": int(cr)}
+            {
+                "id": j + 1,
+                "image_id": int(i),
+                "category_id": int(c),
+                "bbox": xywh(b),
+                "area": xywh(b)[2] * xywh(b)[3],
+                "iscrowd": int(cr),
+            }
             for j, (i, b, c, cr) in enumerate(zip(gt["image_id"], gt["boxes"], gt["labels"], gt["crowd"]))
         ],
     }
-    results = [{"image_id": int(i), "category_id": int(c), "bbox": xywh(b), "score": float(s)}
-               for i, b, c, s in zip(dt["image_id"], dt["boxes"], dt["labels"], dt["scores"])]
+    results = [
+        {"image_id": int(i), "category_id": int(c), "bbox": xywh(b), "score": float(s)}
+        for i, b, c, s in zip(dt["image_id"], dt["boxes"], dt["labels"], dt["scores"])
+    ]
     with contextlib.redirect_stdout(io.StringIO()):
         ground_truth = coco.COCO()
         ground_truth.dataset = dataset
@@ -101,8 +109,11 @@ def test_matches_cocoeval(seed, crowd):
 
 
 def test_perfect_and_bad_input():
-    gt = {"image_id": np.array([0, 0, 1]), "boxes": np.array([[0, 0, 10, 10], [20, 20, 40, 50], [5, 5, 9, 9.]]),
-          "labels": np.array([0, 1, 0])}
+    gt = {
+        "image_id": np.array([0, 0, 1]),
+        "boxes": np.array([[0, 0, 10, 10], [20, 20, 40, 50], [5, 5, 9, 9.0]]),
+        "labels": np.array([0, 1, 0]),
+    }
     dt = {**gt, "scores": np.array([0.9, 0.8, 0.7])}
     out = metrics.coco_map(dt, gt, 3)
     assert out["mAP50"] == out["mAP50_95"] == pytest.approx(1.0) == out["fitness"]
@@ -110,6 +121,6 @@ def test_perfect_and_bad_input():
     with pytest.raises(ValueError, match="label 3 outside 0..2"):
         metrics.coco_map({**dt, "labels": np.array([0, 3, 0])}, gt, 3)
     with pytest.raises(ValueError, match=r"ground_truth box \[5.0, 5.0, 4.0, 9.0\] \(row 2\)"):
-        metrics.coco_map(dt, {**gt, "boxes": np.array([[0, 0, 10, 10], [20, 20, 40, 50], [5, 5, 4, 9.]])}, 3)
+        metrics.coco_map(dt, {**gt, "boxes": np.array([[0, 0, 10, 10], [20, 20, 40, 50], [5, 5, 4, 9.0]])}, 3)
     with pytest.raises(ValueError, match=r"detections lacks \['scores'\]"):
         metrics.coco_map(gt, gt, 3)

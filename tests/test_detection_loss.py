@@ -22,9 +22,9 @@ def _ciou_np(b1, b2, alpha=None):
     iou = iw * ih / (w1 * h1 + w2 * h2 - iw * ih)
     cw = max(x1 + w1 / 2, x2 + w2 / 2) - min(x1 - w1 / 2, x2 - w2 / 2)
     ch = max(y1 + h1 / 2, y2 + h2 / 2) - min(y1 - h1 / 2, y2 - h2 / 2)
-    v = 4 / math.pi ** 2 * (math.atan(w2 / h2) - math.atan(w1 / h1)) ** 2
+    v = 4 / math.pi**2 * (math.atan(w2 / h2) - math.atan(w1 / h1)) ** 2
     alpha = v / (1 - iou + v) if alpha is None else alpha
-    return iou - ((x1 - x2) ** 2 + (y1 - y2) ** 2) / (cw ** 2 + ch ** 2) - alpha * v
+    return iou - ((x1 - x2) ** 2 + (y1 - y2) ** 2) / (cw**2 + ch**2) - alpha * v
 
 
 def _bce_np(x, t, pw=1.0):
@@ -40,7 +40,7 @@ def _reference_loss(outputs, targets, mask, hyp, class_mask=None):
     outputs = [np.asarray(o, np.float64) for o in outputs]
     nc = outputs[0].shape[-1] - 5
     kept = np.ones(nc, bool) if class_mask is None else np.asarray(class_mask)
-    cp, cn = 1 - 0.5 * hyp['label_smoothing'], 0.5 * hyp['label_smoothing']
+    cp, cn = 1 - 0.5 * hyp["label_smoothing"], 0.5 * hyp["label_smoothing"]
     lbox = lobj = lcls = 0.0
     for out, anchors, stride, balance in zip(outputs, ANCHORS, STRIDES, (4.0, 1.0, 0.4)):
         _, h, w, na, _ = out.shape
@@ -56,7 +56,7 @@ def _reference_loss(outputs, targets, mask, hyp, class_mask=None):
             cells += [(0.0, -0.5)] if (h - gy) % 1 < 0.5 and h - gy > 1 else []
             for a in range(na):
                 r = np.array([gw, gh]) / anchors[a]
-                if max(r.max(), (1 / r).max()) >= hyp['anchor_t']:
+                if max(r.max(), (1 / r).max()) >= hyp["anchor_t"]:
                     continue
                 for ox, oy in cells:
                     gi, gj = math.floor(gx - ox), math.floor(gy - oy)
@@ -68,11 +68,11 @@ def _reference_loss(outputs, targets, mask, hyp, class_mask=None):
                     box_terms.append(1 - iou)
                     tobj[b, row, col, a] = max(tobj[b, row, col, a], iou, 0.0)
                     tc = np.where(np.arange(nc) == int(c), cp, cn)
-                    cls_terms.extend(_bce_np(p[5:], tc, hyp['cls_pw'])[kept])
+                    cls_terms.extend(_bce_np(p[5:], tc, hyp["cls_pw"])[kept])
         lbox += np.mean(box_terms) if box_terms else 0.0
-        lobj += np.mean(_bce_np(out[..., 4], tobj, hyp['obj_pw'])) * balance
+        lobj += np.mean(_bce_np(out[..., 4], tobj, hyp["obj_pw"])) * balance
         lcls += np.mean(cls_terms) if cls_terms and kept.sum() > 1 else 0.0
-    parts = {'box': lbox * hyp['box'], 'obj': lobj * hyp['obj'], 'cls': lcls * hyp['cls']}
+    parts = {"box": lbox * hyp["box"], "obj": lobj * hyp["obj"], "cls": lcls * hyp["cls"]}
     return sum(parts.values()) * len(targets), parts
 
 
@@ -84,9 +84,16 @@ def _outputs(seed, nc=4, batch=2):
 def _targets(seed, batch=2, boxes=5, nc=4):
     """Random normalized boxes (class, x, y, w, h), the first `boxes - 1` real per image, then padding."""
     rng = np.random.default_rng(seed)
-    t = np.stack([rng.integers(0, nc, (batch, boxes)), rng.uniform(0.02, 0.98, (batch, boxes)),
-                  rng.uniform(0.02, 0.98, (batch, boxes)), rng.uniform(0.02, 0.9, (batch, boxes)),
-                  rng.uniform(0.02, 0.9, (batch, boxes))], axis=-1).astype(np.float32)
+    t = np.stack(
+        [
+            rng.integers(0, nc, (batch, boxes)),
+            rng.uniform(0.02, 0.98, (batch, boxes)),
+            rng.uniform(0.02, 0.98, (batch, boxes)),
+            rng.uniform(0.02, 0.9, (batch, boxes)),
+            rng.uniform(0.02, 0.9, (batch, boxes)),
+        ],
+        axis=-1,
+    ).astype(np.float32)
     mask = np.ones((batch, boxes), bool)
     mask[:, -1] = False
     return t, mask
@@ -107,8 +114,8 @@ def test_ciou_known_values():
     got = np.asarray(yl.ciou(boxes, others))
     # Identical; side by side (IoU 0, rho^2 9, enclosing 5 x 2); same centre, half the height
     # (IoU 1/2, v = 4/pi^2 (atan 1 - atan 1/2)^2).
-    v = 4 / math.pi ** 2 * (math.atan(1) - math.atan(0.5)) ** 2
-    np.testing.assert_allclose(got, [1.0, -9 / 29, 0.5 - v ** 2 / (0.5 + v)], rtol=1e-5, atol=1e-6)
+    v = 4 / math.pi**2 * (math.atan(1) - math.atan(0.5)) ** 2
+    np.testing.assert_allclose(got, [1.0, -9 / 29, 0.5 - v**2 / (0.5 + v)], rtol=1e-5, atol=1e-6)
 
 
 def test_ciou_matches_closed_form_on_random_boxes():
@@ -124,7 +131,7 @@ def test_ciou_gradient_treats_alpha_as_constant():
     iw = min(b1[0] + b1[2] / 2, b2[0] + b2[2] / 2) - max(b1[0] - b1[2] / 2, b2[0] - b2[2] / 2)
     ih = min(b1[1] + b1[3] / 2, b2[1] + b2[3] / 2) - max(b1[1] - b1[3] / 2, b2[1] - b2[3] / 2)
     iou = iw * ih / (b1[2] * b1[3] + b2[2] * b2[3] - iw * ih)
-    v = 4 / math.pi ** 2 * (math.atan(b2[2] / b2[3]) - math.atan(b1[2] / b1[3])) ** 2
+    v = 4 / math.pi**2 * (math.atan(b2[2] / b2[3]) - math.atan(b1[2] / b1[3])) ** 2
     alpha = v / (1 - iou + v)
     eps = 1e-6
     numeric = [(_ciou_np(b1 + eps * e, b2, alpha) - _ciou_np(b1 - eps * e, b2, alpha)) / (2 * eps) for e in np.eye(4)]
@@ -135,9 +142,15 @@ def test_ciou_gradient_treats_alpha_as_constant():
 def _assigned(asg):
     """Set of (anchor, row, col) over valid candidates, with their xywh targets."""
     valid = np.asarray(asg.valid)
-    return {(int(a), int(r), int(c)): tuple(np.round(box, 4))
-            for a, r, c, box in zip(np.asarray(asg.anchor)[valid], np.asarray(asg.row)[valid],
-                                    np.asarray(asg.col)[valid], np.asarray(asg.box)[valid])}
+    return {
+        (int(a), int(r), int(c)): tuple(np.round(box, 4))
+        for a, r, c, box in zip(
+            np.asarray(asg.anchor)[valid],
+            np.asarray(asg.row)[valid],
+            np.asarray(asg.col)[valid],
+            np.asarray(asg.box)[valid],
+        )
+    }
 
 
 def test_assignment_cells_neighbours_and_ratio_filter():
@@ -150,8 +163,8 @@ def test_assignment_cells_neighbours_and_ratio_filter():
     targets = jnp.array([[box, corner, [0, 0.5, 0.5, 0.2, 0.2]]])
     asg = yl.assign_targets(grid, targets, jnp.array([[True, False, False]]), anchors, 4.0)
     assert _assigned(asg) == {
-        (0, 6, 5): (0.3, 0.7, 0.6, 0.8),   # own cell
-        (0, 6, 4): (1.3, 0.7, 0.6, 0.8),   # left: x fraction 0.3 < 0.5
+        (0, 6, 5): (0.3, 0.7, 0.6, 0.8),  # own cell
+        (0, 6, 4): (1.3, 0.7, 0.6, 0.8),  # left: x fraction 0.3 < 0.5
         (0, 7, 5): (0.3, -0.3, 0.6, 0.8),  # down: y fraction 0.7 > 0.5
     }
     assert set(np.asarray(asg.cls)[np.asarray(asg.valid)]) == {1}
@@ -162,13 +175,13 @@ def test_assignment_cells_neighbours_and_ratio_filter():
     assert set(_assigned(asg)) == {(a, r, 0) for a in (1, 2) for r in (0, 1)}  # anchor 0: 3.5 / 1.625 > 2.1
 
 
-@pytest.mark.parametrize('hyp', [_hyp(), _hyp(label_smoothing=0.1, cls_pw=2.0, obj_pw=0.5, anchor_t=3.0)])
+@pytest.mark.parametrize("hyp", [_hyp(), _hyp(label_smoothing=0.1, cls_pw=2.0, obj_pw=0.5, anchor_t=3.0)])
 def test_loss_matches_per_target_reference(hyp):
     outputs = _outputs(0)  # about 1 in 5 assigned CIoUs is negative, so the clamp at 0 is exercised
     targets, mask = _targets(1, boxes=8)
     total, parts = _loss(outputs, targets, mask, hyp=hyp)
     ref_total, ref_parts = _reference_loss(outputs, targets, mask, hyp)
-    for k in ('box', 'obj', 'cls'):
+    for k in ("box", "obj", "cls"):
         np.testing.assert_allclose(parts[k], ref_parts[k], rtol=1e-4, err_msg=k)
         assert ref_parts[k] > 0
     np.testing.assert_allclose(total, ref_total, rtol=1e-4)
@@ -178,9 +191,9 @@ def test_zero_targets_give_only_objectness_loss():
     outputs = _outputs(2)
     targets, _ = _targets(3)
     total, parts = _loss(outputs, targets, np.zeros(targets.shape[:2], bool), hyp=_hyp())
-    assert float(parts['box']) == 0.0 and float(parts['cls']) == 0.0
+    assert float(parts["box"]) == 0.0 and float(parts["cls"]) == 0.0
     expected = sum(b * np.mean(np.logaddexp(0, np.asarray(o[..., 4]))) for o, b in zip(outputs, (4.0, 1.0, 0.4)))
-    np.testing.assert_allclose(parts['obj'], expected, rtol=1e-5)
+    np.testing.assert_allclose(parts["obj"], expected, rtol=1e-5)
     np.testing.assert_allclose(total, 2 * expected, rtol=1e-5)
 
 
@@ -223,7 +236,7 @@ def test_single_kept_class_has_no_class_loss():
     targets, mask = _targets(9)
     targets[..., 0] = 2
     _, parts = jax.jit(functools.partial(yl.yolo_loss, class_mask=np.arange(4) == 2))(_outputs(10), targets, mask)
-    assert float(parts['cls']) == 0.0 and float(parts['box']) > 0
+    assert float(parts["cls"]) == 0.0 and float(parts["box"]) > 0
 
 
 def test_jit_matches_eager():
@@ -235,22 +248,22 @@ def test_jit_matches_eager():
 
 def test_scale_hyp():
     hyp = yl.scale_hyp(yl.DEFAULT_HYP, num_classes=10, image_size=128)
-    assert hyp['box'] == pytest.approx(0.05)
-    assert hyp['cls'] == pytest.approx(0.5 * 10 / 80)
-    assert hyp['obj'] == pytest.approx((128 / 640) ** 2)
-    assert yl.scale_hyp(yl.DEFAULT_HYP, num_classes=80, image_size=640, num_layers=4)['box'] == pytest.approx(0.0375)
+    assert hyp["box"] == pytest.approx(0.05)
+    assert hyp["cls"] == pytest.approx(0.5 * 10 / 80)
+    assert hyp["obj"] == pytest.approx((128 / 640) ** 2)
+    assert yl.scale_hyp(yl.DEFAULT_HYP, num_classes=80, image_size=640, num_layers=4)["box"] == pytest.approx(0.0375)
 
 
 def test_bad_inputs_name_the_problem():
     outputs = _outputs(13)
     targets, mask = _targets(14)
-    with pytest.raises(ValueError, match='class_mask'):
+    with pytest.raises(ValueError, match="class_mask"):
         yl.yolo_loss(outputs, targets, mask, class_mask=np.ones(3, bool))
-    with pytest.raises(ValueError, match=r'\[B, M, 5\]'):
+    with pytest.raises(ValueError, match=r"\[B, M, 5\]"):
         yl.yolo_loss(outputs, targets[..., :4], mask)
-    with pytest.raises(ValueError, match='mask shape'):
+    with pytest.raises(ValueError, match="mask shape"):
         yl.yolo_loss(outputs, targets, mask[:, :2])
-    with pytest.raises(ValueError, match='fl_gamma=1.5'):
-        yl.yolo_loss(outputs, targets, mask, hyp={'fl_gamma': 1.5})
-    with pytest.raises(ValueError, match='2 output scales'):
+    with pytest.raises(ValueError, match="fl_gamma=1.5"):
+        yl.yolo_loss(outputs, targets, mask, hyp={"fl_gamma": 1.5})
+    with pytest.raises(ValueError, match="2 output scales"):
         yl.yolo_loss(outputs[:2], targets, mask)

@@ -64,8 +64,18 @@ def manifest(tmp_path_factory):
 
 def _fixed_scenes_config(manifest):
     config = point_at(detect_animals.get_config("tiny"), manifest)
-    config.data.update(image_size=SIZE, mosaic=0.0, fliplr=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, degrees=0.0,
-                       translate=0.0, scale=0.0, shear=0.0)
+    config.data.update(
+        image_size=SIZE,
+        mosaic=0.0,
+        fliplr=0.0,
+        hsv_h=0.0,
+        hsv_s=0.0,
+        hsv_v=0.0,
+        degrees=0.0,
+        translate=0.0,
+        scale=0.0,
+        shear=0.0,
+    )
     config.eval = detect_animals.evaluation(batch_size=NUM_SCENES, max_nms=3000)  # YOLOv5 validation's NMS
     return config, First(data.get_source(config.data, "train"), NUM_SCENES)
 
@@ -84,12 +94,29 @@ def test_yolov5n_overfits_sixteen_scenes(manifest):
     tx, schedule = dtrain.make_optimizer(phase, nnx.state(model, nnx.Param), steps_per_epoch=1)
     modeldef, state = create_state(model, tx, 0)
     state = sharding.place_state(state, mesh)
-    step = steps.jit_train_step(dtrain.make_train_step(
-        modeldef, tx, schedule, image_size=SIZE, mean=info.mean, std=info.std,
-        hyp=dtrain.phase_hyp(config.hyp, num_classes=nc, image_size=SIZE),
-        label_index=np.arange(nc), class_mask=np.ones(nc, bool)), mesh)
-    evaluate = dtrain.Evaluator(modeldef, mesh=mesh, data_cfg=config.data, batch_size=NUM_SCENES, mean=info.mean,
-                                std=info.std, eval_cfg=config.eval)
+    step = steps.jit_train_step(
+        dtrain.make_train_step(
+            modeldef,
+            tx,
+            schedule,
+            image_size=SIZE,
+            mean=info.mean,
+            std=info.std,
+            hyp=dtrain.phase_hyp(config.hyp, num_classes=nc, image_size=SIZE),
+            label_index=np.arange(nc),
+            class_mask=np.ones(nc, bool),
+        ),
+        mesh,
+    )
+    evaluate = dtrain.Evaluator(
+        modeldef,
+        mesh=mesh,
+        data_cfg=config.data,
+        batch_size=NUM_SCENES,
+        mean=info.mean,
+        std=info.std,
+        eval_cfg=config.eval,
+    )
 
     before = evaluate(state, source, classes=tuple(range(nc)))
     on_device = sharding.put_batch(batch, mesh)
@@ -98,12 +125,13 @@ def test_yolov5n_overfits_sixteen_scenes(manifest):
         state, metrics = step(state, on_device)
         losses.append(metrics["loss"])
     losses = np.asarray(jax.device_get(losses))
-    state = batchnorm.reestimate(modeldef, state, [{"image": batch["image"]}], mesh=mesh, mean=info.mean,
-                                 std=info.std)
+    state = batchnorm.reestimate(modeldef, state, [{"image": batch["image"]}], mesh=mesh, mean=info.mean, std=info.std)
     after = evaluate(state, source, classes=tuple(range(nc)))
-    print(f"\n{NUM_SCENES} scenes, {num_boxes} boxes, {STEPS} steps: loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
-          f"train-set mAP@0.5 {before['mAP50']:.4f} -> {after['mAP50']:.4f}, "
-          f"mAP@0.5:0.95 {before['mAP50_95']:.4f} -> {after['mAP50_95']:.4f}")
+    print(
+        f"\n{NUM_SCENES} scenes, {num_boxes} boxes, {STEPS} steps: loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
+        f"train-set mAP@0.5 {before['mAP50']:.4f} -> {after['mAP50']:.4f}, "
+        f"mAP@0.5:0.95 {before['mAP50_95']:.4f} -> {after['mAP50_95']:.4f}"
+    )
     assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0]
     assert before["mAP50"] < 0.1 and after["boxes"] == num_boxes and after["images"] == NUM_SCENES
     assert after["mAP50"] >= 0.9, after
@@ -117,15 +145,16 @@ def test_bn_reestimation_reads_every_batch_of_scenes(manifest):
     phase = detect_animals.phase(steps=1, batch_size=NUM_SCENES // 2, optim=common.optimizer())
     phase.reestimate_bn = True
     mesh = sharding.make_mesh(jax.devices()[:1])
-    modeldef, state = create_state(model, dtrain.make_optimizer(phase, nnx.state(model, nnx.Param),
-                                                                steps_per_epoch=1)[0], 0)
+    modeldef, state = create_state(
+        model, dtrain.make_optimizer(phase, nnx.state(model, nnx.Param), steps_per_epoch=1)[0], 0
+    )
     ctx = types.SimpleNamespace(config=config, mesh=mesh, info=source.info)
     got = driver.final_bn_stats(ctx, Detection(), modeldef, state, source, phase)
     halves = [{"image": b["image"]} for b in data.eval_iterator(source, config.data, batch_size=phase.batch_size)]
     assert len(halves) == 2
     want = batchnorm.reestimate(modeldef, state, halves, mesh=mesh, mean=source.info.mean, std=source.info.std)
     first = batchnorm.reestimate(modeldef, state, halves[:1], mesh=mesh, mean=source.info.mean, std=source.info.std)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got.batch_stats,
-                 want.batch_stats)
-    assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(want.batch_stats),
-                                                     jax.tree.leaves(first.batch_stats)))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got.batch_stats, want.batch_stats)
+    assert not all(
+        np.allclose(a, b) for a, b in zip(jax.tree.leaves(want.batch_stats), jax.tree.leaves(first.batch_stats))
+    )

@@ -15,8 +15,8 @@ from configs import detect_animals
 from configs.experiments import table5
 from jaxspec.detection import data, run
 from jaxspec.detection import specialize as dspec
-from jaxspec.experiments import grid
 from jaxspec.detection.task import evaluator
+from jaxspec.experiments import grid
 from jaxspec.methods import generalist, restricted
 from jaxspec.train import checkpoint
 
@@ -41,10 +41,22 @@ SPECIALIZE = {"method": "slice", "freeze": "layers:10-12", "freeze_bn_stats": Tr
 
 def _cli(workdir, manifest, **specialize):
     args = [f"--config.specialize.{k}={v}" for k, v in specialize.items()]
-    return subprocess.run([sys.executable, "-m", "jaxspec.main", "--config=configs/detect_animals.py:tiny",
-                           f"--workdir={workdir}", f"--config.data.manifest={manifest}",
-                           f"--config.data.data_dir={pathlib.Path(manifest).parent / 'cache'}", *args],
-                          check=False, capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxspec.main",
+            "--config=configs/detect_animals.py:tiny",
+            f"--workdir={workdir}",
+            f"--config.data.manifest={manifest}",
+            f"--config.data.data_dir={pathlib.Path(manifest).parent / 'cache'}",
+            *args,
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +78,12 @@ def _flat(tree):
 def test_cli_run_prints_progress_and_the_results_table(finished):
     *_, proc = finished
     assert "jaxspec detect: embedded_scenes (30 classes), yolov5n at 64 px" in proc.stdout
-    for row in ("generalist restricted to S", "sliced specialist, untuned", "specialist (slice), tuned",
-                "scratch specialist (same data)"):
+    for row in (
+        "generalist restricted to S",
+        "sliced specialist, untuned",
+        "specialist (slice), tuned",
+        "scratch specialist (same data)",
+    ):
         assert f"| {row} |" in proc.stdout
     assert "| model (test split, S = animals, 10 classes) | F | mAP@0.5 | mAP@0.5:0.95 |" in proc.stdout
     assert "[generalist] step 4/4" in proc.stderr and "img/s  ETA" in proc.stderr
@@ -77,12 +93,18 @@ def test_results_table_slicing_exact_and_every_animal_box_scored(finished):
     config, workdir, results, _ = finished
     stage = results["stages"][0]
     rows = stage["test_on_S"]
-    assert list(rows) == ["generalist restricted to S", "sliced specialist, untuned", "specialist (slice), tuned",
-                          "scratch specialist (same data)"]
+    assert list(rows) == [
+        "generalist restricted to S",
+        "sliced specialist, untuned",
+        "specialist (slice), tuned",
+        "scratch specialist (same data)",
+    ]
     assert stage["slicing_exact"]  # the sliced, untuned head is the generalist restricted to S
     assert rows["generalist restricted to S"]["mAP50"] > 0  # (the tiny config's eval makes that a real number)
-    assert rows["sliced specialist, untuned"]["AP50_95_per_class"] == rows["generalist restricted to S"][
-        "AP50_95_per_class"]
+    assert (
+        rows["sliced specialist, untuned"]["AP50_95_per_class"]
+        == rows["generalist restricted to S"]["AP50_95_per_class"]
+    )
     test = data.get_source(config.data, "test")
     animal_boxes = sum(int(np.isin(labels, ANIMALS).sum()) for labels in test.box_labels)
     with_animals = sum(bool(np.isin(labels, ANIMALS).any()) for labels in test.box_labels)
@@ -148,9 +170,17 @@ def test_evaluator_agrees_with_pycocotools_on_the_scenes_json(finished):
     truth = np.concatenate([source[i]["boxes"] for i in range(len(source))])
     np.testing.assert_allclose(gt["boxes"], truth, atol=1e-3)  # letterbox there and back
     ground = coco.COCO(r.test.coco_json_path)
-    found = ground.loadRes([{"image_id": int(ids[i]), "category_id": int(c) + 1, "score": float(s),
-                             "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]}
-                            for i, b, s, c in zip(dt["image_id"], dt["boxes"], dt["scores"], dt["labels"])])
+    found = ground.loadRes(
+        [
+            {
+                "image_id": int(ids[i]),
+                "category_id": int(c) + 1,
+                "score": float(s),
+                "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
+            }
+            for i, b, s, c in zip(dt["image_id"], dt["boxes"], dt["scores"], dt["labels"])
+        ]
+    )
     ev = cocoeval.COCOeval(ground, found, "bbox")
     ev.params.imgIds, ev.params.catIds = [int(i) for i in ids], [c + 1 for c in ANIMALS]
     ev.params.maxDets = [1, 10, config.eval.coco_max_dets]
@@ -167,7 +197,9 @@ def test_evaluator_agrees_with_pycocotools_on_the_scenes_json(finished):
 def test_a_bad_method_is_named(manifest, tmp_path):
     config = tiny(detect_animals.get_config("tiny"), manifest)
     config.specialize.method = "extract"
-    with pytest.raises(ValueError, match=r"^specialize.method='extract' is not allowed: one of \['suppress', 'slice'\]"):
+    with pytest.raises(
+        ValueError, match=r"^specialize.method='extract' is not allowed: one of \['suppress', 'slice'\]"
+    ):
         run.run(config, str(tmp_path))
     assert not (tmp_path / "checkpoints").exists()
 

@@ -32,10 +32,12 @@ def model():
 def random_batch(seed: int, labels_from=tuple(range(NC))) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     centre, size = rng.uniform(12, SIZE - 12, (B, M, 2)), rng.uniform(6, 24, (B, M, 2))
-    return {"image": rng.integers(0, 256, (B, SIZE, SIZE, 1), dtype=np.uint8),
-            "boxes": np.concatenate([centre - size / 2, centre + size / 2], -1).astype(np.float32),
-            "labels": rng.choice(labels_from, (B, M)).astype(np.int32),
-            "mask": rng.random((B, M)) < 0.8}
+    return {
+        "image": rng.integers(0, 256, (B, SIZE, SIZE, 1), dtype=np.uint8),
+        "boxes": np.concatenate([centre - size / 2, centre + size / 2], -1).astype(np.float32),
+        "labels": rng.choice(labels_from, (B, M)).astype(np.int32),
+        "mask": rng.random((B, M)) < 0.8,
+    }
 
 
 def _flat(tree) -> dict[str, np.ndarray]:
@@ -54,9 +56,16 @@ def test_sharded_step_equals_single_device_step_and_frozen_layers_stay(model):
         modeldef, state = create_state(model, tx, 0)
         state = sharding.place_state(state, mesh)
         step = dtrain.make_train_step(
-            modeldef, tx, schedule, image_size=SIZE, mean=(0.0,), std=(1.0,),
+            modeldef,
+            tx,
+            schedule,
+            image_size=SIZE,
+            mean=(0.0,),
+            std=(1.0,),
             hyp=dtrain.phase_hyp(DEFAULT_HYP, num_classes=NC, image_size=SIZE),
-            label_index=np.arange(NC), class_mask=np.ones(NC, bool))
+            label_index=np.arange(NC),
+            class_mask=np.ones(NC, bool),
+        )
         step = steps.jit_train_step(step, mesh, sharding.state_shardings(state, mesh))
         for seed in range(2):
             state, metrics = step(state, sharding.put_batch(random_batch(seed), mesh))
@@ -81,8 +90,9 @@ def _forward_loss_nms(model, x, targets, mask, hyp, class_mask=None):
         outputs = nnx.merge(nnx.graphdef(model), state)(x)
         loss = yolo_loss(outputs, targets, mask, hyp=hyp, class_mask=class_mask)
         boxes, obj, cls = decode(outputs)
-        det = nms.non_max_suppression(xywh_to_xyxy(boxes), obj, cls, conf_thres=1e-4, max_det=40, max_nms=400,
-                                      class_mask=class_mask)
+        det = nms.non_max_suppression(
+            xywh_to_xyxy(boxes), obj, cls, conf_thres=1e-4, max_det=40, max_nms=400, class_mask=class_mask
+        )
         return outputs, loss, det
 
     return jax.device_get(run(nnx.state(model)))
@@ -97,10 +107,16 @@ def test_sliced_head_predicts_and_scores_as_the_suppressed_full_head(model):
     hyp = dtrain.phase_hyp(DEFAULT_HYP, num_classes=len(SUBSET), image_size=SIZE)  # |S| classes are scored
     sliced_labels = label_map(NC, SUBSET)[batch["labels"]]
     full_out, (full_loss, full_parts), full_det = _forward_loss_nms(
-        model, x, data.to_targets(batch["boxes"], batch["labels"], batch["mask"], SIZE), batch["mask"], hyp,
-        dspec.class_mask(NC, SUBSET))
+        model,
+        x,
+        data.to_targets(batch["boxes"], batch["labels"], batch["mask"], SIZE),
+        batch["mask"],
+        hyp,
+        dspec.class_mask(NC, SUBSET),
+    )
     sliced_out, (sliced_loss, sliced_parts), sliced_det = _forward_loss_nms(
-        sliced, x, data.to_targets(batch["boxes"], sliced_labels, batch["mask"], SIZE), batch["mask"], hyp)
+        sliced, x, data.to_targets(batch["boxes"], sliced_labels, batch["mask"], SIZE), batch["mask"], hyp
+    )
 
     keep = np.r_[0:5, 5 + np.array(SUBSET)]
     for f, s in zip(full_out, sliced_out, strict=True):
@@ -148,8 +164,9 @@ def _torch_sgd_reference(params, grads_per_batch, cfg, *, batch_size, steps_per_
         momentum = cfg.momentum
         lrs = {g: cfg.lr * lf for g in ("bias", "bn", "w")}
         if ni <= warmup:
-            lrs = {g: np.interp(ni, [0, warmup], [cfg.warmup_bias_lr if g == "bias" else 0.0, cfg.lr * lf])
-                   for g in lrs}
+            lrs = {
+                g: np.interp(ni, [0, warmup], [cfg.warmup_bias_lr if g == "bias" else 0.0, cfg.lr * lf]) for g in lrs
+            }
             momentum = np.interp(ni, [0, warmup], [cfg.warmup_momentum, cfg.momentum])
         for k, value in p.items():
             d = acc[k] + (wd * value if group[k] == "w" else 0)
@@ -162,25 +179,44 @@ def _torch_sgd_reference(params, grads_per_batch, cfg, *, batch_size, steps_per_
 
 def test_yolov5_sgd_matches_a_numpy_transcription_of_yolov5s_loop():
     rng = np.random.default_rng(0)
-    params = {"layers": {"0": {"conv": {"kernel": rng.normal(size=(3, 3, 2, 4)).astype(np.float32)},
-                               "bn": {"scale": rng.normal(size=4).astype(np.float32),
-                                      "bias": rng.normal(size=4).astype(np.float32)}},
-                         "24": {"m": {"0": {"kernel": rng.normal(size=(1, 1, 4, 9)).astype(np.float32),
-                                            "bias": rng.normal(size=9).astype(np.float32)}}}}}
+    params = {
+        "layers": {
+            "0": {
+                "conv": {"kernel": rng.normal(size=(3, 3, 2, 4)).astype(np.float32)},
+                "bn": {"scale": rng.normal(size=4).astype(np.float32), "bias": rng.normal(size=4).astype(np.float32)},
+            },
+            "24": {
+                "m": {
+                    "0": {
+                        "kernel": rng.normal(size=(1, 1, 4, 9)).astype(np.float32),
+                        "bias": rng.normal(size=9).astype(np.float32),
+                    }
+                }
+            },
+        }
+    }
     cfg = yolov5_sgd_config(warmup_epochs=0.5)
     batch_size, steps_per_epoch, total = 16, 40, 240  # accumulate 4; warm-up max(20, 100) = 100 batches
-    tx, schedule = dtrain.yolov5_sgd(cfg, params, batch_size=batch_size, steps_per_epoch=steps_per_epoch,
-                                     total_steps=total)
-    flat = lambda tree: {"/".join(str(k.key) for k in path): np.asarray(v)
-                         for path, v in jax.tree_util.tree_leaves_with_path(tree)}
+    tx, schedule = dtrain.yolov5_sgd(
+        cfg, params, batch_size=batch_size, steps_per_epoch=steps_per_epoch, total_steps=total
+    )
+    flat = lambda tree: {
+        "/".join(str(k.key) for k in path): np.asarray(v) for path, v in jax.tree_util.tree_leaves_with_path(tree)
+    }
     grads = [jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), params) for _ in range(total)]
     update = jax.jit(tx.update)
     state, p = tx.init(params), params
     for g in grads:
         u, state = update(g, state, p)
         p = jax.tree.map(lambda a, b: a + b, p, u)
-    expected = _torch_sgd_reference(flat(params), [flat(g) for g in grads], cfg, batch_size=batch_size,
-                                    steps_per_epoch=steps_per_epoch, total_batches=total)
+    expected = _torch_sgd_reference(
+        flat(params),
+        [flat(g) for g in grads],
+        cfg,
+        batch_size=batch_size,
+        steps_per_epoch=steps_per_epoch,
+        total_batches=total,
+    )
     for k, v in flat(p).items():
         np.testing.assert_allclose(v, expected[k], rtol=1e-4, atol=1e-5, err_msg=k)
     # The logged rate of batch 0 is that of its update (batch 3, in warm-up); batch 200's is epoch 5's.

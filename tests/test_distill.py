@@ -53,8 +53,13 @@ def test_distill_loss_matches_numpy_and_is_zero_for_identical_maps(normalize):
     rng = np.random.default_rng(1)
     teacher = [rng.normal(size=(4, 4, 4, 6)).astype(np.float32), rng.normal(size=(4, 8)).astype(np.float32)]
     student = [t + rng.normal(scale=0.3, size=t.shape).astype(np.float32) for t in teacher]
-    got = distill.distill_loss([jnp.asarray(t) for t in teacher], [jnp.asarray(s) for s in student], beta=3.0,
-                               num_iters=200, normalize=normalize)
+    got = distill.distill_loss(
+        [jnp.asarray(t) for t in teacher],
+        [jnp.asarray(s) for s in student],
+        beta=3.0,
+        num_iters=200,
+        normalize=normalize,
+    )
     assert float(got) == pytest.approx(_reference(teacher, student, 3.0, normalize), rel=1e-4)
     same = distill.distill_loss([jnp.asarray(t) for t in teacher], [jnp.asarray(t) for t in teacher], beta=3.0)
     assert float(same) == 0.0
@@ -66,11 +71,17 @@ def test_distill_loss_matches_numpy_and_is_zero_for_identical_maps(normalize):
 
 def test_layer_pairs_are_parsed_and_checked():
     assert distill.parse_pairs("block2, block11:block7,last_conv") == (
-        ("block2", "block2"), ("block11", "block7"), ("last_conv", "last_conv"))
+        ("block2", "block2"),
+        ("block11", "block7"),
+        ("last_conv", "last_conv"),
+    )
     t = models.mobilenet_v3_small(4, rngs=nnx.Rngs(0), width_multiplier=0.5)
     s = models.mobilenet_v3_small(2, rngs=nnx.Rngs(1), width_multiplier=0.25)
-    for spec, message in [("block2,block7:block99", "Unknown student layer 'block99'"), ("logits", "Unknown teacher layer"),
-                          ("last_conv,block2", "not in forward order")]:
+    for spec, message in [
+        ("block2,block7:block99", "Unknown student layer 'block99'"),
+        ("logits", "Unknown teacher layer"),
+        ("last_conv,block2", "not in forward order"),
+    ]:
         with pytest.raises(ValueError, match=message):
             distill.make_student(s, t, distill.parse_pairs(spec), image_size=32, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="No layers to distil"):
@@ -110,13 +121,15 @@ def test_gradient_reaches_only_the_student():
 def test_identical_teacher_and_student_have_zero_distillation_loss():
     teacher = models.mobilenet_v3_small(4, rngs=nnx.Rngs(0), width_multiplier=0.25)
     twin = nnx.merge(*nnx.split(teacher), copy=True)
-    student = distill.make_student(twin, teacher, distill.parse_pairs("block2,last_conv"), image_size=32,
-                                   rngs=nnx.Rngs(0))
+    student = distill.make_student(
+        twin, teacher, distill.parse_pairs("block2,last_conv"), image_size=32, rngs=nnx.Rngs(0)
+    )
     assert len(student.adapters) == 0  # same widths: nothing to adapt
     student.eval(), teacher.eval()
     x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
-    _, (_, _, kd) = nnx.jit(lambda s, t: distill.skd_objective(s, t, x, jnp.zeros(4, jnp.int32), lam=1.0,
-                                                                beta=2.0))(student, teacher)
+    _, (_, _, kd) = nnx.jit(lambda s, t: distill.skd_objective(s, t, x, jnp.zeros(4, jnp.int32), lam=1.0, beta=2.0))(
+        student, teacher
+    )
     assert float(kd) < 1e-20  # zero but for XLA fusing the two identical forward passes differently
 
 
@@ -128,11 +141,27 @@ def test_sharded_step_trains_the_student_and_leaves_the_teacher_alone():
     mesh = sharding.make_mesh()
     state = sharding.replicate(state, mesh)
     step = steps.jit_train_step(
-        distill.make_skd_train_step(s_def, t_def, tx, optax.constant_schedule(1e-2), mean=(0.5,), std=(0.25,),
-                                    lam=1.0, beta=2.0, label_smoothing=0.1), mesh)
+        distill.make_skd_train_step(
+            s_def,
+            t_def,
+            tx,
+            optax.constant_schedule(1e-2),
+            mean=(0.5,),
+            std=(0.25,),
+            lam=1.0,
+            beta=2.0,
+            label_smoothing=0.1,
+        ),
+        mesh,
+    )
     rng = np.random.default_rng(0)
-    batch = sharding.put_batch({"image": rng.integers(0, 256, (16, 32, 32, 1), dtype=np.uint8),
-                                "label": rng.integers(0, 3, 16).astype(np.int32)}, mesh)
+    batch = sharding.put_batch(
+        {
+            "image": rng.integers(0, 256, (16, 32, 32, 1), dtype=np.uint8),
+            "label": rng.integers(0, 3, 16).astype(np.int32),
+        },
+        mesh,
+    )
     t_before = jax.device_get((state.teacher_params, state.teacher_stats))
     s_before = jax.device_get(state.params)
     losses = []
@@ -141,8 +170,9 @@ def test_sharded_step_trains_the_student_and_leaves_the_teacher_alone():
         losses.append(float(metrics["loss"]))
         assert float(metrics["loss"]) == pytest.approx(float(metrics["ce"]) + 0.5 * float(metrics["distill"]), rel=1e-5)
     assert int(state.step) == 4 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
-    assert jax.tree.all(jax.tree.map(np.array_equal, t_before, jax.device_get((state.teacher_params,
-                                                                                state.teacher_stats))))
+    assert jax.tree.all(
+        jax.tree.map(np.array_equal, t_before, jax.device_get((state.teacher_params, state.teacher_stats)))
+    )
     assert not jax.tree.all(jax.tree.map(np.array_equal, s_before, jax.device_get(state.params)))
     assert distill.student_params(to_model(s_def, state)) == distill.student_params(_models()[1].model)
 
@@ -194,10 +224,12 @@ def test_skd_students_trained_from_scratch_get_reestimated_batchnorm_statistics(
     jax.tree.map(np.testing.assert_array_equal, fixed.params, raw.params)
     batches = pipeline.eval_iterator(train, config.data, batch_size=config.scratch.batch_size)
     expected = batchnorm.reestimate(student_def, raw, batches, mesh=r.mesh, mean=r.info.mean, std=r.info.std)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), fixed.batch_stats,
-                 expected.batch_stats)
-    assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(fixed.batch_stats),
-                                                     jax.tree.leaves(raw.batch_stats)))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), fixed.batch_stats, expected.batch_stats
+    )
+    assert not all(
+        np.allclose(a, b) for a, b in zip(jax.tree.leaves(fixed.batch_stats), jax.tree.leaves(raw.batch_stats))
+    )
 
 
 @pytest.mark.slow
@@ -217,8 +249,12 @@ def test_configs_build():
     assert cifar.experiment.grid.subset_size == [20, 40, 60, 80] and cifar.skd.teacher.name == "mobilenet_v3_large"
     full, short = skd_config.get_config(""), skd_config.get_config("sizes=5+20,scale=0.5,gen_scale=0.25")
     assert short.experiment.grid.subset_size == [5, 20]
-    assert short.scratch.steps == round(full.scratch.steps / 2) and short.generalist.steps == round(full.generalist.steps / 4)
+    assert short.scratch.steps == round(full.scratch.steps / 2) and short.generalist.steps == round(
+        full.generalist.steps / 4
+    )
     assert short.scratch.optim.warmup_steps == full.scratch.optim.warmup_steps // 2
-    assert short.skd.teacher_phase.steps == full.skd.teacher_phase.steps == full.generalist.steps  # the teacher's recipe
+    assert (
+        short.skd.teacher_phase.steps == full.skd.teacher_phase.steps == full.generalist.steps
+    )  # the teacher's recipe
     with pytest.raises(ValueError, match="gen_scale must be in"):
         skd_config.get_config("gen_scale=2")

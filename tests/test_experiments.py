@@ -17,8 +17,11 @@ from jaxspec.experiments import grid, stats
 def test_aggregate_is_mean_and_sample_std_over_seeds_with_group_average():
     rng = np.random.default_rng(0)
     vals = rng.random((2, 3))  # groups x seeds
-    results = [{"cell": {"group": g, "method": "extract", "seed": s}, "metrics": {"top1": vals[i, s]}}
-               for i, g in enumerate(["a", "b"]) for s in range(3)]
+    results = [
+        {"cell": {"group": g, "method": "extract", "seed": s}, "metrics": {"top1": vals[i, s]}}
+        for i, g in enumerate(["a", "b"])
+        for s in range(3)
+    ]
     rows = {r["cell"]["group"]: r for r in grid.aggregate(results)}
     for i, g in enumerate(["a", "b"]):
         assert rows[g]["n"] == 3
@@ -78,10 +81,14 @@ def test_tiny_grid_end_to_end_and_resume(fixture_data, tmp_path, monkeypatch, ca
     for p in sorted((tmp_path / "cells").glob("*seed=1.json")):
         p.unlink()
     from jaxspec.experiments import specialize as kind
+
     calls = []
     real = kind.KIND.run_cell
-    monkeypatch.setattr(kind, "KIND", dataclasses.replace(
-        kind.KIND, run_cell=lambda ctx, c, cell: calls.append(cell) or real(ctx, c, cell)))
+    monkeypatch.setattr(
+        kind,
+        "KIND",
+        dataclasses.replace(kind.KIND, run_cell=lambda ctx, c, cell: calls.append(cell) or real(ctx, c, cell)),
+    )
     again = grid.run_grid(config, str(tmp_path))
     assert [c["seed"] for c in calls] == [1, 1]
     assert json.dumps(again["rows"]) == json.dumps(out["rows"])  # restored checkpoints: identical numbers
@@ -159,9 +166,20 @@ def test_grid_errors_name_the_bad_value(fixture_data, tmp_path):
 def test_cli_rejects_unknown_override(tmp_path):
     import subprocess
     import sys
-    proc = subprocess.run([sys.executable, "-m", "jaxspec.experiments", "--config=configs/experiments/table1.py:tiny",
-                           f"--workdir={tmp_path}", "--config.experiment.kindd=x"],
-                          capture_output=True, text=True, timeout=300)
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxspec.experiments",
+            "--config=configs/experiments/table1.py:tiny",
+            f"--workdir={tmp_path}",
+            "--config.experiment.kindd=x",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0 and "kindd" in proc.stderr
 
 
@@ -169,4 +187,6 @@ def test_group_sets_average_each_expanded_grouping():
     r = types.SimpleNamespace(groupings={"semantic": ("animals", "clothing"), "random": ("random0", "random1")})
     assert grid.group_sets({"group": ["@semantic"], "seed": [0]}, r) is None
     assert grid.group_sets({"group": ["@semantic", "@random"]}, r) == {
-        f"{grid.AVERAGE} (semantic)": {"animals", "clothing"}, f"{grid.AVERAGE} (random)": {"random0", "random1"}}
+        f"{grid.AVERAGE} (semantic)": {"animals", "clothing"},
+        f"{grid.AVERAGE} (random)": {"random0", "random1"},
+    }

@@ -30,10 +30,17 @@ def _models_dir(tmp, config, info, images):
     generalist(pipeline.normalize(images, info.mean, info.std))
     generalist.eval()
     pre = pipeline.preprocess_record(config.data, info)
-    for name, model, classes in (("generalist", generalist, range(30)),
-                                 ("specialist", specialize.extract(generalist, range(10)), range(10))):
-        checkpoint.export_model(tmp / "models" / name, model, {}, preprocess=pre,
-                                classes=checkpoint.classes_record(classes, info.class_names))
+    for name, model, classes in (
+        ("generalist", generalist, range(30)),
+        ("specialist", specialize.extract(generalist, range(10)), range(10)),
+    ):
+        checkpoint.export_model(
+            tmp / "models" / name,
+            model,
+            {},
+            preprocess=pre,
+            classes=checkpoint.classes_record(classes, info.class_names),
+        )
     return tmp / "models"
 
 
@@ -97,8 +104,9 @@ def test_native_convolutions_compute_what_the_cpu_forms_do():
 def test_exported_files_compute_jax_logits_on_the_real_embedded_images(tmp_path):
     config = animals.get_config("tiny")
     info = datasets.get_info("embedded")
-    images = pipeline.eval_batch(list(embedded.load("test")[0][::250, ..., None]), pipeline.preprocess_record(
-        config.data, info))  # 24 images, 4 of each part
+    images = pipeline.eval_batch(
+        list(embedded.load("test")[0][::250, ..., None]), pipeline.preprocess_record(config.data, info)
+    )  # 24 images, 4 of each part
     models_dir = _models_dir(tmp_path, config, info, images)
     export(models_dir / "specialist", tmp_path / "out", formats=["savedmodel", "tflite"])
     _check(tmp_path / "out", models_dir, "specialist", images, info)

@@ -2,28 +2,30 @@
 
 import jax
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from configs.common import optimizer as optimizer_config
-import optax
-
 from jaxspec import models, sharding
 from jaxspec.train import driver, optimizers, steps
 from jaxspec.train.state import create_state
 
 
-@pytest.mark.parametrize("shape, n, want", [
-    ((3, 3, 16, 64), 8, P(None, None, None, "fsdp")),  # the largest axis
-    ((64, 64), 8, P(None, "fsdp")),  # ties: the last
-    ((96, 40), 8, P("fsdp")),  # 96 = 12 x 8, 40 = 5 x 8: the larger one
-    ((100, 36), 8, P()),  # no axis divisible by 8
-    ((12, 256), 8, P(None, "fsdp")),
-    ((16,), 8, P()),  # small: stays whole
-    ((), 8, P()),
-    ((512, 512), 1, P()),  # no fsdp axis
-])
+@pytest.mark.parametrize(
+    "shape, n, want",
+    [
+        ((3, 3, 16, 64), 8, P(None, None, None, "fsdp")),  # the largest axis
+        ((64, 64), 8, P(None, "fsdp")),  # ties: the last
+        ((96, 40), 8, P("fsdp")),  # 96 = 12 x 8, 40 = 5 x 8: the larger one
+        ((100, 36), 8, P()),  # no axis divisible by 8
+        ((12, 256), 8, P(None, "fsdp")),
+        ((16,), 8, P()),  # small: stays whole
+        ((), 8, P()),
+        ((512, 512), 1, P()),  # no fsdp axis
+    ],
+)
 def test_fsdp_spec(shape, n, want):
     assert sharding.fsdp_spec(shape, n) == want
 
@@ -59,14 +61,21 @@ def test_state_split_cuts_memory_per_device():
     assert all(x.size >= sharding.FSDP_MIN_SIZE for x in split)
     assert sum(x.nbytes for x in split) > 0.75 * sum(x.nbytes for x in leaves)
     for x in leaves:  # each device holds 1/8 of a split array, all of the others
-        assert {s.data.nbytes for s in x.addressable_shards} == {x.nbytes if x.sharding.is_fully_replicated else x.nbytes // 8}
+        assert {s.data.nbytes for s in x.addressable_shards} == {
+            x.nbytes if x.sharding.is_fully_replicated else x.nbytes // 8
+        }
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), state, placed)
 
 
 def test_fsdp_step_equals_data_parallel_step():
     rng = np.random.default_rng(0)
-    batches = [{"image": rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
-                "label": rng.integers(0, 5, 16).astype(np.int32)} for _ in range(3)]
+    batches = [
+        {
+            "image": rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+            "label": rng.integers(0, 5, 16).astype(np.int32),
+        }
+        for _ in range(3)
+    ]
     # SGD: its update is linear in the gradient, so float-level differences in reductions stay float-level.
     tx, schedule = optimizers.make_optimizer(optimizer_config(optimizer="sgd", lr=0.05, momentum=0.9), 10)
     modeldef, state0 = small_state(tx)
@@ -84,7 +93,9 @@ def test_fsdp_step_equals_data_parallel_step():
         # the step keeps the state where it was: split arrays stay split, with no gather to one device
         jax.tree.map(lambda x, s: np.testing.assert_equal(x.sharding.spec, s.spec), state, shardings)
         # evaluated where it lies (jit_eval_step's default), split or not
-        results[fsdp] = jax.device_get((state, metrics, steps.jit_eval_step(eval_step, mesh)(state, sharding.put_batch(test, mesh))))
+        results[fsdp] = jax.device_get(
+            (state, metrics, steps.jit_eval_step(eval_step, mesh)(state, sharding.put_batch(test, mesh)))
+        )
     assert sum(s.spec != P() for s in jax.tree.leaves(shardings)) > 20
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), results[1], results[4])
     moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), results[4][0].params, jax.device_get(state0.params))
@@ -136,16 +147,24 @@ def test_skd_students_train_through_the_driver_under_fsdp_and_freeze(tmp_path):
         subset = (0, 1, 2, 3)
         student = ctx.task.new_model(ctx, len(subset), 0)
         start = jax.device_get(nnx.state(student, nnx.Param))
-        _, state = driver.train_phase(ctx, "student", student, ConstrainedSource(ctx.train, subset), None, phase, 0,
-                                      task=distill.Distillation(teacher_def, teacher_state, config.skd))
-        split = [x for x in jax.tree.leaves((state.params, state.teacher_params))
-                 if not x.sharding.is_fully_replicated]
+        _, state = driver.train_phase(
+            ctx,
+            "student",
+            student,
+            ConstrainedSource(ctx.train, subset),
+            None,
+            phase,
+            0,
+            task=distill.Distillation(teacher_def, teacher_state, config.skd),
+        )
+        split = [x for x in jax.tree.leaves((state.params, state.teacher_params)) if not x.sharding.is_fully_replicated]
         assert bool(split) == (fsdp > 1)
         params = jax.device_get(state.params)
         for block in (0, 1):
             jax.tree.map(np.testing.assert_array_equal, params["model"]["blocks"][block], start["blocks"][block])
-        assert not np.array_equal(params["model"]["blocks"][2]["project"]["conv"]["kernel"],
-                                  start["blocks"][2]["project"]["conv"]["kernel"])
+        assert not np.array_equal(
+            params["model"]["blocks"][2]["project"]["conv"]["kernel"], start["blocks"][2]["project"]["conv"]["kernel"]
+        )
         out[fsdp] = params
         ctx.writer.close()
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), out[1], out[4])

@@ -48,8 +48,9 @@ def sh(tmp_path):
     def run(script, *args, stdin=None, cwd=ROOT, **extra_env):
         calls.write_text("")
         cmd = ["bash"] if script is None else [str(LAUNCH / script), *args]
-        p = subprocess.run(cmd, input=stdin, capture_output=True, text=True, cwd=cwd, env={**env, **extra_env},
-                           timeout=30, check=False)
+        p = subprocess.run(
+            cmd, input=stdin, capture_output=True, text=True, cwd=cwd, env={**env, **extra_env}, timeout=30, check=False
+        )
         recorded = [c.split(FIELD)[:-1] for c in calls.read_text().split(END)[:-1]]
         return p, recorded
 
@@ -82,8 +83,14 @@ def _shellcheck():
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_shellcheck_clean(script):
-    p = subprocess.run([_shellcheck(), "-x", "--severity=style", f"launch/{script}"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60, check=False)
+    p = subprocess.run(
+        [_shellcheck(), "-x", "--severity=style", f"launch/{script}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
 
 
@@ -96,14 +103,26 @@ def test_help(sh, script):
 
 
 def _complete(script, tmp_path):
-    return {"gpu.sh": [f"--workdir={tmp_path}/w"], "slurm_gpu.sh": [*SLURM_ARGS, f"--workdir={tmp_path}/w"],
-            "tpu_pod.sh": TPU_ARGS}[script]
+    return {
+        "gpu.sh": [f"--workdir={tmp_path}/w"],
+        "slurm_gpu.sh": [*SLURM_ARGS, f"--workdir={tmp_path}/w"],
+        "tpu_pod.sh": TPU_ARGS,
+    }[script]
 
 
-@pytest.mark.parametrize("script,option", [
-    ("gpu.sh", "workdir"), ("slurm_gpu.sh", "nodes"), ("slurm_gpu.sh", "gpus-per-node"),
-    ("slurm_gpu.sh", "workdir"), ("tpu_pod.sh", "name"), ("tpu_pod.sh", "zone"), ("tpu_pod.sh", "accelerator"),
-    ("tpu_pod.sh", "workdir")])
+@pytest.mark.parametrize(
+    "script,option",
+    [
+        ("gpu.sh", "workdir"),
+        ("slurm_gpu.sh", "nodes"),
+        ("slurm_gpu.sh", "gpus-per-node"),
+        ("slurm_gpu.sh", "workdir"),
+        ("tpu_pod.sh", "name"),
+        ("tpu_pod.sh", "zone"),
+        ("tpu_pod.sh", "accelerator"),
+        ("tpu_pod.sh", "workdir"),
+    ],
+)
 def test_missing_required_option(sh, tmp_path, script, option):
     args = [a for a in _complete(script, tmp_path) if not a.startswith(f"--{option}=")]
     p, calls = sh(script, *args, "--dry-run")
@@ -111,29 +130,32 @@ def test_missing_required_option(sh, tmp_path, script, option):
     assert f"missing required option --{option}" in p.stderr
 
 
-@pytest.mark.parametrize("script,bad,message", [
-    ("gpu.sh", "--gpu=first", "--gpu must be a GPU index like 0, got 'first'"),
-    ("gpu.sh", "--config=configs/nope.py", "--config file 'configs/nope.py' not found"),
-    ("gpu.sh", "--workdir", "option '--workdir' needs a value"),
-    ("gpu.sh", "--python=/no/such/python", "--python '/no/such/python' is not an executable"),
-    ("gpu.sh", "stray", "unknown option 'stray'"),
-    ("slurm_gpu.sh", "--nodes=0", "--nodes must be a positive integer, got '0'"),
-    ("slurm_gpu.sh", "--gpus-per-node=four", "--gpus-per-node must be a positive integer, got 'four'"),
-    ("slurm_gpu.sh", "--cpus-per-task=-2", "--cpus-per-task must be a positive integer, got '-2'"),
-    ("slurm_gpu.sh", "--per=socket", "--per must be 'gpu' or 'node', got 'socket'"),
-    ("slurm_gpu.sh", "--workdir=runs/a", "--workdir 'runs/a' must be an absolute path"),
-    ("slurm_gpu.sh", "--time=4h", "--time '4h' is not [D-]HH:MM:SS"),
-    ("slurm_gpu.sh", "--job-name=my job", "--job-name 'my job' may hold only"),
-    ("slurm_gpu.sh", "--config=/etc/passwd", "--config file '/etc/passwd' not found"),
-    ("tpu_pod.sh", "--name=My_Pod", "--name 'My_Pod' must be lowercase"),
-    ("tpu_pod.sh", "--zone=us-central2", "--zone 'us-central2' is not a zone"),
-    ("tpu_pod.sh", "--accelerator=v4_32", "--accelerator 'v4_32' is not a TPU type"),
-    ("tpu_pod.sh", "--accelerator=v9-8", "no default --version for --accelerator 'v9-8'"),
-    ("tpu_pod.sh", "--workdir=/tmp/run", "--workdir '/tmp/run' must be a gs:// path"),
-    ("tpu_pod.sh", "--stages=create,boot", "--stages: unknown stage 'boot'"),
-    ("tpu_pod.sh", "--stages=", "--stages is empty"),
-    ("tpu_pod.sh", "--spot=yes", "unknown option '--spot=yes'"),
-])
+@pytest.mark.parametrize(
+    "script,bad,message",
+    [
+        ("gpu.sh", "--gpu=first", "--gpu must be a GPU index like 0, got 'first'"),
+        ("gpu.sh", "--config=configs/nope.py", "--config file 'configs/nope.py' not found"),
+        ("gpu.sh", "--workdir", "option '--workdir' needs a value"),
+        ("gpu.sh", "--python=/no/such/python", "--python '/no/such/python' is not an executable"),
+        ("gpu.sh", "stray", "unknown option 'stray'"),
+        ("slurm_gpu.sh", "--nodes=0", "--nodes must be a positive integer, got '0'"),
+        ("slurm_gpu.sh", "--gpus-per-node=four", "--gpus-per-node must be a positive integer, got 'four'"),
+        ("slurm_gpu.sh", "--cpus-per-task=-2", "--cpus-per-task must be a positive integer, got '-2'"),
+        ("slurm_gpu.sh", "--per=socket", "--per must be 'gpu' or 'node', got 'socket'"),
+        ("slurm_gpu.sh", "--workdir=runs/a", "--workdir 'runs/a' must be an absolute path"),
+        ("slurm_gpu.sh", "--time=4h", "--time '4h' is not [D-]HH:MM:SS"),
+        ("slurm_gpu.sh", "--job-name=my job", "--job-name 'my job' may hold only"),
+        ("slurm_gpu.sh", "--config=/etc/passwd", "--config file '/etc/passwd' not found"),
+        ("tpu_pod.sh", "--name=My_Pod", "--name 'My_Pod' must be lowercase"),
+        ("tpu_pod.sh", "--zone=us-central2", "--zone 'us-central2' is not a zone"),
+        ("tpu_pod.sh", "--accelerator=v4_32", "--accelerator 'v4_32' is not a TPU type"),
+        ("tpu_pod.sh", "--accelerator=v9-8", "no default --version for --accelerator 'v9-8'"),
+        ("tpu_pod.sh", "--workdir=/tmp/run", "--workdir '/tmp/run' must be a gs:// path"),
+        ("tpu_pod.sh", "--stages=create,boot", "--stages: unknown stage 'boot'"),
+        ("tpu_pod.sh", "--stages=", "--stages is empty"),
+        ("tpu_pod.sh", "--spot=yes", "unknown option '--spot=yes'"),
+    ],
+)
 def test_invalid_argument_is_named(sh, tmp_path, script, bad, message):
     # The bad value comes last, so it overrides the complete set before it; no --dry-run, so the
     # check must come before anything runs.
@@ -159,21 +181,48 @@ def test_tpu_pod_commands(sh, tmp_path):
     assert "pip install -q -e '.[tpu]'" in install[-1]
     assert main[-1].startswith("--command=")
     assert shlex.split(main[-1].removeprefix("--command=")) == [
-        "cd", "jaxspec", "&&", "JAXSPEC_DISTRIBUTED=1", "../jaxspec-venv/bin/python", "-m", "jaxspec.main",
-        "--config=configs/animals.py", "--workdir=gs://bucket/run1", *EXTRA]
+        "cd",
+        "jaxspec",
+        "&&",
+        "JAXSPEC_DISTRIBUTED=1",
+        "../jaxspec-venv/bin/python",
+        "-m",
+        "jaxspec.main",
+        "--config=configs/animals.py",
+        "--workdir=gs://bucket/run1",
+        *EXTRA,
+    ]
     assert delete[3:5] == ["delete", "my-pod"] and _flags(delete) == where | {"--quiet"}
-    assert out.splitlines()[0] == ("gcloud compute tpus tpu-vm create my-pod --zone=us-central2-b --project=proj-1 "
-                                   "--accelerator-type=v4-32 --version=tpu-ubuntu2204-base --spot")
+    assert out.splitlines()[0] == (
+        "gcloud compute tpus tpu-vm create my-pod --zone=us-central2-b --project=proj-1 "
+        "--accelerator-type=v4-32 --version=tpu-ubuntu2204-base --spot"
+    )
 
 
-@pytest.mark.parametrize("accelerator,version", [
-    ("v5litepod-16", "v2-alpha-tpuv5-lite"), ("v5p-32", "v2-alpha-tpuv5"), ("v6e-16", "v2-alpha-tpuv6e"),
-    ("v3-32", "tpu-ubuntu2204-base")])
+@pytest.mark.parametrize(
+    "accelerator,version",
+    [
+        ("v5litepod-16", "v2-alpha-tpuv5-lite"),
+        ("v5p-32", "v2-alpha-tpuv5"),
+        ("v6e-16", "v2-alpha-tpuv6e"),
+        ("v3-32", "tpu-ubuntu2204-base"),
+    ],
+)
 def test_tpu_default_version(sh, accelerator, version):
     args = [*TPU_ARGS[:2], f"--accelerator={accelerator}", TPU_ARGS[3], "--stages=create"]
     _, calls = sh("tpu_pod.sh", *args)
-    assert [c[4:] for c in calls] == [["compute", "tpus", "tpu-vm", "create", "my-pod", "--zone=us-central2-b",
-                                       f"--accelerator-type={accelerator}", f"--version={version}"]]
+    assert [c[4:] for c in calls] == [
+        [
+            "compute",
+            "tpus",
+            "tpu-vm",
+            "create",
+            "my-pod",
+            "--zone=us-central2-b",
+            f"--accelerator-type={accelerator}",
+            f"--version={version}",
+        ]
+    ]
     _, calls = sh("tpu_pod.sh", *args, "--version=my-runtime")
     assert calls[0][-1] == "--version=my-runtime"
 
@@ -193,14 +242,32 @@ def test_tpu_stages_and_keep(sh):
 
 def test_gpu_commands(sh, tmp_path):
     # A relative workdir means the caller's directory, though the run starts in the repository.
-    _, calls = _same_three_ways(sh, "gpu.sh", "--workdir=runs/a", "--gpu=1", "--config=configs/animals.py:tiny",
-                                "--", *EXTRA, cwd=tmp_path)
+    _, calls = _same_three_ways(
+        sh, "gpu.sh", "--workdir=runs/a", "--gpu=1", "--config=configs/animals.py:tiny", "--", *EXTRA, cwd=tmp_path
+    )
     env = [str(ROOT), "JAXSPEC_DISTRIBUTED=0", "CUDA_VISIBLE_DEVICES=1"]
     assert calls == [
-        ["python3", str(ROOT), "JAXSPEC_DISTRIBUTED=", "CUDA_VISIBLE_DEVICES=", "-m", "pip", "install", "-e",
-         ".[cuda]"],
-        ["python3", *env, "-m", "jaxspec.main", "--config=configs/animals.py:tiny",
-         f"--workdir={tmp_path}/runs/a", *EXTRA]]
+        [
+            "python3",
+            str(ROOT),
+            "JAXSPEC_DISTRIBUTED=",
+            "CUDA_VISIBLE_DEVICES=",
+            "-m",
+            "pip",
+            "install",
+            "-e",
+            ".[cuda]",
+        ],
+        [
+            "python3",
+            *env,
+            "-m",
+            "jaxspec.main",
+            "--config=configs/animals.py:tiny",
+            f"--workdir={tmp_path}/runs/a",
+            *EXTRA,
+        ],
+    ]
     _, calls = sh("gpu.sh", "--workdir=gs://b/r", "--no-install")
     assert len(calls) == 1 and calls[0][4:7] == ["-m", "jaxspec.main", "--config=configs/animals.py"]
 
@@ -214,25 +281,54 @@ def _sbatch_script(calls):
 @pytest.mark.parametrize("per,tasks,devices", [("gpu", 4, None), ("node", 1, "0,1,2,3")])
 def test_slurm_commands(sh, tmp_path, per, tasks, devices):
     workdir = tmp_path / "shared"
-    out, calls = _same_three_ways(sh, "slurm_gpu.sh", *SLURM_ARGS, f"--workdir={workdir}", f"--per={per}",
-                                  "--partition=gpu", "--cpus-per-task=8", "--", *EXTRA)
+    out, calls = _same_three_ways(
+        sh,
+        "slurm_gpu.sh",
+        *SLURM_ARGS,
+        f"--workdir={workdir}",
+        f"--per={per}",
+        "--partition=gpu",
+        "--cpus-per-task=8",
+        "--",
+        *EXTRA,
+    )
     script = _sbatch_script(calls)
     assert calls[0][5] == f"{workdir}/jaxspec.sbatch"
     assert f"cat > {workdir}/jaxspec.sbatch <<'EOF'\n{script}EOF\n" in out
     lines = script.splitlines()
     directives = {line.removeprefix("#SBATCH ") for line in lines if line.startswith("#SBATCH ")}
-    assert {"--nodes=2", f"--ntasks-per-node={tasks}", "--gpus-per-node=4", "--partition=gpu",
-            "--cpus-per-task=8", f"--output={workdir}/slurm-%j.out"} <= directives
+    assert {
+        "--nodes=2",
+        f"--ntasks-per-node={tasks}",
+        "--gpus-per-node=4",
+        "--partition=gpu",
+        "--cpus-per-task=8",
+        f"--output={workdir}/slurm-%j.out",
+    } <= directives
     assert (f"export JAX_LOCAL_DEVICE_IDS={devices}" in lines) == (devices is not None)
-    assert shlex.split(lines[-1]) == ["srun", "--kill-on-bad-exit=1", "--cpus-per-task=8", "python3", "-m",
-                                      "jaxspec.main", "--config=configs/animals.py", f"--workdir={workdir}", *EXTRA]
+    assert shlex.split(lines[-1]) == [
+        "srun",
+        "--kill-on-bad-exit=1",
+        "--cpus-per-task=8",
+        "python3",
+        "-m",
+        "jaxspec.main",
+        "--config=configs/animals.py",
+        f"--workdir={workdir}",
+        *EXTRA,
+    ]
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
 
 
 def test_launch_envs_select_the_right_startup():
     """What each script's processes see makes jaxspec.sharding start one or many processes as intended."""
-    srun_task = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "gpu[01-02]", "SLURM_NTASKS": "8",
-                 "SLURM_PROCID": "5", "SLURM_LOCALID": "1"}
+    srun_task = {
+        "SLURM_JOB_ID": "7",
+        "SLURM_STEP_NODELIST": "gpu[01-02]",
+        "SLURM_NTASKS": "8",
+        "SLURM_PROCID": "5",
+        "SLURM_LOCALID": "1",
+    }
     assert sharding.distributed_args(srun_task) == {}  # slurm_gpu.sh: JAX reads rank and size from srun
     assert sharding.distributed_args({**srun_task, "SLURM_NTASKS": "1"}) is None  # 1 node x 1 GPU
     assert sharding.distributed_args({"JAXSPEC_DISTRIBUTED": "1"}) == {}  # tpu_pod.sh: metadata server

@@ -50,8 +50,18 @@ def _normalized(images):
 def _lesion_eval(model, columns, mesh, chunk=4):
     modeldef, state = create_state(model, optax.identity(), 0)
     data_cfg = common.data(image_size=8, num_threads=1, prefetch=2)
-    ev = lesion.LesionEval(modeldef, state.params, path="conv", columns=columns, mesh=mesh, data_cfg=data_cfg,
-                           batch_size=16, mean=MEAN, std=STD, chunk=chunk)
+    ev = lesion.LesionEval(
+        modeldef,
+        state.params,
+        path="conv",
+        columns=columns,
+        mesh=mesh,
+        data_cfg=data_cfg,
+        batch_size=16,
+        mean=MEAN,
+        std=STD,
+        chunk=chunk,
+    )
     return ev, sharding.replicate(state, mesh)
 
 
@@ -158,8 +168,13 @@ def test_top_units():
         lesion.top_units(drops, 0.0)
 
 
-@pytest.mark.parametrize("optim", [{"optimizer": "adamw", "weight_decay": 0.1},  # decoupled decay
-                                   {"optimizer": "adam", "weight_decay": 0.1}])  # L2 added to the gradient
+@pytest.mark.parametrize(
+    "optim",
+    [
+        {"optimizer": "adamw", "weight_decay": 0.1},  # decoupled decay
+        {"optimizer": "adam", "weight_decay": 0.1},
+    ],
+)  # L2 added to the gradient
 def test_held_units_stay_exactly_zero_under_adam_and_init_units_move(optim):
     units = [1, 4]
     model = Toy(rngs=nnx.Rngs(0))  # the reference; every training starts from an equal, fresh copy
@@ -222,8 +237,10 @@ def test_lesion_cell_end_to_end(tiny_runner, tmp_path):
 @pytest.mark.slow
 def test_every_condition_shares_the_numbers_before_retraining(tiny_runner):
     r, config = tiny_runner
-    out = [lesion_exp.run_cell(r, config, {"mode": m, "retrain": t, "seed": 0})
-           for m, t in (("none", "A"), ("init", "B"), ("always", "both"))]
+    out = [
+        lesion_exp.run_cell(r, config, {"mode": m, "retrain": t, "seed": 0})
+        for m, t in (("none", "A"), ("init", "B"), ("always", "both"))
+    ]
     for k in ("top1_A_before", "top1_B_before", "impact_top1_A_before", "impact_top1_B_before"):
         assert out[0][k] == out[1][k] == out[2][k], k
     assert out[2]["overlap"] == 0.0 and all(0 <= m["overlap"] <= 1 for m in out)

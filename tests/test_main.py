@@ -21,8 +21,12 @@ def tiny_config(manifest):
 
 @SHARED
 def test_main_job_end_to_end_and_resume(tiny_main_run):
-    config, tmp_path, results, out = (tiny_main_run.config, tiny_main_run.workdir, tiny_main_run.results,
-                                      tiny_main_run.out)
+    config, tmp_path, results, out = (
+        tiny_main_run.config,
+        tiny_main_run.workdir,
+        tiny_main_run.results,
+        tiny_main_run.out,
+    )
     assert "| generalist restricted to S |" in out and "| specialist (extract), tuned |" in out
     assert "| generalist trained further on its data (control) |" in out
     assert "smoke run" in out  # a :tiny run says that its near-chance numbers are expected
@@ -37,7 +41,9 @@ def test_main_job_end_to_end_and_resume(tiny_main_run):
     assert saved["stages"][0]["test_on_S"] == json.loads(json.dumps(on_s))
     for name in ("generalist", "specialist"):
         assert (tmp_path / "models" / name / "model.json").exists()
-        assert (tmp_path / "checkpoints" / name / str(config[name if name == "generalist" else "specialize"].steps)).exists()
+        assert (
+            tmp_path / "checkpoints" / name / str(config[name if name == "generalist" else "specialize"].steps)
+        ).exists()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
     # Rerunning on the finished workdir resumes from the checkpoints: same numbers, no retraining, and says so.
@@ -62,18 +68,25 @@ def test_generalist_init_from_exported_model(tiny_main_run, tmp_path):
 
 
 def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "jaxspec.main", *args], capture_output=True, text=True, timeout=300,
-                          cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "jaxspec.main", *args], capture_output=True, text=True, timeout=300, cwd=cwd
+    )
 
 
 def test_cli_finds_configs_from_any_directory_and_lists_them(tmp_path):
     # From outside the checkout: the config is found and imports `configs.common`; the bad key is the error.
-    proc = _cli("--config=configs/animals.py:tiny", f"--workdir={tmp_path}", "--config.specialize.stepz=3",
-                cwd=tmp_path)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        proc.stderr.strip().splitlines()[-1]] and "unknown key 'stepz'" in proc.stderr
+    proc = _cli(
+        "--config=configs/animals.py:tiny", f"--workdir={tmp_path}", "--config.specialize.stepz=3", cwd=tmp_path
+    )
+    assert (
+        proc.returncode == 2
+        and proc.stderr.strip().splitlines() == [proc.stderr.strip().splitlines()[-1]]
+        and "unknown key 'stepz'" in proc.stderr
+    )
     missing = _cli("--config=configs/nope.py", f"--workdir={tmp_path}", cwd=tmp_path)
-    assert missing.returncode == 2 and "no such config file" in missing.stderr and "configs/animals.py" in missing.stderr
+    assert (
+        missing.returncode == 2 and "no such config file" in missing.stderr and "configs/animals.py" in missing.stderr
+    )
     helped = _cli("--helpfull")
     assert "configs/experiments/table1.py: Paper Table 1" in helped.stdout and ":seeds=N" in helped.stdout
 
@@ -86,8 +99,11 @@ def test_cli_rejects_unknown_override_key(tmp_path):
 
 
 def test_cli_rejects_unknown_subset(embedded_manifest, tmp_path):
-    proc = _cli("--config=configs/animals.py:tiny", f"--workdir={tmp_path}",
-                f"--config.data.manifest={embedded_manifest}",
-                "--config.specialize.subset=unicorns")
+    proc = _cli(
+        "--config=configs/animals.py:tiny",
+        f"--workdir={tmp_path}",
+        f"--config.data.manifest={embedded_manifest}",
+        "--config.specialize.subset=unicorns",
+    )
     assert proc.returncode != 0
     assert "Unknown class or group 'unicorns'" in proc.stderr and "animals" in proc.stderr

@@ -29,8 +29,11 @@ def _jit_call(model, x, dropout_key=None):  # a model compiled whole: eager call
 
 def body(model):
     params = nnx.state(model, nnx.Param)
-    return {freeze.path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(params)
-            if not freeze.path_str(p).startswith("head/")}
+    return {
+        freeze.path_str(p): np.asarray(v)
+        for p, v in jax.tree_util.tree_leaves_with_path(params)
+        if not freeze.path_str(p).startswith("head/")
+    }
 
 
 def test_fresh_head_keeps_body_and_replaces_head():
@@ -74,8 +77,11 @@ def test_freeze_patterns_and_block_ranges():
     frozen = {freeze.path_str(p) for p, v in labels if v == "frozen"}
     assert frozen and all(p.startswith(("blocks/0/", "blocks/1/", "stem/")) for p in frozen)
     assert any(p.startswith("blocks/1/") for p in frozen) and not any(p.startswith("blocks/2/") for p in frozen)
-    head_only = {freeze.path_str(p) for p, v in jax.tree_util.tree_leaves_with_path(
-        freeze.frozen_labels(params, freeze.HEAD_ONLY)) if v == "trainable"}
+    head_only = {
+        freeze.path_str(p)
+        for p, v in jax.tree_util.tree_leaves_with_path(freeze.frozen_labels(params, freeze.HEAD_ONLY))
+        if v == "trainable"
+    }
     assert head_only == {"head/kernel", "head/bias"}
     with pytest.raises(ValueError, match="'blokcs/.*' matches no parameter"):
         freeze.frozen_labels(params, ["blokcs/.*"])
@@ -87,8 +93,10 @@ def test_freeze_patterns_and_block_ranges():
 
 def _batch(n=16, num_classes=12, seed=0):
     rng = np.random.default_rng(seed)
-    return {"image": jnp.asarray(rng.integers(0, 255, (n, 32, 32, 3)), jnp.uint8),
-            "label": jnp.asarray(rng.integers(0, 4, n), jnp.int32)}
+    return {
+        "image": jnp.asarray(rng.integers(0, 255, (n, 32, 32, 3)), jnp.uint8),
+        "label": jnp.asarray(rng.integers(0, 4, n), jnp.int32),
+    }
 
 
 @pytest.mark.parametrize("freeze_bn", [False, True])
@@ -96,8 +104,11 @@ def test_frozen_parameters_and_statistics_stay_unchanged_after_steps(freeze_bn):
     model = small_model()
     tx = freeze.freeze(optax.adamw(1e-2, weight_decay=0.1), nnx.state(model, nnx.Param), ["blocks:0-3", "stem/.*"])
     modeldef, state = create_state(model, tx, 0)
-    step = jax.jit(steps.make_train_step(modeldef, tx, optax.constant_schedule(1e-2), mean=(0.5,), std=(0.5,),
-                                         freeze_bn_stats=freeze_bn))
+    step = jax.jit(
+        steps.make_train_step(
+            modeldef, tx, optax.constant_schedule(1e-2), mean=(0.5,), std=(0.5,), freeze_bn_stats=freeze_bn
+        )
+    )
     start = state
     for i in range(3):
         state, _ = step(state, _batch(seed=i))
@@ -106,8 +117,9 @@ def test_frozen_parameters_and_statistics_stay_unchanged_after_steps(freeze_bn):
     for path in flat0:
         same = np.array_equal(np.asarray(flat0[path]), np.asarray(flat1[path]))
         assert same == path.startswith(("stem/", "blocks/0/", "blocks/1/", "blocks/2/", "blocks/3/")), path
-    stats_same = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)),
-                                              start.batch_stats, state.batch_stats))
+    stats_same = jax.tree.leaves(
+        jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), start.batch_stats, state.batch_stats)
+    )
     assert all(stats_same) == freeze_bn and (any(stats_same) == freeze_bn)
 
 
@@ -117,8 +129,9 @@ def test_suppression_loss_is_softmax_over_s_with_smoothing_only_on_s():
     tx = optax.sgd(0.0)
     modeldef, state = create_state(model, tx, 0)
     batch = _batch()
-    step = steps.make_train_step(modeldef, tx, optax.constant_schedule(0.0), mean=(0.5,), std=(0.5,),
-                                 label_smoothing=ls, columns=cols)
+    step = steps.make_train_step(
+        modeldef, tx, optax.constant_schedule(0.0), mean=(0.5,), std=(0.5,), label_smoothing=ls, columns=cols
+    )
     _, metrics = jax.jit(step)(state, batch)
 
     # Reference: full logits with every class outside S set to SUPPRESSED; smoothing over S only.
@@ -194,9 +207,14 @@ def test_each_method_trains_from_the_same_generalist(runner, method):
         head_phase = runner.workdir / "checkpoints" / "t-head_then_full-head"
         assert head_phase.exists()
         d, s = driver.train_phase(  # finished: this only restores the checkpoint
-            runner, "t-head_then_full-head", specialize.fresh_head(gen.model, 10, rngs=nnx.Rngs(1)),
-            ConstrainedSource(runner.train, subset), ConstrainedSource(runner.val, subset),
-            methods._head_phase(runner.config.specialize), 1)
+            runner,
+            "t-head_then_full-head",
+            specialize.fresh_head(gen.model, 10, rngs=nnx.Rngs(1)),
+            ConstrainedSource(runner.train, subset),
+            ConstrainedSource(runner.val, subset),
+            methods._head_phase(runner.config.specialize),
+            1,
+        )
         b_gen, b_head = body(gen.model), body(d.merge(s.params, s.batch_stats))
         assert all(np.array_equal(b_gen[k], b_head[k]) for k in b_gen)
 
@@ -204,15 +222,24 @@ def test_each_method_trains_from_the_same_generalist(runner, method):
 @SHARES_RUNNER
 def test_train_together_batches_equal_specialists_and_leaves_the_rest(runner, monkeypatch):
     calls = []
-    monkeypatch.setattr(methods.driver, "train_together",
-                        lambda ctx, members, phase: calls.append(([m.name for m in members], [m.seed for m in members])))
+    monkeypatch.setattr(
+        methods.driver,
+        "train_together",
+        lambda ctx, members, phase: calls.append(([m.name for m in members], [m.seed for m in members])),
+    )
     spec = runner.config.specialize
     (runner.workdir / "checkpoints" / "started" / "4").mkdir(parents=True)  # a run already under way
-    jobs = [methods.Job((0, 1), "extract", 0, "a", spec), methods.Job((2, 3), "extract", 1, "b", spec),
-            methods.Job((4, 5), "extract", 0, "c", spec), methods.Job((0, 1), "extract", 0, "a", spec),
-            methods.Job((6, 7, 8), "extract", 0, "wide", spec), methods.Job((6, 7), "dustbin", 0, "bin", spec),
-            methods.Job((8, 9), "extract", 0, "started", spec), methods.Job((0, 1), "scratch", 0, "s0", spec),
-            methods.Job((2, 3), "scratch", 0, "s1", spec)]
+    jobs = [
+        methods.Job((0, 1), "extract", 0, "a", spec),
+        methods.Job((2, 3), "extract", 1, "b", spec),
+        methods.Job((4, 5), "extract", 0, "c", spec),
+        methods.Job((0, 1), "extract", 0, "a", spec),
+        methods.Job((6, 7, 8), "extract", 0, "wide", spec),
+        methods.Job((6, 7), "dustbin", 0, "bin", spec),
+        methods.Job((8, 9), "extract", 0, "started", spec),
+        methods.Job((0, 1), "scratch", 0, "s0", spec),
+        methods.Job((2, 3), "scratch", 0, "s1", spec),
+    ]
     done = methods.train_together(runner, methods.generalist(runner), jobs, max_k=2)
     # extract pairs of |S|=2 in chunks of 2 (the lone 'c' trains by itself later), then the scratch pair.
     assert calls == [(["a", "b"], [0, 1]), (["s0", "s1"], [0, 0])] and done == ["a", "b", "s0", "s1"]

@@ -36,8 +36,10 @@ def toy_source(n=96, seed=0):
 def specialists():
     # One generalist per specialist (same seed, same values): extracted specialists share the
     # generalist's arrays, and a donated replica on 8 devices can alias them.
-    return [specialize.extract(models.mobilenet_v3_small(6, rngs=nnx.Rngs(0), width_multiplier=0.25,
-                                                         dropout_rate=0.5), s) for s in SUBSETS]
+    return [
+        specialize.extract(models.mobilenet_v3_small(6, rngs=nnx.Rngs(0), width_multiplier=0.25, dropout_rate=0.5), s)
+        for s in SUBSETS
+    ]
 
 
 # Adam with eps far above float32 noise: several parameters (a BatchNorm bias followed by another
@@ -61,13 +63,16 @@ def test_vmapped_step_equals_separate_steps():
     singles, iters = [], []
     for model, subset, seed in zip(specialists(), SUBSETS, seeds):
         modeldef, state = create_state(model, tx, seed)
-        step = steps.make_train_step(modeldef, tx, optax.constant_schedule(1e-3), mean=(0.5,), std=(0.5,),
-                                     label_smoothing=0.1)
+        step = steps.make_train_step(
+            modeldef, tx, optax.constant_schedule(1e-3), mean=(0.5,), std=(0.5,), label_smoothing=0.1
+        )
         singles.append([sharding.replicate(state, one), steps.jit_train_step(step, one)])
         iters.append(pipeline.train_iterator(ConstrainedSource(src, subset), cfg, batch_size=16, seed=seed))
     # The same streams again for the vmapped run.
-    iters2 = [pipeline.train_iterator(ConstrainedSource(src, s), cfg, batch_size=16, seed=seed)
-              for s, seed in zip(SUBSETS, seeds)]
+    iters2 = [
+        pipeline.train_iterator(ConstrainedSource(src, s), cfg, batch_size=16, seed=seed)
+        for s, seed in zip(SUBSETS, seeds)
+    ]
     mesh = sharding.spec_mesh(2)
     assert dict(mesh.shape) == {"spec": 2, "data": 4}
     stacked = jax.device_put(stack([s for s, _ in singles]), sharding.stacked_sharding(mesh))
@@ -82,8 +87,9 @@ def test_vmapped_step_equals_separate_steps():
     for i, (s, _) in enumerate(singles):
         close(jax.device_get(unstack(stacked, i)), jax.device_get(s))
     # Dropout and data differ per specialist: the two really trained differently.
-    assert not np.allclose(np.asarray(stacked.params["head"]["bias"][...][0]),
-                           np.asarray(stacked.params["head"]["bias"][...][1]))
+    assert not np.allclose(
+        np.asarray(stacked.params["head"]["bias"][...][0]), np.asarray(stacked.params["head"]["bias"][...][1])
+    )
 
 
 class _NullWriter:
@@ -96,12 +102,28 @@ class _NullWriter:
 
 def _context(workdir) -> RunContext:
     """A run context for training on the toy sources, without opening a dataset."""
-    config = ml_collections.ConfigDict({
-        "data": data_config(image_size=32, num_threads=1, prefetch=2),
-        "eval": {"batch_size": 16, "every_steps": 2}, "log_every": 1, "checkpoint_every": 2})
-    return RunContext(config=config, workdir=pathlib.Path(workdir), mesh=sharding.make_mesh(), writer=_NullWriter(),
-                      task=Classification(), train=None, val=None, test=None, info=INFO, stages=(), groups={},
-                      groupings={})
+    config = ml_collections.ConfigDict(
+        {
+            "data": data_config(image_size=32, num_threads=1, prefetch=2),
+            "eval": {"batch_size": 16, "every_steps": 2},
+            "log_every": 1,
+            "checkpoint_every": 2,
+        }
+    )
+    return RunContext(
+        config=config,
+        workdir=pathlib.Path(workdir),
+        mesh=sharding.make_mesh(),
+        writer=_NullWriter(),
+        task=Classification(),
+        train=None,
+        val=None,
+        test=None,
+        info=INFO,
+        stages=(),
+        groups={},
+        groupings={},
+    )
 
 
 def _together(workdir, models_, trains, vals, phase, seeds, names):
@@ -116,8 +138,10 @@ def test_train_specialists_equals_train_phase_and_resumes(tmp_path):
     vals = [ConstrainedSource(val, s) for s in SUBSETS]
     names, seeds = ["a", "b"], [1, 2]
     ref = _context(tmp_path / "ref")
-    refs = [driver.train_phase(ref, n, m, t, v, phase, seed)
-            for n, m, t, v, seed in zip(names, specialists(), trains, vals, seeds)]
+    refs = [
+        driver.train_phase(ref, n, m, t, v, phase, seed)
+        for n, m, t, v, seed in zip(names, specialists(), trains, vals, seeds)
+    ]
     got = _together(tmp_path / "multi", specialists(), trains, vals, phase, seeds, names)
     for (_, want), (_, have) in zip(refs, got):
         assert int(have.step) == 3
@@ -140,9 +164,15 @@ def test_unequal_heads_are_grouped_and_rejected_together():
     mixed = [specialize.extract(generalist, s) for s in ([0, 1], [2, 3, 4], [4, 5])]
     assert driver.group_by_structure(mixed) == [[0, 2], [1]]
     with pytest.raises(ValueError, match=r"share one architecture and head size.*\['x', 'z'\]: 2 outputs"):
-        _together("/nonexistent", mixed, [None] * 3, [None] * 3,
-                  phase_config(steps=1, batch_size=8, label_smoothing=0.0, optim=optimizer_config()),
-                  [0, 1, 2], ["x", "y", "z"])
+        _together(
+            "/nonexistent",
+            mixed,
+            [None] * 3,
+            [None] * 3,
+            phase_config(steps=1, batch_size=8, label_smoothing=0.0, optim=optimizer_config()),
+            [0, 1, 2],
+            ["x", "y", "z"],
+        )
 
 
 @pytest.mark.parametrize("k, shape", [(2, (2, 4)), (3, (1, 8)), (8, (8, 1)), (12, (4, 2))])

@@ -35,8 +35,14 @@ def run_processes(argv: list[str], logs: pathlib.Path, n: int = 2, timeout: floa
     port, procs = free_port(), []
     logs.mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
-               "JAX_NUM_PROCESSES": str(n), "JAX_PROCESS_ID": str(i), "PYTHONPATH": str(ROOT)}
+        env = {
+            **os.environ,
+            "JAX_PLATFORMS": "cpu",
+            "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+            "JAX_NUM_PROCESSES": str(n),
+            "JAX_PROCESS_ID": str(i),
+            "PYTHONPATH": str(ROOT),
+        }
         # files, not pipes: a process blocked on a full pipe would stall its peers at the next collective
         with open(logs / f"{i}.out", "w") as out, open(logs / f"{i}.err", "w") as err:
             procs.append(subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=err))
@@ -47,8 +53,7 @@ def run_processes(argv: list[str], logs: pathlib.Path, n: int = 2, timeout: floa
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    outputs = [{"stdout": (logs / f"{i}.out").read_text(), "stderr": (logs / f"{i}.err").read_text()}
-               for i in range(n)]
+    outputs = [{"stdout": (logs / f"{i}.out").read_text(), "stderr": (logs / f"{i}.err").read_text()} for i in range(n)]
     for i, code in enumerate(codes):
         assert code == 0, f"process {i} exited with {code}:\n{outputs[i]['stderr'][-4000:]}"
     return outputs
@@ -95,28 +100,37 @@ def test_distributed_args_single_process_unchanged():
 def test_distributed_args_multi_process():
     env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
     assert sharding.distributed_args(env) == {"num_processes": 4, "process_id": 3}
-    step = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "16", "SLURM_PROCID": "5",
-            "SLURM_LOCALID": "5"}
+    step = {
+        "SLURM_JOB_ID": "7",
+        "SLURM_STEP_NODELIST": "n[1-2]",
+        "SLURM_NTASKS": "16",
+        "SLURM_PROCID": "5",
+        "SLURM_LOCALID": "5",
+    }
     assert sharding.distributed_args(step) == {}  # JAX reads SLURM itself
     assert sharding.distributed_args({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}) == {}
     assert sharding.distributed_args({"TPU_WORKER_HOSTNAMES": "w0"}) is None
     assert sharding.distributed_args({"JAXSPEC_DISTRIBUTED": "1"}) == {}  # e.g. a Cloud TPU VM pod
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"}, "JAX_PROCESS_ID"),
-    ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"}, "'two'"),
-    ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"}, "JAX_PROCESS_ID=2"),
-    ({"JAXSPEC_DISTRIBUTED": "maybe"}, "'maybe'"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"}, "JAX_PROCESS_ID"),
+        ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"}, "'two'"),
+        ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"}, "JAX_PROCESS_ID=2"),
+        ({"JAXSPEC_DISTRIBUTED": "maybe"}, "'maybe'"),
+    ],
+)
 def test_distributed_args_errors_name_the_bad_value(env, message):
     with pytest.raises(ValueError, match=message):
         sharding.distributed_args(env)
 
 
 def test_two_processes_train_like_one(tmp_path):
-    run_processes([sys.executable, "-m", "tests.multihost_worker", f"--out={tmp_path}", f"--steps={STEPS}"],
-                  tmp_path / "logs")
+    run_processes(
+        [sys.executable, "-m", "tests.multihost_worker", f"--out={tmp_path}", f"--steps={STEPS}"], tmp_path / "logs"
+    )
     procs = check_workers(tmp_path)
     assert procs[0]["num_split"] == 0  # data parallel: everything replicated
     want = reference_params()
@@ -128,8 +142,10 @@ def test_two_processes_train_like_one(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_fsdp_across_processes(tmp_path):
-    run_processes([sys.executable, "-m", "tests.multihost_worker", f"--out={tmp_path}", f"--steps={STEPS}",
-                   "--fsdp=2"], tmp_path / "logs")
+    run_processes(
+        [sys.executable, "-m", "tests.multihost_worker", f"--out={tmp_path}", f"--steps={STEPS}", "--fsdp=2"],
+        tmp_path / "logs",
+    )
     procs = check_workers(tmp_path)
     assert procs[0]["num_split"] > 0  # some arrays live half on each process
     want = reference_params()
@@ -141,8 +157,15 @@ def test_two_processes_fsdp_across_processes(tmp_path):
 def test_cli_in_two_processes_finishes_and_resumes(tmp_path):
     manifest = write_fixture(str(tmp_path / "raw"), per_class=20)
     workdir = tmp_path / "work"
-    argv = [sys.executable, "-m", "jaxspec.main", "--config=configs/animals.py:tiny", f"--workdir={workdir}",
-            f"--config.data.manifest={manifest}", f"--config.data.data_dir={tmp_path / 'cache'}"]
+    argv = [
+        sys.executable,
+        "-m",
+        "jaxspec.main",
+        "--config=configs/animals.py:tiny",
+        f"--workdir={workdir}",
+        f"--config.data.manifest={manifest}",
+        f"--config.data.data_dir={tmp_path / 'cache'}",
+    ]
     first = run_processes(argv, tmp_path / "logs1")
     assert "| specialist (extract), tuned |" in first[0]["stdout"]
     assert "| specialist (extract), tuned |" not in first[1]["stdout"]  # results are printed by process 0 only

@@ -17,8 +17,7 @@ def _iou_np(box, boxes):
     return inter / (area(box) + area(boxes) - inter)
 
 
-def reference_nms(boxes, obj, cls, *, conf_thres, iou_thres, max_det, max_nms, multi_label, agnostic,
-                  class_mask=None):
+def reference_nms(boxes, obj, cls, *, conf_thres, iou_thres, max_det, max_nms, multi_label, agnostic, class_mask=None):
     """One image, YOLOv5 style: candidate rows (box, score, class) -> sort -> greedy per class."""
     cls = cls * obj[:, None]
     if class_mask is not None:
@@ -66,15 +65,22 @@ def _random_batch(seed, b=3, n=400, c=4):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_matches_numpy_reference(seed, multi_label, agnostic):
     boxes, obj, cls = _random_batch(seed)
-    kw = {"conf_thres": 0.2, "iou_thres": 0.45, "max_det": 40, "max_nms": 300, "multi_label": multi_label,
-          "agnostic": agnostic}
+    kw = {
+        "conf_thres": 0.2,
+        "iou_thres": 0.45,
+        "max_det": 40,
+        "max_nms": 300,
+        "multi_label": multi_label,
+        "agnostic": agnostic,
+    }
     class_mask = np.array([True, False, True, True]) if seed == 1 else None
     run = jax.jit(functools.partial(non_max_suppression, **kw))
     out = jax.device_get(run(boxes, obj, cls, class_mask=class_mask))
     saw_truncation = False
     for b in range(len(boxes)):
-        ref = reference_nms(boxes[b], obj[b], cls[b], **kw,
-                            class_mask=None if class_mask is None else class_mask.astype(np.float32))
+        ref = reference_nms(
+            boxes[b], obj[b], cls[b], **kw, class_mask=None if class_mask is None else class_mask.astype(np.float32)
+        )
         n = int(out.valid[b].sum())
         assert n == len(ref) and out.valid[b, :n].all() and not out.valid[b, n:].any()
         saw_truncation |= n == kw["max_det"]
@@ -107,10 +113,12 @@ def test_class_mask_equals_slicing_the_classes(multi_label):
     boxes, obj, cls = _random_batch(4, c=6)
     subset = np.array([1, 2, 5])
     mask = np.isin(np.arange(6), subset)
-    full = non_max_suppression(boxes, obj, cls, conf_thres=0.1, iou_thres=0.5, max_det=50, multi_label=multi_label,
-                               class_mask=mask)
-    sliced = non_max_suppression(boxes, obj, cls[..., subset], conf_thres=0.1, iou_thres=0.5, max_det=50,
-                                 multi_label=multi_label)
+    full = non_max_suppression(
+        boxes, obj, cls, conf_thres=0.1, iou_thres=0.5, max_det=50, multi_label=multi_label, class_mask=mask
+    )
+    sliced = non_max_suppression(
+        boxes, obj, cls[..., subset], conf_thres=0.1, iou_thres=0.5, max_det=50, multi_label=multi_label
+    )
     np.testing.assert_array_equal(full.valid, sliced.valid)
     np.testing.assert_array_equal(full.boxes, sliced.boxes)
     np.testing.assert_array_equal(full.scores, sliced.scores)

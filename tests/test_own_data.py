@@ -62,7 +62,10 @@ def test_folder_classes_labels_and_a_deterministic_stratified_split(tmp_path):
     info = parts["train"].info
     assert info.class_names == CLASSES and len(info.mean) == len(info.std) == 3  # one gray image: all RGB
     assert {s: np.bincount(p.labels).tolist() for s, p in parts.items()} == {
-        "train": [8, 8, 8], "validation": [1, 1, 1], "test": [1, 1, 1]}
+        "train": [8, 8, 8],
+        "validation": [1, 1, 1],
+        "test": [1, 1, 1],
+    }
     everything = sorted(str(p) for p in root.rglob("*.*"))
     assert sorted(p for source in parts.values() for p in source.paths) == everything  # disjoint, none dropped
     for source in parts.values():
@@ -100,16 +103,26 @@ def test_npz_pool_split_arrays_and_default_class_names(tmp_path):
     parts = open_all(str(path))  # a path ending in .npz needs no prefix
     assert parts["train"].info.class_names == CLASSES
     assert {s: np.bincount(p.labels).tolist() for s, p in parts.items()} == {
-        "train": [16, 16, 16], "validation": [2, 2, 2], "test": [2, 2, 2]}
+        "train": [16, 16, 16],
+        "validation": [2, 2, 2],
+        "test": [2, 2, 2],
+    }
     assert parts["train"][0]["image"].shape == (28, 28, 1)
     mean = parts["train"].info.mean[0]
     assert 0.1 < mean < 0.5 and parts["train"].info == datasets.get_info(str(path))
 
     rng = np.random.default_rng(0)
     test_images = rng.integers(0, 255, (5, 28, 28, 3), dtype=np.uint8)
-    split = write_npz(tmp_path / "b.npz", images=None, labels=None, class_names=None,
-                      train_images=rng.integers(0, 255, (40, 28, 28, 3), dtype=np.uint8),
-                      train_labels=np.arange(40) % 4, test_images=test_images, test_labels=np.array([0, 1, 2, 3, 3]))
+    split = write_npz(
+        tmp_path / "b.npz",
+        images=None,
+        labels=None,
+        class_names=None,
+        train_images=rng.integers(0, 255, (40, 28, 28, 3), dtype=np.uint8),
+        train_labels=np.arange(40) % 4,
+        test_images=test_images,
+        test_labels=np.array([0, 1, 2, 3, 3]),
+    )
     parts = open_all(f"npz:{split}")
     assert parts["train"].info.class_names == ("0", "1", "2", "3")
     np.testing.assert_array_equal(parts["test"][4]["image"], test_images[4])
@@ -174,6 +187,7 @@ def _npz_case(**arrays):
     def case(tmp_path):
         path = write_npz(tmp_path / "bad.npz", **arrays)
         return {"name": str(path)}, "data.name", path
+
     return case
 
 
@@ -183,6 +197,7 @@ def _groups_case(content):
         groups = tmp_path / "groups.json"
         groups.write_text(content)
         return {"name": name, "groups_file": str(groups)}, "data.groups_file", groups
+
     return case
 
 
@@ -203,8 +218,11 @@ BAD = {
     "groups file that is not JSON": _groups_case('{"pets": '),
     "image larger than image_size": _big_image,
     "unknown split": lambda t: ({"name": _folder(t)[0], "val_split": "dev"}, "data.val_split", "'dev'"),
-    "fractions drawing no validation": lambda t: ({"name": _folder(t)[0], "split_fractions": (0.9, 0.0, 0.1)},
-                                                  "data.split_fractions", t / "f"),
+    "fractions drawing no validation": lambda t: (
+        {"name": _folder(t)[0], "split_fractions": (0.9, 0.0, 0.1)},
+        "data.split_fractions",
+        t / "f",
+    ),
 }
 
 
@@ -224,8 +242,11 @@ def test_batches_that_do_not_fit_the_training_examples_are_refused_before_traini
     with pytest.raises(validate.ConfigError, match=r"^generalist.batch_size=32 is not allowed: at most the 9 "):
         validate.check(config)
     config.generalist.batch_size, config.specialize.subset = 8, "cat,dog"
-    with pytest.raises(validate.ConfigError, match=r"^specialize.batch_size=32 is not allowed: at most the 6 "
-                                                   r"training examples of S='cat,dog'"):
+    with pytest.raises(
+        validate.ConfigError,
+        match=r"^specialize.batch_size=32 is not allowed: at most the 6 "
+        r"training examples of S='cat,dog'",
+    ):
         validate.check(config)
     config.specialize.batch_size, config.specialize.subset = 8, "cat,unicorn"
     with pytest.raises(validate.ConfigError, match=r"^specialize.subset='cat,unicorn' is not allowed: Unknown"):
@@ -250,7 +271,9 @@ def test_groups_file_adds_named_groups_everywhere_groups_are_used(tmp_path):
     assert resolve_subset("mammals", info) == (0, 1)
     assert groupings.semantic(info) == info.groups  # a partition: the semantic grouping of own data
     assert groupings.make_groups(ml_collections.ConfigDict(dict(kind="random", seed=0)), info).keys() == {
-        "random0", "random1"}
+        "random0",
+        "random1",
+    }
     # Built-in datasets take groups files too; a name they already use is refused.
     groups.write_text(json.dumps({"pets": ["cat", "dog"]}))
     assert datasets.get_info("embedded", groups_file=str(groups)).groups["pets"] == (2, 4)
@@ -355,8 +378,15 @@ def test_main_job_on_an_npz(tmp_path):
 def test_a_tfds_dataset_by_name_with_its_own_feature_keys():
     import tensorflow_datasets as tfds
 
-    config = tiny_config("tfds:smallnorb", image_key="image2", label_key="label_category", transform="imagenet",
-                         train_split="train", val_split="test[:50%]", test_split="test[50%:]")
+    config = tiny_config(
+        "tfds:smallnorb",
+        image_key="image2",
+        label_key="label_category",
+        transform="imagenet",
+        train_split="train",
+        val_split="test[:50%]",
+        test_split="test[50%:]",
+    )
     config.generalist.batch_size = config.specialize.batch_size = 8  # each phase's batch fits its examples
     with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):
         validate.check(config)

@@ -88,15 +88,19 @@ def test_bfloat16_training_tracks_float32():
     for d, net in nets.items():
         tx = optax.sgd(0.1)
         modeldef, state = create_state(net, tx, 0)
-        step = jax.jit(steps.make_train_step(modeldef, tx, optax.constant_schedule(0.1), mean=(0.5,) * 3,
-                                             std=(0.25,) * 3))
+        step = jax.jit(
+            steps.make_train_step(modeldef, tx, optax.constant_schedule(0.1), mean=(0.5,) * 3, std=(0.25,) * 3)
+        )
         losses[d] = []
         for _ in range(2):
             state, metrics = step(state, batch)
             losses[d].append(float(metrics["loss"]))
         moved[d] = np.concatenate([np.ravel(p - p0) for p, p0 in zip(jax.tree.leaves(state.params), start)])
-        dtypes = {x.dtype for x in jax.tree.leaves((state.params, state.batch_stats, state.opt_state))
-                  if jnp.issubdtype(x.dtype, jnp.floating)}
+        dtypes = {
+            x.dtype
+            for x in jax.tree.leaves((state.params, state.batch_stats, state.opt_state))
+            if jnp.issubdtype(x.dtype, jnp.floating)
+        }
         assert dtypes == {jnp.dtype("float32")}, d
     np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=1e-2)
     assert losses["bfloat16"][1] < losses["bfloat16"][0]

@@ -47,13 +47,27 @@ def setup(tmp_path_factory):
     animal = specialize.extract(generalist, range(10))
     animal.head.kernel.value = animal.head.kernel[...] + jax.random.normal(jax.random.key(1), animal.head.kernel.shape)
     pre = pipeline.preprocess_record(config.data, info)
-    for name, model, classes, extra in (("generalist", generalist, range(30), {}),
-                                        ("animals", animal, range(10), {}),
-                                        ("clothing", generalist, range(30), {"columns": list(range(10, 20))})):
-        checkpoint.export_model(tmp / "models" / name, model, extra, preprocess=pre,
-                                classes=checkpoint.classes_record(classes, info.class_names))
-    return {"dir": tmp / "models", "config": config, "test": test, "info": info, "generalist": generalist,
-            "animal": animal, "tmp": tmp}
+    for name, model, classes, extra in (
+        ("generalist", generalist, range(30), {}),
+        ("animals", animal, range(10), {}),
+        ("clothing", generalist, range(30), {"columns": list(range(10, 20))}),
+    ):
+        checkpoint.export_model(
+            tmp / "models" / name,
+            model,
+            extra,
+            preprocess=pre,
+            classes=checkpoint.classes_record(classes, info.class_names),
+        )
+    return {
+        "dir": tmp / "models",
+        "config": config,
+        "test": test,
+        "info": info,
+        "generalist": generalist,
+        "animal": animal,
+        "tmp": tmp,
+    }
 
 
 def _images(setup, n):
@@ -80,8 +94,13 @@ def test_files_pil_rgb_and_float_images_are_read_as_the_same_pixels(setup):
         paths.append(str(setup["tmp"] / f"im{i}.png"))
         Image.fromarray(im[..., 0]).save(paths[-1])
     rgb = [np.repeat(im, 3, axis=-1) for im in ims]  # a grayscale model takes RGB as its luma
-    for given in (paths, [Image.open(p) for p in paths], rgb, [im.astype(np.float32) / 255 for im in ims],
-                  np.stack(ims)[..., 0]):  # NHW: a grayscale batch
+    for given in (
+        paths,
+        [Image.open(p) for p in paths],
+        rgb,
+        [im.astype(np.float32) / 255 for im in ims],
+        np.stack(ims)[..., 0],
+    ):  # NHW: a grayscale batch
         np.testing.assert_allclose(predict(setup["dir"] / "animals", given).probabilities, want, atol=1e-6)
 
 
@@ -99,8 +118,13 @@ def test_a_models_directory_is_routed_by_jaxspec_route(setup):
     out = predict(setup["dir"], ims, batch_size=16)
     assert isinstance(out, RoutedClassification)
     info = setup["info"]
-    system = route.build_routed(setup["generalist"], [setup["animal"], specialize.extract(setup["generalist"],
-                                range(10, 20))], [range(10), range(10, 20)], mean=info.mean, std=info.std)
+    system = route.build_routed(
+        setup["generalist"],
+        [setup["animal"], specialize.extract(setup["generalist"], range(10, 20))],
+        [range(10), range(10, 20)],
+        mean=info.mean,
+        std=info.std,
+    )
     ref = system.predict(pipeline.eval_batch(ims, pipeline.preprocess_record(setup["config"].data, info)))
     np.testing.assert_array_equal(out.classes, ref["pred"])
     np.testing.assert_array_equal(out.generalist_classes, ref["generalist_pred"])
@@ -127,15 +151,18 @@ def test_an_older_export_gets_its_records_at_the_next_export_weights_untouched(s
     assert files.tree_digest(d / "weights") == weights and checkpoint.export_problem(d) == ""
 
 
-@pytest.mark.parametrize("case,message", [
-    ("missing", "does not exist"),
-    ("not_a_model", "is not an exported jaxspec model (no model.json) nor a routed system"),
-    ("unreadable", "cannot be read as an image"),
-    ("no_image", "does not exist"),
-    ("older", "has no 'preprocess' record (exported by an older jaxspec)"),
-    ("too_big", "larger than image_size=32"),
-    ("unknown_specialist", "specialists=['nope']"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("missing", "does not exist"),
+        ("not_a_model", "is not an exported jaxspec model (no model.json) nor a routed system"),
+        ("unreadable", "cannot be read as an image"),
+        ("no_image", "does not exist"),
+        ("older", "has no 'preprocess' record (exported by an older jaxspec)"),
+        ("too_big", "larger than image_size=32"),
+        ("unknown_specialist", "specialists=['nope']"),
+    ],
+)
 def test_mistakes_are_one_line_errors(setup, case, message):
     d, tmp = setup["dir"], setup["tmp"]
     image = _images(setup, 1)
@@ -167,12 +194,20 @@ def test_mistakes_are_one_line_errors(setup, case, message):
 def test_cli_prints_a_top_k_table_and_one_line_errors(setup):
     path = str(setup["tmp"] / "cli.png")
     Image.fromarray(_images(setup, 1)[0][..., 0]).save(path)
-    ok = subprocess.run([sys.executable, "-m", "jaxspec.predict", f"--model={setup['dir'] / 'animals'}", path,
-                         "--top_k=2"], capture_output=True, text=True, timeout=300)
+    ok = subprocess.run(
+        [sys.executable, "-m", "jaxspec.predict", f"--model={setup['dir'] / 'animals'}", path, "--top_k=2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert ok.stdout.splitlines()[0] == path and ok.stdout.splitlines()[2].startswith("  2. ")
-    bad = subprocess.run([sys.executable, "-m", "jaxspec.predict", f"--model={setup['dir'] / 'animals'}",
-                          path + ".missing"], capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, "-m", "jaxspec.predict", f"--model={setup['dir'] / 'animals'}", path + ".missing"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = [line for line in bad.stderr.splitlines() if line.startswith("jaxspec: error:")]
     assert bad.returncode == 2 and len(lines) == 1 and "does not exist" in lines[0] and "Traceback" not in bad.stderr
 
@@ -181,22 +216,36 @@ def test_detector_boxes_come_back_in_the_images_own_pixels(tmp_path):
     cfg = det_data.default_config(image_size=64)
     info = scenes.scenes_info()
     det = models.get_model("yolov5n", 30, rngs=nnx.Rngs(0))
-    checkpoint.export_model(tmp_path / "det", det, {"columns": list(range(10))},
-                            preprocess=det_data.preprocess_record(cfg, info),
-                            classes=checkpoint.classes_record(range(30), info.class_names))
+    checkpoint.export_model(
+        tmp_path / "det",
+        det,
+        {"columns": list(range(10))},
+        preprocess=det_data.preprocess_record(cfg, info),
+        classes=checkpoint.classes_record(range(30), info.class_names),
+    )
     image = np.random.default_rng(0).integers(0, 256, (48, 96, 1), np.uint8)  # wide: letterboxed with 16 px bands
     (found,) = predict(tmp_path / "det", image, conf_thres=0.0)  # untrained: keep every box
     assert isinstance(found, Detections) and len(found.scores) > 0
     assert set(found.classes) <= set(range(10))  # suppression: only the recorded columns are predicted
 
     # The eval pipeline's letterbox, the detector on it, and the inverse map written out by hand.
-    example = det_data.eval_example({"image": image, "boxes": np.zeros((0, 4)), "labels": np.zeros(0, np.int32),
-                                     "valid": True, "index": 0}, cfg)
+    example = det_data.eval_example(
+        {"image": image, "boxes": np.zeros((0, 4)), "labels": np.zeros(0, np.int32), "valid": True, "index": 0}, cfg
+    )
     assert tuple(example["pad"]) == (0, 16)
     det.eval()
-    raw = det_train.detect(det, example["image"][None], det_specialize.class_mask(30, range(10)), mean=info.mean,
-                           std=info.std, conf_thres=0.0, iou_thres=0.45, max_det=300, max_nms=30000,
-                           multi_label=False)
+    raw = det_train.detect(
+        det,
+        example["image"][None],
+        det_specialize.class_mask(30, range(10)),
+        mean=info.mean,
+        std=info.std,
+        conf_thres=0.0,
+        iou_thres=0.45,
+        max_det=300,
+        max_nms=30000,
+        multi_label=False,
+    )
     boxes = np.asarray(raw.boxes[0])[np.asarray(raw.valid[0])]
     expected = np.clip((boxes - [0, 16, 0, 16]) / [64 / 96, 32 / 48, 64 / 96, 32 / 48], 0, [96, 48, 96, 48])
     np.testing.assert_allclose(found.boxes, expected, atol=1e-3)

@@ -80,8 +80,9 @@ def test_report_of_a_gradual_run_from_results_json(tiny_run, tmp_path):
     keep = [0, 1]
     second["subset"] = [second["subset"][i] for i in keep]
     second["subset_names"] = [second["subset_names"][i] for i in keep]
-    second["test_on_S"] = {name: {**m, "per_class_top1": [m["per_class_top1"][i] for i in keep]}
-                           for name, m in second["test_on_S"].items()}
+    second["test_on_S"] = {
+        name: {**m, "per_class_top1": [m["per_class_top1"][i] for i in keep]} for name, m in second["test_on_S"].items()
+    }
     results["stages"].append(second)
     results["config"]["specialize"]["subset"] = "animals>bear,bird"
     text = report.write_run_report(tmp_path, results).read_text()
@@ -91,12 +92,16 @@ def test_report_of_a_gradual_run_from_results_json(tiny_run, tmp_path):
 
 
 def test_class_changes_orders_rows():
-    stage = {"method": "extract", "subset_names": ["a", "b"], "test_on_S": {
-        "generalist restricted to S": {"per_class_top1": [0.5, 0.5]},
-        "generalist trained further on its data (control)": {"per_class_top1": [0.6, 0.5]},
-        "extracted specialist, untuned": {"per_class_top1": [0.5, 0.5]},
-        "specialist (extract), tuned": {"per_class_top1": [0.7, 0.4]},
-    }}
+    stage = {
+        "method": "extract",
+        "subset_names": ["a", "b"],
+        "test_on_S": {
+            "generalist restricted to S": {"per_class_top1": [0.5, 0.5]},
+            "generalist trained further on its data (control)": {"per_class_top1": [0.6, 0.5]},
+            "extracted specialist, untuned": {"per_class_top1": [0.5, 0.5]},
+            "specialist (extract), tuned": {"per_class_top1": [0.7, 0.4]},
+        },
+    }
     ref, before, after = report.class_changes(stage)
     assert ref == "generalist restricted to S" and before == [0.5, 0.5]
     assert list(after) == ["specialist (extract), tuned", "generalist trained further on its data (control)"]
@@ -114,11 +119,25 @@ def _detection_results() -> dict:
 
     names = ["bear", "bird", "cat"]
     gen = row(0.2, {"bear": 0.3, "cat": 0.1})  # no test box of a bird
-    return {"config": config.to_dict(), "seconds": 12.0, "generalist_test_all_classes": row(0.15, {}),
-            "stages": [{"subset": [0, 1, 2], "subset_names": names, "method": "slice", "slicing_exact": True,
-                        "test_on_S": {"generalist restricted to S": gen, "sliced specialist, untuned": gen,
-                                      "specialist (slice), tuned": row(0.25, {"bear": 0.5, "cat": 0.05}),
-                                      "scratch specialist (same data)": row(0.05, {"bear": 0.0, "cat": 0.2})}}]}
+    return {
+        "config": config.to_dict(),
+        "seconds": 12.0,
+        "generalist_test_all_classes": row(0.15, {}),
+        "stages": [
+            {
+                "subset": [0, 1, 2],
+                "subset_names": names,
+                "method": "slice",
+                "slicing_exact": True,
+                "test_on_S": {
+                    "generalist restricted to S": gen,
+                    "sliced specialist, untuned": gen,
+                    "specialist (slice), tuned": row(0.25, {"bear": 0.5, "cat": 0.05}),
+                    "scratch specialist (same data)": row(0.05, {"bear": 0.0, "cat": 0.2}),
+                },
+            }
+        ],
+    }
 
 
 def test_detection_report(tmp_path):
@@ -126,8 +145,14 @@ def test_detection_report(tmp_path):
     writer = history.JsonlWriter(tmp_path / "metrics.jsonl")
     for step in (2, 4):
         writer.write_scalars(step, {"generalist/train_loss": 1.0 / step, "generalist/train_learning_rate": 1e-3})
-        writer.write_scalars(step, {"generalist/val_fitness": 0.01 * step, "generalist/val_mAP50": 0.02 * step,
-                                    "generalist/val_mAP50_95": 0.005 * step})
+        writer.write_scalars(
+            step,
+            {
+                "generalist/val_fitness": 0.01 * step,
+                "generalist/val_mAP50": 0.02 * step,
+                "generalist/val_mAP50_95": 0.005 * step,
+            },
+        )
     writer.close()
     text = report.write_run_report(tmp_path, results).read_text()
     stage = results["stages"][0]
@@ -152,8 +177,12 @@ def test_detection_report(tmp_path):
 
 
 def test_detection_curves_panels():
-    hist = {"specialist/train_loss": [(1, 3.0), (2, 2.0)], "specialist/val_fitness": [(2, 0.1)],
-            "specialist/val_mAP50": [(2, 0.3)], "specialist/val_mAP50_95": [(2, 0.05)]}
+    hist = {
+        "specialist/train_loss": [(1, 3.0), (2, 2.0)],
+        "specialist/val_fitness": [(2, 0.1)],
+        "specialist/val_mAP50": [(2, 0.3)],
+        "specialist/val_mAP50_95": [(2, 0.05)],
+    }
     assert plots.phases(hist, plots.DETECTION_PANELS) == ["specialist"]
     _, val, lr = plots.curves_figure(hist, ["specialist"], plots.DETECTION_PANELS).axes
     np.testing.assert_allclose([line.get_xydata()[0, 1] for line in val.lines], [10.0, 30.0, 5.0])
@@ -227,11 +256,14 @@ def test_class_change_sorts_many_classes():
     assert not ax.get_xticks().size
 
 
-@pytest.mark.parametrize("before, after, message", [
-    ([0.1], {"a": [0.1, 0.2]}, "1 'before' accuracies for 2 class names"),
-    ([0.1, 0.2], {"a": [0.1]}, "1 accuracies of 'a' for 2 class names"),
-    ([0.1, 0.2], {}, "at least one model"),
-])
+@pytest.mark.parametrize(
+    "before, after, message",
+    [
+        ([0.1], {"a": [0.1, 0.2]}, "1 'before' accuracies for 2 class names"),
+        ([0.1, 0.2], {"a": [0.1]}, "1 accuracies of 'a' for 2 class names"),
+        ([0.1, 0.2], {}, "at least one model"),
+    ],
+)
 def test_class_change_rejects_bad_input(before, after, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         plots.class_change_figure(["a", "b"], before, after)
@@ -243,8 +275,12 @@ def test_routing_examples_sorts_outcomes():
     final = np.array([0, 9, 2, 9, 4, 5, 9])
     mask = np.array([True, True, True, True, False, True, True])
     found = plots.routing_examples(labels, gen, final, per_kind=2, mask=mask)
-    expected = {"corrected by the specialist": [0, 5], "made wrong by the specialist": [1],
-                "right either way": [2], "wrong either way": [3, 6]}  # 4 is padding
+    expected = {
+        "corrected by the specialist": [0, 5],
+        "made wrong by the specialist": [1],
+        "right either way": [2],
+        "wrong either way": [3, 6],
+    }  # 4 is padding
     assert {k: v.tolist() for k, v in found.items()} == expected
     with pytest.raises(ValueError, match="differ in shape"):
         plots.routing_examples(labels, gen[:3], final)
@@ -253,8 +289,9 @@ def test_routing_examples_sorts_outcomes():
 def test_routing_figure_titles_each_example():
     images = np.arange(4 * 8 * 8, dtype=np.uint8).reshape(4, 8, 8, 1)
     names = ["cat", "dog", "cow"]
-    fig = plots.routing_figure(images, np.array([0, 1, 2, 0]), np.array([1, 1, 2, 0]), np.array([0, 1, 1, 0]), names,
-                               per_kind=2)
+    fig = plots.routing_figure(
+        images, np.array([0, 1, 2, 0]), np.array([1, 1, 2, 0]), np.array([0, 1, 1, 0]), names, per_kind=2
+    )
     kinds = [sub.get_suptitle() for sub in fig.subfigs]
     assert kinds == ["corrected by the specialist", "made wrong by the specialist", "right either way"]
     titles = [ax.get_title() for ax in fig.axes if ax.images]
@@ -279,8 +316,12 @@ def test_boxes_figure_draws_boxes_in_pixel_frame():
 
 
 def test_per_image_groups_filters_and_sorts_detections():
-    found = {"image_id": np.array([3, 0, 3, 3, 1]), "boxes": np.arange(20.0).reshape(5, 4),
-             "labels": np.array([7, 1, 8, 9, 2]), "scores": np.array([0.5, 0.9, 0.05, 0.8, 0.3])}
+    found = {
+        "image_id": np.array([3, 0, 3, 3, 1]),
+        "boxes": np.arange(20.0).reshape(5, 4),
+        "labels": np.array([7, 1, 8, 9, 2]),
+        "scores": np.array([0.5, 0.9, 0.05, 0.8, 0.3]),
+    }
     boxes, labels, scores = plots.per_image(found, [3, 2, 0], min_score=0.1, top=5)
     assert [s.tolist() for s in scores] == [[0.8, 0.5], [], [0.9]]  # image 3's 0.05 is below min_score
     assert [lab.tolist() for lab in labels] == [[9, 7], [], [1]]

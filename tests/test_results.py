@@ -13,12 +13,23 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_committed_results_md_is_what_the_committed_numbers_give():
-    args = ["--check", f"--results={ROOT / 'results'}", f"--out={ROOT / 'RESULTS.md'}", f"--readme={ROOT / 'README.md'}"]
+    args = [
+        "--check",
+        f"--results={ROOT / 'results'}",
+        f"--out={ROOT / 'RESULTS.md'}",
+        f"--readme={ROOT / 'README.md'}",
+    ]
     assert results.main(args) == 0
 
 
-def _write_grid(root: pathlib.Path, name: str, effects: dict[tuple, list[float]], planned: int | None = None,
-                val: dict[tuple, float] | None = None, hits: bool = True) -> None:
+def _write_grid(
+    root: pathlib.Path,
+    name: str,
+    effects: dict[tuple, list[float]],
+    planned: int | None = None,
+    val: dict[tuple, float] | None = None,
+    hits: bool = True,
+) -> None:
     """A grid whose cells have `gain_vs_control_top1` = the given per-seed values (and matching hits)."""
     (root / name / "cells").mkdir(parents=True)
     n = 0
@@ -29,31 +40,47 @@ def _write_grid(root: pathlib.Path, name: str, effects: dict[tuple, list[float]]
             rec = {"cell": cell, "metrics": metrics, "seconds": 10.0}
             if hits:  # 400 images: the specialist right on 200 + round(400 v), the control on 200
                 k = 200 + round(400 * v)
-                rec["hits"] = {"specialist_hits": stats.pack_hits(np.arange(400) < k),
-                               "control_hits": stats.pack_hits(np.arange(400) < 200)}
+                rec["hits"] = {
+                    "specialist_hits": stats.pack_hits(np.arange(400) < k),
+                    "control_hits": stats.pack_hits(np.arange(400) < 200),
+                }
             (root / name / "cells" / f"{n}.json").write_text(json.dumps(rec))
             n += 1
-    (root / name / "grid.json").write_text(json.dumps({"command": f"run {name}", "cells": planned or n,
-                                                       "commit": "abc1234"}))
+    (root / name / "grid.json").write_text(
+        json.dumps({"command": f"run {name}", "cells": planned or n, "commit": "abc1234"})
+    )
 
 
 @pytest.fixture
 def one_claim(monkeypatch):
-    claim = claims.Claim(id="X", title="Specialists help", paper="Table 0.", grids=("sweep", "final"),
-                         effect="gain_vs_control_top1", primary=(("group", "a"),), design="d")
+    claim = claims.Claim(
+        id="X",
+        title="Specialists help",
+        paper="Table 0.",
+        grids=("sweep", "final"),
+        effect="gain_vs_control_top1",
+        primary=(("group", "a"),),
+        design="d",
+    )
     monkeypatch.setattr(results, "CLAIMS", (claim,))
     return claim
 
 
-@pytest.mark.parametrize("values, verdict", [
-    ([0.010, 0.012, 0.011, 0.009, 0.013], "reproduced"),
-    ([-0.010, -0.012, -0.011, -0.009, -0.013], "contradicted"),
-    ([0.010, -0.012, 0.004, -0.003, 0.002], "inconclusive"),
-])
+@pytest.mark.parametrize(
+    "values, verdict",
+    [
+        ([0.010, 0.012, 0.011, 0.009, 0.013], "reproduced"),
+        ([-0.010, -0.012, -0.011, -0.009, -0.013], "contradicted"),
+        ([0.010, -0.012, 0.004, -0.003, 0.002], "inconclusive"),
+    ],
+)
 def test_verdict_follows_the_t_interval_over_seeds(tmp_path, one_claim, values, verdict):
-    _write_grid(tmp_path, "sweep", {(("group", "a"), ("steps", 10)): [0.0, 0.0, 0.0],
-                                    (("group", "a"), ("steps", 20)): [0.0, 0.0, 0.0]},
-                val={(("group", "a"), ("steps", 20)): 0.9})
+    _write_grid(
+        tmp_path,
+        "sweep",
+        {(("group", "a"), ("steps", 10)): [0.0, 0.0, 0.0], (("group", "a"), ("steps", 20)): [0.0, 0.0, 0.0]},
+        val={(("group", "a"), ("steps", 20)): 0.9},
+    )
     _write_grid(tmp_path, "final", {(("group", "a"), ("steps", 20)): values, (("group", "b"), ("steps", 20)): values})
     text, summary = results.render(tmp_path)
     assert f"**Verdict: {verdict}**" in text and f"| {verdict} |" in summary
@@ -73,9 +100,12 @@ def test_pending_until_every_planned_cell_ran(tmp_path, one_claim):
 
 
 def test_final_grid_must_run_the_setting_chosen_on_validation(tmp_path, one_claim):
-    _write_grid(tmp_path, "sweep", {(("group", "a"), ("steps", 10)): [0.0, 0.0],
-                                    (("group", "a"), ("steps", 20)): [0.0, 0.0]},
-                val={(("group", "a"), ("steps", 10)): 0.9})
+    _write_grid(
+        tmp_path,
+        "sweep",
+        {(("group", "a"), ("steps", 10)): [0.0, 0.0], (("group", "a"), ("steps", 20)): [0.0, 0.0]},
+        val={(("group", "a"), ("steps", 10)): 0.9},
+    )
     _write_grid(tmp_path, "final", {(("group", "a"), ("steps", 20)): [0.01, 0.02, 0.01]})
     with pytest.raises(SystemExit, match="not the setting chosen on validation"):
         results.render(tmp_path)
@@ -101,8 +131,16 @@ def test_check_fails_when_the_committed_file_is_stale(tmp_path, one_claim):
 
 def test_contrast_between_cells_and_the_pooled_row(tmp_path, monkeypatch):
     """Students in different cells: skd - scratch per seed and size, and the mean over sizes per seed."""
-    claim = claims.Claim(id="Y", title="SKD helps", paper="p", grids=("skd",), effect="skd_vs_scratch_top1",
-                         contrast=("student", "skd", "scratch", "top1"), pool="size", primary=(("size", "all"),))
+    claim = claims.Claim(
+        id="Y",
+        title="SKD helps",
+        paper="p",
+        grids=("skd",),
+        effect="skd_vs_scratch_top1",
+        contrast=("student", "skd", "scratch", "top1"),
+        pool="size",
+        primary=(("size", "all"),),
+    )
     monkeypatch.setattr(results, "CLAIMS", (claim,))
     (tmp_path / "skd" / "cells").mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -114,12 +152,16 @@ def test_contrast_between_cells_and_the_pooled_row(tmp_path, monkeypatch):
             better = base | (rng.random(n) < 0.2)
             gains[seed, size] = better.mean() - base.mean()
             for student, hits in (("skd", better), ("scratch", base), ("teacher", base)):
-                rec = {"cell": {"size": size, "student": student, "seed": seed},
-                       "metrics": {"top1": float(hits.mean())}, "hits": {"model_hits": stats.pack_hits(hits)}}
+                rec = {
+                    "cell": {"size": size, "student": student, "seed": seed},
+                    "metrics": {"top1": float(hits.mean())},
+                    "hits": {"model_hits": stats.pack_hits(hits)},
+                }
                 (tmp_path / "skd" / "cells" / f"{seed}-{size}-{student}.json").write_text(json.dumps(rec))
     (tmp_path / "skd" / "grid.json").write_text(json.dumps({"cells": 18}))
-    rows = results.paired_rows(results.contrasted(results.load_grid(tmp_path / "skd")["cells"], claim.contrast),
-                               claim.effect)
+    rows = results.paired_rows(
+        results.contrasted(results.load_grid(tmp_path / "skd")["cells"], claim.contrast), claim.effect
+    )
     assert [r["setting"] for r in rows] == [{"size": 5}, {"size": 10}]
     assert rows[0]["effect"].values == pytest.approx([gains[s, 5] for s in range(3)])
     assert rows[0]["effect"].boot.n == 3 * 100  # each seed's 100 images, both students on the same ones

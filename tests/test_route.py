@@ -91,13 +91,22 @@ def parts():
     def system(chunk=None, mesh=single):
         key = (chunk, mesh.size)
         if key not in systems:
-            systems[key] = route.build_routed(generalist, specialists, label_maps, mean=MEAN, std=STD,
-                                              mesh=mesh, chunk=chunk)
+            systems[key] = route.build_routed(
+                generalist, specialists, label_maps, mean=MEAN, std=STD, mesh=mesh, chunk=chunk
+            )
         return systems[key]
 
-    return {"generalist": generalist, "specialists": specialists, "label_maps": label_maps, "images": images,
-            "want": want, "want_used": want_used, "want_group": want_group, "gen_pred": gen_logits.argmax(-1),
-            "system": system}
+    return {
+        "generalist": generalist,
+        "specialists": specialists,
+        "label_maps": label_maps,
+        "images": images,
+        "want": want,
+        "want_used": want_used,
+        "want_group": want_group,
+        "gen_pred": gen_logits.argmax(-1),
+        "system": system,
+    }
 
 
 @pytest.mark.parametrize("chunk", [None, 1, 7, pytest.param(64, marks=pytest.mark.slow)])
@@ -120,8 +129,9 @@ def test_buffer_bound_holds_for_every_split_of_the_batch():
     for b, k, c in itertools.product([1, 5, 13], [1, 2, 3, 4], [1, 2, 3, 7, 16]):
         size = route.buffer_size(b, k, c)
         assert size % c == 0 and size <= b + k * (c - 1)
-        worst = max(sum(-(-n // c) * c for n in split)
-                    for split in itertools.product(range(b + 1), repeat=k) if sum(split) <= b)
+        worst = max(
+            sum(-(-n // c) * c for n in split) for split in itertools.product(range(b + 1), repeat=k) if sum(split) <= b
+        )
         assert worst <= size, (b, k, c)
 
 
@@ -149,11 +159,10 @@ def test_evaluate_matches_numpy(parts):
     labels[:BATCH] = np.where(rng.random(BATCH) < 0.5, preds, labels[:BATCH])  # some hits on the first batch
     images[:BATCH] = parts["images"]
     info = DatasetInfo("toy", tuple(f"c{i}" for i in range(NUM_CLASSES)), {}, MEAN, STD)
-    result = route.evaluate(system, ArraySource(images, labels, info), common.data(), batch_size=BATCH,
-                            progress=False)
+    result = route.evaluate(system, ArraySource(images, labels, info), common.data(), batch_size=BATCH, progress=False)
 
     padded = np.concatenate([images, np.repeat(images[-1:], 3 * BATCH - n, 0)])
-    out = [jax.tree.map(np.asarray, system.predict(padded[i:i + BATCH])) for i in range(0, 3 * BATCH, BATCH)]
+    out = [jax.tree.map(np.asarray, system.predict(padded[i : i + BATCH])) for i in range(0, 3 * BATCH, BATCH)]
     out = {k: np.concatenate([o[k] for o in out])[:n] for k in ("pred", "generalist_pred", "group", "used_specialist")}
     group_of = np.full(NUM_CLASSES, -1)
     for k, g in enumerate(GROUPS):
@@ -199,15 +208,18 @@ def test_as_specialist_reads_suppression_columns(parts):
     np.testing.assert_array_equal(model.head.bias[...], np.asarray(parts["generalist"].head.bias[...])[[7, 2, 9]])
 
 
-@pytest.mark.parametrize("label_maps, message", [
-    ([[0, 1, 2, 3, 4], [4, 6, -1], [7, 8, 9]], r"groups overlap: classes \[4\]"),
-    ([[0, 1, 2, 3, 12], [5, 6, -1], [7, 8, 9]], r"values \[12\] are out of range"),
-    ([[0, 1, 2, 3, 4], [5, 6, -2], [7, 8, 9]], r"values \[-2\] are out of range"),
-    ([[0, 1, 2, 3], [5, 6, -1], [7, 8, 9]], "label_maps.0. has 4 entries but specialist 0's head has 5"),
-    ([[0, 1, 2, 3, 3], [5, 6, -1], [7, 8, 9]], "names a class twice"),
-    ([[0, 1, 2, 3, 4], [-1, -1, -1], [7, 8, 9]], "no class, only dustbins"),
-    ([[0, 1, 2, 3, 4], [5, 6, -1]], "one label map per specialist"),
-])
+@pytest.mark.parametrize(
+    "label_maps, message",
+    [
+        ([[0, 1, 2, 3, 4], [4, 6, -1], [7, 8, 9]], r"groups overlap: classes \[4\]"),
+        ([[0, 1, 2, 3, 12], [5, 6, -1], [7, 8, 9]], r"values \[12\] are out of range"),
+        ([[0, 1, 2, 3, 4], [5, 6, -2], [7, 8, 9]], r"values \[-2\] are out of range"),
+        ([[0, 1, 2, 3], [5, 6, -1], [7, 8, 9]], "label_maps.0. has 4 entries but specialist 0's head has 5"),
+        ([[0, 1, 2, 3, 3], [5, 6, -1], [7, 8, 9]], "names a class twice"),
+        ([[0, 1, 2, 3, 4], [-1, -1, -1], [7, 8, 9]], "no class, only dustbins"),
+        ([[0, 1, 2, 3, 4], [5, 6, -1]], "one label map per specialist"),
+    ],
+)
 def test_bad_label_maps_raise(parts, label_maps, message):
     with pytest.raises(ValueError, match=message):
         route.build_routed(parts["generalist"], parts["specialists"], label_maps, mean=MEAN, std=STD)
@@ -216,7 +228,8 @@ def test_bad_label_maps_raise(parts, label_maps, message):
 def test_mismatched_architectures_and_chunk_raise(parts):
     gray = specialize.extract(small_model(seed=2, in_channels=1), GROUPS[2])  # a stem for 1-channel input
     with pytest.raises(ValueError, match=r"specialist 2 has a different architecture.*stem.*\[3, 3, 1, 8\]"):
-        route.build_routed(parts["generalist"], [*parts["specialists"][:2], gray], parts["label_maps"],
-                           mean=MEAN, std=STD)
+        route.build_routed(
+            parts["generalist"], [*parts["specialists"][:2], gray], parts["label_maps"], mean=MEAN, std=STD
+        )
     with pytest.raises(ValueError, match="chunk must be a positive integer, got 0"):
         route.build_routed(parts["generalist"], parts["specialists"], parts["label_maps"], mean=MEAN, std=STD, chunk=0)

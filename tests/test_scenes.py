@@ -64,7 +64,9 @@ def test_no_overlap_mode():
     cfg = scenes.SceneConfig(overlap=False, objects=(6, 8))
     for i in range(10):
         b = scenes.compose(images, np.arange(3), np.random.default_rng(i), cfg).boxes
-        inter = np.clip(np.minimum(b[:, None, 2:], b[None, :, 2:]) - np.maximum(b[:, None, :2], b[None, :, :2]), 0, None)
+        inter = np.clip(
+            np.minimum(b[:, None, 2:], b[None, :, 2:]) - np.maximum(b[:, None, :2], b[None, :, :2]), 0, None
+        )
         assert (np.prod(inter, -1)[~np.eye(len(b), dtype=bool)] == 0).all()
 
 
@@ -90,8 +92,19 @@ def test_coco_json_loads_in_pycocotools_and_every_class_appears(train):
 
 
 def test_cli_writes_every_split(paths, tmp_path):
-    scenes.main(["--directory", str(tmp_path), "--num_scenes", "3,2,2", "--data_dir", paths["data_dir"],
-                 "--manifest", paths["manifest"], "--no_overlap"])
+    scenes.main(
+        [
+            "--directory",
+            str(tmp_path),
+            "--num_scenes",
+            "3,2,2",
+            "--data_dir",
+            paths["data_dir"],
+            "--manifest",
+            paths["manifest"],
+            "--no_overlap",
+        ]
+    )
     for split, n in zip(embedded.SPLITS, (3, 2, 2)):
         assert len(scenes.SceneSource(str(tmp_path / f"{split}.npz"))) == n
         with open(tmp_path / f"{split}.json") as f:

@@ -35,8 +35,9 @@ def test_extracted_logits_equal_generalist_logits_at_subset(seed):
 
 
 def test_extract_params_on_conv_head():
-    state = nnx.State({"head": {"kernel": nnx.Param(jnp.arange(2 * 5.0).reshape(1, 1, 2, 5)),
-                                "bias": nnx.Param(jnp.arange(5.0))}})
+    state = nnx.State(
+        {"head": {"kernel": nnx.Param(jnp.arange(2 * 5.0).reshape(1, 1, 2, 5)), "bias": nnx.Param(jnp.arange(5.0))}}
+    )
     out = specialize.extract_params(state, [4, 1])
     np.testing.assert_array_equal(out["head"]["kernel"][...], np.arange(10.0).reshape(1, 1, 2, 5)[..., [4, 1]])
     np.testing.assert_array_equal(out["head"]["bias"][...], [4.0, 1.0])

@@ -42,9 +42,14 @@ def test_seeds_to_resolve_is_the_smallest_n_reaching_the_half_width():
     assert scipy_stats.t.ppf(0.975, n - 2) * sd / math.sqrt(n - 1) > effect
 
 
-@pytest.mark.parametrize("low,high,direction,expected", [
-    (0.1, 0.9, 1, "reproduced"), (-0.9, -0.1, 1, "contradicted"), (-0.1, 0.4, 1, "inconclusive"),
-    (-0.9, -0.1, -1, "reproduced"),
-])
+@pytest.mark.parametrize(
+    "low,high,direction,expected",
+    [
+        (0.1, 0.9, 1, "reproduced"),
+        (-0.9, -0.1, 1, "contradicted"),
+        (-0.1, 0.4, 1, "inconclusive"),
+        (-0.9, -0.1, -1, "reproduced"),
+    ],
+)
 def test_verdicts(low, high, direction, expected):
     assert stats.verdict(stats.Interval((low + high) / 2, low, high, 5), direction) == expected

@@ -70,8 +70,19 @@ def test_checkpoint_resume_continues_at_same_step_and_data(tmp_path):
         ckpt = checkpoint.Checkpointer(tmp_path / "ckpt")
         if ckpt.latest_step() is not None:
             state = ckpt.restore(checkpoint.abstract_like(state), it)
-        state = loop.fit("t", state, train_step, it, num_steps=num_steps, batch_size=16, mesh=mesh,
-                         ckpt=ckpt, writer=_NullWriter(), log_every=2, checkpoint_every=3)
+        state = loop.fit(
+            "t",
+            state,
+            train_step,
+            it,
+            num_steps=num_steps,
+            batch_size=16,
+            mesh=mesh,
+            ckpt=ckpt,
+            writer=_NullWriter(),
+            log_every=2,
+            checkpoint_every=3,
+        )
         ckpt.close()
         return state, next(it)
 
@@ -82,8 +93,11 @@ def test_checkpoint_resume_continues_at_same_step_and_data(tmp_path):
     resumed, resumed_next = run(6)
     assert int(resumed.step) == 6
     np.testing.assert_array_equal(straight_next["image"], resumed_next["image"])
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                 jax.device_get(straight.params), jax.device_get(resumed.params))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        jax.device_get(straight.params),
+        jax.device_get(resumed.params),
+    )
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -91,12 +105,34 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     state, train_step = make(mesh, lr=1e-3)
     it = pipeline.train_iterator(toy_source(), data_config(image_size=32), batch_size=16, seed=0)
     ckpt = checkpoint.Checkpointer(tmp_path / "ckpt")
-    state = loop.fit("t", state, train_step, it, num_steps=2, batch_size=16, mesh=mesh, ckpt=ckpt,
-                     writer=_NullWriter(), log_every=1, checkpoint_every=2)
+    state = loop.fit(
+        "t",
+        state,
+        train_step,
+        it,
+        num_steps=2,
+        batch_size=16,
+        mesh=mesh,
+        ckpt=ckpt,
+        writer=_NullWriter(),
+        log_every=1,
+        checkpoint_every=2,
+    )
     poisoned = state.replace(params=jax.tree.map(lambda p: p * np.nan, state.params))
     with pytest.raises(FloatingPointError, match="Non-finite.*at step 3.*step 2 verified"):
-        loop.fit("t", poisoned, train_step, it, num_steps=6, batch_size=16, mesh=mesh, ckpt=ckpt,
-                 writer=_NullWriter(), log_every=1, checkpoint_every=1)
+        loop.fit(
+            "t",
+            poisoned,
+            train_step,
+            it,
+            num_steps=6,
+            batch_size=16,
+            mesh=mesh,
+            ckpt=ckpt,
+            writer=_NullWriter(),
+            log_every=1,
+            checkpoint_every=1,
+        )
     ckpt.close()
     assert checkpoint.Checkpointer(tmp_path / "ckpt").latest_step() == 2
 
@@ -111,8 +147,9 @@ def test_optimizer_config_errors(name, message):
 def test_step_schedule_with_warmup_and_noise_is_deterministic():
     cfg = optimizer_config(lr=0.1, schedule="step", warmup_steps=5, decay_every=10, decay_rate=0.5)
     _, lr = optimizers.make_optimizer(cfg, 100)
-    np.testing.assert_allclose([float(lr(s)) for s in (0, 5, 14, 15, 24, 25)],
-                               [0.0, 0.1, 0.1, 0.05, 0.05, 0.025], rtol=1e-6)
+    np.testing.assert_allclose(
+        [float(lr(s)) for s in (0, 5, 14, 15, 24, 25)], [0.0, 0.1, 0.1, 0.05, 0.05, 0.025], rtol=1e-6
+    )
     cfg.noise_std = 0.1
     _, noisy = optimizers.make_optimizer(cfg, 100)
     a = [float(noisy(s)) for s in range(5, 40)]

@@ -42,8 +42,9 @@ def test_embedding_shape_and_determinism_by_seed():
 def test_figures_are_written_with_relevant_only_embedding(tmp_path):
     x, labels = blobs()
     relevant = [1, 3]
-    emb = umap_plot.umap_figures({"generalist": x, "specialist": x[:, ::-1] * 2}, labels, NAMES, relevant,
-                                 tmp_path, seed=0)
+    emb = umap_plot.umap_figures(
+        {"generalist": x, "specialist": x[:, ::-1] * 2}, labels, NAMES, relevant, tmp_path, seed=0
+    )
     assert {k: v.shape for k, v in emb["all"].items()} == {"generalist": (75, 2), "specialist": (75, 2)}
     assert {k: v.shape for k, v in emb["relevant"].items()} == {"generalist": (30, 2), "specialist": (30, 2)}
     for name in ("umap.png", "umap_relevant.png"):
@@ -58,12 +59,14 @@ def test_figures_are_written_with_relevant_only_embedding(tmp_path):
 def test_example_selection_per_class_and_shuffled():
     info = DatasetInfo("toy", NAMES, {}, (0.5,), (0.5,))
     labels = np.array([0] * 9 + [1] * 2 + [2] * 5 + [4] * 6)
-    src = ArraySource(np.arange(len(labels), dtype=np.uint8)[:, None, None] * np.ones((1, 2, 2), np.uint8),
-                      labels, info)
+    src = ArraySource(
+        np.arange(len(labels), dtype=np.uint8)[:, None, None] * np.ones((1, 2, 2), np.uint8), labels, info
+    )
     chosen = features.per_class(src, 4, seed=3)
     assert np.bincount(chosen.labels).tolist() == [4, 2, 4, 0, 4]  # class 1 has only 2
     assert [int(chosen[i]["image"][0, 0, 0]) for i in range(len(chosen))] == [
-        int(i) for i in chosen.indices]  # examples come from the positions chosen
+        int(i) for i in chosen.indices
+    ]  # examples come from the positions chosen
     assert (chosen.labels == labels[chosen.indices]).all()
     assert features.per_class(src, 4, seed=3).indices.tolist() == chosen.indices.tolist()
     assert features.per_class(src, 4, seed=4).indices.tolist() != chosen.indices.tolist()
@@ -88,8 +91,14 @@ def tiny_config(manifest):
 
 def _cli(*args):
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": "8"}  # the batch is sharded over 8 fake devices
-    return subprocess.run([sys.executable, "-m", "jaxspec.analysis", *args], capture_output=True, text=True,
-                          timeout=600, env=env, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "jaxspec.analysis", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        check=False,
+    )
 
 
 def _check_outputs(out: pathlib.Path, layers: list[str]) -> dict:
@@ -111,11 +120,17 @@ def test_cli_on_exported_models_extraction_keeps_every_layer(manifest, tmp_path)
     generalist = models.mobilenet_v3_small(30, rngs=nnx.Rngs(0), width_multiplier=0.25)
     spec = {"name": "mobilenet_v3_small", "width_multiplier": 0.25, "dropout_rate": 0.2}
     info = datasets.get_info("embedded")
-    for name, model, subset in (("generalist", generalist, range(30)),
-                                ("specialist", specialize.extract(generalist, range(10)), range(10))):
-        checkpoint.export_model(tmp_path / "models" / name, model, {**spec, "subset": list(subset)},
-                                preprocess=pipeline.preprocess_record(config.data, info),
-                                classes=checkpoint.classes_record(subset, info.class_names))
+    for name, model, subset in (
+        ("generalist", generalist, range(30)),
+        ("specialist", specialize.extract(generalist, range(10)), range(10)),
+    ):
+        checkpoint.export_model(
+            tmp_path / "models" / name,
+            model,
+            {**spec, "subset": list(subset)},
+            preprocess=pipeline.preprocess_record(config.data, info),
+            classes=checkpoint.classes_record(subset, info.class_names),
+        )
     (tmp_path / "results.json").write_text(json.dumps({"config": config.to_dict()}))
 
     layers = ["stem", "block3", "block10", "pre_logits", "logits"]
@@ -134,8 +149,9 @@ def test_cli_on_exported_models_extraction_keeps_every_layer(manifest, tmp_path)
 @pytest.mark.slow
 def test_cli_on_a_tiny_run(manifest, tmp_path):
     run.run(tiny_config(manifest), str(tmp_path))
-    proc = _cli(f"--workdir={tmp_path}", f"--out={tmp_path / 'a'}", "--per_class=2", "--batch_size=16",
-                "--estimator=full")
+    proc = _cli(
+        f"--workdir={tmp_path}", f"--out={tmp_path / 'a'}", "--per_class=2", "--batch_size=16", "--estimator=full"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = _check_outputs(tmp_path / "a", list(models.mobilenet_v3_small(1, rngs=nnx.Rngs(0)).layer_names))
     cka = np.asarray(record["cka"], float)

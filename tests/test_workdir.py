@@ -47,8 +47,9 @@ def _changed(config, key, value):
 
 
 @pytest.mark.xdist_group("tiny_main")  # on a copy of the session's tiny main run (tests/conftest.py)
-def test_changed_config_stops_naming_the_keys_and_overwrite_moves_only_changed_phases_aside(tiny_main_run, tmp_path,
-                                                                                          capsys):
+def test_changed_config_stops_naming_the_keys_and_overwrite_moves_only_changed_phases_aside(
+    tiny_main_run, tmp_path, capsys
+):
     wd = shutil.copytree(tiny_main_run.workdir, tmp_path / "w")  # a finished run of the tiny config
     first, manifest = tiny_main_run.results, tiny_main_run.config.data.manifest
     for key, value in (("specialize.subset", "clothing"), ("seed", 1)):
@@ -96,8 +97,11 @@ def test_workdirs_written_before_a_phase_field_existed_still_resume(tmp_path):
     config.scratch.reestimate_bn = False
     assert workdir.determinants(older) == workdir.determinants(config.to_dict())
     config.generalist.reestimate_bn = True
-    assert "generalist.reestimate_bn" in workdir.differing(workdir.determinants(older),
-                                                           workdir.determinants(config.to_dict()))[0]
+    assert (
+        "generalist.reestimate_bn"
+        in workdir.differing(workdir.determinants(older), workdir.determinants(config.to_dict()))[0]
+    )
+
     class Source:  # what a fingerprint reads of a source
         labels, info = np.zeros(4, np.int32), types.SimpleNamespace(digest="", class_names=("a", "b"))
 
@@ -107,8 +111,9 @@ def test_workdirs_written_before_a_phase_field_existed_still_resume(tmp_path):
     src = Source()
 
     def fp(phase):
-        return workdir.phase_fingerprint(phase=phase, seed=0, data_cfg=config.data, source=src, start={"w": np.ones(2)},
-                                         spec={"name": "m"})
+        return workdir.phase_fingerprint(
+            phase=phase, seed=0, data_cfg=config.data, source=src, start={"w": np.ones(2)}, spec={"name": "m"}
+        )
 
     old_phase = {k: v for k, v in config.specialize.to_dict().items() if k != "reestimate_bn"}
     assert fp(old_phase) == fp({**old_phase, "reestimate_bn": False}) != fp({**old_phase, "reestimate_bn": True})
@@ -128,9 +133,13 @@ def test_settings_that_cannot_change_results_may_differ(tmp_path):
 
 
 def _state(step: int, value: float) -> TrainState:
-    return TrainState(step=jnp.asarray(step, jnp.int32), params={"w": jnp.full((64, 8), value)},
-                      batch_stats={"m": jnp.full((8,), value)}, opt_state={"mu": jnp.full((64, 8), -value)},
-                      rng=jnp.zeros((2,), jnp.uint32))
+    return TrainState(
+        step=jnp.asarray(step, jnp.int32),
+        params={"w": jnp.full((64, 8), value)},
+        batch_stats={"m": jnp.full((8,), value)},
+        opt_state={"mu": jnp.full((64, 8), -value)},
+        rng=jnp.zeros((2,), jnp.uint32),
+    )
 
 
 def _iterator():
@@ -216,15 +225,37 @@ def test_nan_stop_names_its_step_and_a_verified_checkpoint_even_with_a_save_in_f
     data = ({"x": np.zeros((8,), np.float32)} for _ in iter(int, 1))
     writer = history.JsonlWriter(tmp_path / "m.jsonl")
     with pytest.raises(FloatingPointError) as e:
-        loop.fit("p", _state(0, 1.0), step, _Positioned(data), num_steps=10, batch_size=8, mesh=mesh, ckpt=ckpt,
-                 writer=writer, log_every=1, checkpoint_every=4)
+        loop.fit(
+            "p",
+            _state(0, 1.0),
+            step,
+            _Positioned(data),
+            num_steps=10,
+            batch_size=8,
+            mesh=mesh,
+            ckpt=ckpt,
+            writer=writer,
+            log_every=1,
+            checkpoint_every=4,
+        )
     assert "at step 5" in str(e.value) and "step 4 verified" in str(e.value)
     assert not checkpoint.step_problem(tmp_path / "c" / "4")
 
     empty = checkpoint.Checkpointer(tmp_path / "d")
     with pytest.raises(FloatingPointError, match="no checkpoint verifies"):
-        loop.fit("p", _state(0, 1.0), step, _Positioned(data), num_steps=10, batch_size=8, mesh=mesh, ckpt=empty,
-                 writer=writer, log_every=1, checkpoint_every=50)
+        loop.fit(
+            "p",
+            _state(0, 1.0),
+            step,
+            _Positioned(data),
+            num_steps=10,
+            batch_size=8,
+            mesh=mesh,
+            ckpt=empty,
+            writer=writer,
+            log_every=1,
+            checkpoint_every=50,
+        )
 
 
 class _Positioned:
@@ -248,10 +279,13 @@ class _Positioned:
 
 
 def test_a_second_run_on_a_locked_workdir_stops_before_any_work(manifest, tmp_path):
-    probe = ("import sys; from jaxspec.train import workdir; l = workdir.Lock(sys.argv[1]); l.acquire(); "
-             "print('locked', flush=True); sys.stdin.read()")
-    holder = subprocess.Popen([sys.executable, "-c", probe, str(tmp_path)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    probe = (
+        "import sys; from jaxspec.train import workdir; l = workdir.Lock(sys.argv[1]); l.acquire(); "
+        "print('locked', flush=True); sys.stdin.read()"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", probe, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(workdir.WorkdirError, match=rf"in use by pid {holder.pid} on host"):
@@ -278,8 +312,13 @@ def test_exports_describe_the_model_itself_and_are_repaired_when_incomplete(mani
     wide = models.get_model("mobilenet_v3_small", 30, rngs=nnx.Rngs(3), width_multiplier=0.5)
     config = tiny(manifest, **{"generalist.init": str(tmp_path / "wide")})
     info = datasets.get_info("embedded")
-    checkpoint.export_model(tmp_path / "wide", wide, {}, preprocess=pipeline.preprocess_record(config.data, info),
-                            classes=checkpoint.classes_record(range(30), info.class_names))
+    checkpoint.export_model(
+        tmp_path / "wide",
+        wide,
+        {},
+        preprocess=pipeline.preprocess_record(config.data, info),
+        classes=checkpoint.classes_record(range(30), info.class_names),
+    )
     run.run(config, str(tmp_path / "w"))
     for name in ("generalist", "specialist"):
         model, spec = checkpoint.load_model(tmp_path / "w" / "models" / name)
@@ -293,8 +332,13 @@ def test_exports_describe_the_model_itself_and_are_repaired_when_incomplete(mani
 
 def test_an_exported_detector_loads_with_the_documented_loader(tmp_path):
     det = models.get_model("yolov5n", 4, rngs=nnx.Rngs(0))
-    checkpoint.export_model(tmp_path / "det", det, {}, classes=checkpoint.classes_record(range(4), "abcd"),
-                            preprocess=det_data.preprocess_record(det_data.default_config(), scenes.scenes_info()))
+    checkpoint.export_model(
+        tmp_path / "det",
+        det,
+        {},
+        classes=checkpoint.classes_record(range(4), "abcd"),
+        preprocess=det_data.preprocess_record(det_data.default_config(), scenes.scenes_info()),
+    )
     loaded, spec = checkpoint.load_model(tmp_path / "det")
     assert spec["name"] == "yolov5n" and loaded.num_classes == 4
     x = jnp.zeros((1, 64, 64, 3))
@@ -307,10 +351,21 @@ def test_an_exported_detector_loads_with_the_documented_loader(tmp_path):
 
 
 BAD = [
-    ("generalist.steps", -5), ("generalist.steps", 0), ("specialize.batch_size", 0), ("specialize.batch_size", -32),
-    ("generalist.batch_size", 12), ("checkpoint_every", 0), ("log_every", 0), ("eval.batch_size", 0),
-    ("specialize.method", "bogus"), ("specialize.optim.optimizer", "adagrad"), ("generalist.optim.lr", -1.0),
-    ("specialize.label_smoothing", 1.5), ("model.dtype", "float16"), ("model.name", "resnet50"), ("seed", -1),
+    ("generalist.steps", -5),
+    ("generalist.steps", 0),
+    ("specialize.batch_size", 0),
+    ("specialize.batch_size", -32),
+    ("generalist.batch_size", 12),
+    ("checkpoint_every", 0),
+    ("log_every", 0),
+    ("eval.batch_size", 0),
+    ("specialize.method", "bogus"),
+    ("specialize.optim.optimizer", "adagrad"),
+    ("generalist.optim.lr", -1.0),
+    ("specialize.label_smoothing", 1.5),
+    ("model.dtype", "float16"),
+    ("model.name", "resnet50"),
+    ("seed", -1),
     ("data.num_workers", -2),
 ]
 
@@ -334,8 +389,12 @@ def test_unreadable_files_are_refused_before_any_work(tmp_path):
     truncated.write_bytes(good.read_bytes()[:200_000])
     bad_manifest = tmp_path / "manifest.json"
     bad_manifest.write_text('{"images": ')
-    for key, value in (("generalist.init", str(garbage)), ("generalist.init", str(truncated)),
-                       ("generalist.init", str(tmp_path)), ("data.manifest", str(bad_manifest))):
+    for key, value in (
+        ("generalist.init", str(garbage)),
+        ("generalist.init", str(truncated)),
+        ("generalist.init", str(tmp_path)),
+        ("data.manifest", str(bad_manifest)),
+    ):
         config = animals.get_config("tiny")
         config.update_from_flattened_dict({key: value})
         with pytest.raises(validate.ConfigError, match=f"^{key}="):
@@ -363,12 +422,18 @@ def test_an_unknown_experiment_kind_is_refused(tmp_path):
 
 
 def test_cli_errors_are_one_line(tmp_path):
-    for arg, expected in (("--config.specialize.stepz=3", "unknown key 'stepz' in specialize; valid keys: "),
-                          ("--config.foo=1", "unknown key 'foo' in the config"),
-                          ("--config.generalist.steps=-5", "generalist.steps=-5 is not allowed")):
-        proc = subprocess.run([sys.executable, "-m", "jaxspec.main", "--config=configs/animals.py:tiny",
-                               f"--workdir={tmp_path}", arg], capture_output=True, text=True, timeout=300)
-        lines = [l for l in proc.stderr.splitlines() if l.startswith("jaxspec:")]
+    for arg, expected in (
+        ("--config.specialize.stepz=3", "unknown key 'stepz' in specialize; valid keys: "),
+        ("--config.foo=1", "unknown key 'foo' in the config"),
+        ("--config.generalist.steps=-5", "generalist.steps=-5 is not allowed"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "jaxspec.main", "--config=configs/animals.py:tiny", f"--workdir={tmp_path}", arg],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("jaxspec:")]
         assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
 
@@ -387,9 +452,19 @@ def test_metrics_are_on_disk_at_each_checkpoint(tmp_path):
 
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
     data = _Positioned({"x": np.zeros((8,), np.float32)} for _ in iter(int, 1))
-    loop.fit("p", _state(0, 1.0), step, data, num_steps=6, batch_size=8, mesh=mesh,
-             ckpt=checkpoint.Checkpointer(tmp_path / "c"), writer=history.JsonlWriter(path),
-             log_every=1, checkpoint_every=3)
+    loop.fit(
+        "p",
+        _state(0, 1.0),
+        step,
+        data,
+        num_steps=6,
+        batch_size=8,
+        mesh=mesh,
+        ckpt=checkpoint.Checkpointer(tmp_path / "c"),
+        writer=history.JsonlWriter(path),
+        log_every=1,
+        checkpoint_every=3,
+    )
     assert seen[3] == 3  # when step 4 starts, steps 1-3 (up to the checkpoint at 3) are in the file
 
 
@@ -403,10 +478,20 @@ def test_write_atomic_leaves_no_partial_file(tmp_path):
 
 
 def _cli_args(manifest, workdir_path):
-    return [sys.executable, "-m", "jaxspec.main", "--config=configs/animals.py:tiny", f"--workdir={workdir_path}",
-            f"--config.data.manifest={manifest}", f"--config.data.data_dir={os.path.dirname(manifest)}/cache",
-            "--config.specialize.control=False", "--config.generalist.steps=24", "--config.specialize.steps=12",
-            "--config.checkpoint_every=4", "--config.log_every=1"]
+    return [
+        sys.executable,
+        "-m",
+        "jaxspec.main",
+        "--config=configs/animals.py:tiny",
+        f"--workdir={workdir_path}",
+        f"--config.data.manifest={manifest}",
+        f"--config.data.data_dir={os.path.dirname(manifest)}/cache",
+        "--config.specialize.control=False",
+        "--config.generalist.steps=24",
+        "--config.specialize.steps=12",
+        "--config.checkpoint_every=4",
+        "--config.log_every=1",
+    ]
 
 
 def _final_states(wd):
@@ -416,8 +501,11 @@ def _final_states(wd):
     for phase in sorted((wd / "checkpoints").iterdir()):
         last = max(int(p.name) for p in phase.iterdir() if p.name.isdigit())
         state = ocp.StandardCheckpointer().restore(phase / str(last) / "state")
-        position = [p.read_bytes() for p in sorted((phase / str(last) / "data").rglob("*"))
-                    if p.is_file() and p.name != "commit_success.txt"]  # that one names its own path
+        position = [
+            p.read_bytes()
+            for p in sorted((phase / str(last) / "data").rglob("*"))
+            if p.is_file() and p.name != "commit_success.txt"
+        ]  # that one names its own path
         out[phase.name] = (last, state, position)
     return out
 
@@ -430,8 +518,9 @@ def test_sigkill_at_random_steps_then_resume_is_bit_identical(manifest, tmp_path
 
     killed_at = []
     for target in targets:
-        proc = subprocess.Popen(_cli_args(manifest, tmp_path / "killed"), stderr=subprocess.PIPE,
-                                stdout=subprocess.DEVNULL, text=True)
+        proc = subprocess.Popen(
+            _cli_args(manifest, tmp_path / "killed"), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+        )
         for line in proc.stderr:
             parts = line.split()
             if len(parts) > 2 and parts[1] == "step" and "/" in parts[2]:

@@ -26,9 +26,9 @@ from jaxspec.models.yolov5 import (
 # layers, 7235389 parameters") and after fusing BatchNorm into the convolutions
 # ("Fusing layers... 7225885 parameters"), which its README table rounds to
 # 0.1M (YOLOv5n's 1.87M reads 1.9M there, 1.7% away; the exact counts are the test).
-_TORCH_COUNTS = {'n': 1_872_157, 's': 7_235_389, 'm': 21_190_557, 'l': 46_563_709, 'x': 86_749_405}
-_FUSED_COUNTS = {'n': 1_867_405, 's': 7_225_885, 'm': 21_172_173, 'l': 46_533_693, 'x': 86_705_005}
-_PUBLISHED = {'n': 1.9e6, 's': 7.2e6, 'm': 21.2e6, 'l': 46.5e6, 'x': 86.7e6}
+_TORCH_COUNTS = {"n": 1_872_157, "s": 7_235_389, "m": 21_190_557, "l": 46_563_709, "x": 86_749_405}
+_FUSED_COUNTS = {"n": 1_867_405, "s": 7_225_885, "m": 21_172_173, "l": 46_533_693, "x": 86_705_005}
+_PUBLISHED = {"n": 1.9e6, "s": 7.2e6, "m": 21.2e6, "l": 46.5e6, "x": 86.7e6}
 _PARAMLESS = {11, 12, 15, 16, 19, 22}  # Upsample and Concat
 
 
@@ -37,46 +37,52 @@ def _count(tree) -> int:
 
 
 def _paths(model) -> dict[str, tuple[int, ...]]:
-    return {'/'.join(map(str, path)): v.shape
-            for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return {"/".join(map(str, path)): v.shape for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def tiny():
     """YOLOv5n with 3 classes, built once for the tests that need real values."""
-    return yolov5('n', 3, rngs=nnx.Rngs(0))
+    return yolov5("n", 3, rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize('scale', list(SCALES))
+@pytest.mark.parametrize("scale", list(SCALES))
 def test_parameter_count_matches_yolov5(scale):
     model = nnx.eval_shape(lambda: yolov5(scale, 80, rngs=nnx.Rngs(0)))
     count = _count(nnx.state(model, nnx.Param))
     assert count == _TORCH_COUNTS[scale]
     # Fusing replaces each BatchNorm's scale and bias (2 per channel) by a conv bias (1).
-    bn_channels = sum(v.shape[0] for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
-                      if path[-2] == 'bn' and path[-1] == 'scale')
+    bn_channels = sum(
+        v.shape[0]
+        for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+        if path[-2] == "bn" and path[-1] == "scale"
+    )
     fused = count - bn_channels
     assert fused == _FUSED_COUNTS[scale]
     assert round(fused / 1e6, 1) == _PUBLISHED[scale] / 1e6
 
 
 def test_get_model_and_bad_arguments():
-    model = nnx.eval_shape(lambda: models.get_model('yolov5s', 80, rngs=nnx.Rngs(0)))
-    assert _count(nnx.state(model, nnx.Param)) == _TORCH_COUNTS['s']
+    model = nnx.eval_shape(lambda: models.get_model("yolov5s", 80, rngs=nnx.Rngs(0)))
+    assert _count(nnx.state(model, nnx.Param)) == _TORCH_COUNTS["s"]
     with pytest.raises(ValueError, match="'q'"):
-        yolov5('q', 80, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match='num_classes'):
-        yolov5('n', 0, rngs=nnx.Rngs(0))
+        yolov5("q", 80, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="num_classes"):
+        yolov5("n", 0, rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize('value, divisor, expected', [(64 * 0.25, 8, 16), (1024 * 0.75, 8, 768),
-                                                      (1024 * 1.25, 8, 1280), (100, 8, 104), (3, 8, 8)])
+@pytest.mark.parametrize(
+    "value, divisor, expected",
+    [(64 * 0.25, 8, 16), (1024 * 0.75, 8, 768), (1024 * 1.25, 8, 1280), (100, 8, 104), (3, 8, 8)],
+)
 def test_make_divisible_rounds_up(value, divisor, expected):
     assert make_divisible(value, divisor) == expected
 
 
-@pytest.mark.parametrize('repeats, depth, expected', [(1, 0.33, 1), (3, 0.33, 1), (6, 0.33, 2), (9, 0.33, 3),
-                                                      (3, 0.67, 2), (9, 0.67, 6), (3, 1.33, 4), (9, 1.33, 12)])
+@pytest.mark.parametrize(
+    "repeats, depth, expected",
+    [(1, 0.33, 1), (3, 0.33, 1), (6, 0.33, 2), (9, 0.33, 3), (3, 0.67, 2), (9, 0.67, 6), (3, 1.33, 4), (9, 1.33, 12)],
+)
 def test_scaled_depth(repeats, depth, expected):
     assert scaled_depth(repeats, depth) == expected
 
@@ -88,26 +94,26 @@ def test_output_shapes(tiny):
     assert all(bool(jnp.all(jnp.isfinite(o))) for o in outs)
     shapes = nnx.eval_shape(lambda m, x: m(x), tiny, jnp.zeros((1, 96, 128, 3)))
     assert [o.shape for o in shapes] == [(1, 12, 16, 3, 8), (1, 6, 8, 3, 8), (1, 3, 4, 3, 8)]
-    with pytest.raises(ValueError, match='80x64'):
+    with pytest.raises(ValueError, match="80x64"):
         tiny(jnp.zeros((1, 80, 64, 3)))
 
 
 def test_layer_index_paths():
-    model = nnx.eval_shape(lambda: yolov5('n', 80, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: yolov5("n", 80, rngs=nnx.Rngs(0)))
     paths = _paths(model)
-    index = {int(re.match(r'layers/(\d+)/', p).group(1)) for p in paths}
+    index = {int(re.match(r"layers/(\d+)/", p).group(1)) for p in paths}
     assert index == set(range(25)) - _PARAMLESS
     # Widths of yolov5n.yaml (width 0.25): stem 64 -> 16, SPPF 1024 -> 256, neck conv 10 512 -> 128.
-    assert paths['layers/0/conv/kernel'] == (6, 6, 3, 16)
-    assert paths['layers/9/cv2/conv/kernel'] == (1, 1, 4 * 128, 256)
-    assert paths['layers/10/conv/kernel'] == (1, 1, 256, 128)
+    assert paths["layers/0/conv/kernel"] == (6, 6, 3, 16)
+    assert paths["layers/9/cv2/conv/kernel"] == (1, 1, 4 * 128, 256)
+    assert paths["layers/10/conv/kernel"] == (1, 1, 256, 128)
     # Layer 13's C3 reads the concat of upsampled layer 10 (128) and layer 6 (128).
-    assert paths['layers/13/cv1/conv/kernel'] == (1, 1, 256, 64)
+    assert paths["layers/13/cv1/conv/kernel"] == (1, 1, 256, 64)
     for i, cin in zip(range(3), (64, 128, 256)):  # Detect reads layers 17, 20, 23
-        assert paths[f'layers/24/m/{i}/kernel'] == (1, 1, cin, 3 * 85)
+        assert paths[f"layers/24/m/{i}/kernel"] == (1, 1, cin, 3 * 85)
     # "Freeze layers 10-12" selects the neck's first Conv and nothing else.
-    frozen = {p for p in paths if re.match(r'^layers/(10|11|12)/', p)}
-    assert frozen == {'layers/10/conv/kernel', 'layers/10/bn/scale', 'layers/10/bn/bias'}
+    frozen = {p for p in paths if re.match(r"^layers/(10|11|12)/", p)}
+    assert frozen == {"layers/10/conv/kernel", "layers/10/bn/scale", "layers/10/bn/bias"}
     # Anchors and strides are static metadata: the state is parameters and BatchNorm statistics only.
     assert len(jax.tree.leaves(nnx.state(model))) == len(jax.tree.leaves(nnx.state(model, nnx.Param, nnx.BatchStat)))
     # C3 repeats of yolov5n: 1, 2, 3, 1 in the backbone.
@@ -129,8 +135,9 @@ def test_batchnorm_uses_yolov5_momentum(tiny):
     y = conv.conv(x)
     before = np.asarray(conv.bn.mean[...])
     conv.bn(y)
-    np.testing.assert_allclose(conv.bn.mean[...], 0.97 * before + 0.03 * np.mean(np.asarray(y), axis=(0, 1, 2)),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        conv.bn.mean[...], 0.97 * before + 0.03 * np.mean(np.asarray(y), axis=(0, 1, 2)), rtol=1e-5, atol=1e-6
+    )
     assert conv.bn.epsilon == 1e-3
 
 
@@ -147,8 +154,12 @@ def test_decode_matches_closed_form():
                 for a in range(3):
                     for b in range(2):
                         t = out[b, row, col, a]
-                        expected = [(2 * sig(t[0]) - 0.5 + col) * stride, (2 * sig(t[1]) - 0.5 + row) * stride,
-                                    4 * sig(t[2]) ** 2 * anchors[a][0], 4 * sig(t[3]) ** 2 * anchors[a][1]]
+                        expected = [
+                            (2 * sig(t[0]) - 0.5 + col) * stride,
+                            (2 * sig(t[1]) - 0.5 + row) * stride,
+                            4 * sig(t[2]) ** 2 * anchors[a][0],
+                            4 * sig(t[3]) ** 2 * anchors[a][1],
+                        ]
                         np.testing.assert_allclose(boxes[b, n], expected, rtol=1e-5)
                         np.testing.assert_allclose(obj[b, n], sig(t[4]), rtol=1e-5)
                         np.testing.assert_allclose(cls[b, n], [sig(v) for v in t[5:]], rtol=1e-5)

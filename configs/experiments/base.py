@@ -15,14 +15,20 @@ def classification(arg: str | None, **defaults) -> tuple[ml_collections.ConfigDi
     `data=imagenet` (the real recipes; not run in CI); `seeds=N`.
     """
     arg = common.parse_arg(arg, data="embedded", tiny=False, seeds=3, **defaults)
-    bases = {"embedded": lambda: animals.get_config("tiny" if arg.tiny else None),
-             "cifar100": cifar100_animals.get_config, "imagenet": imagenet_animals.get_config}
+    bases = {
+        "embedded": lambda: animals.get_config("tiny" if arg.tiny else None),
+        "cifar100": cifar100_animals.get_config,
+        "imagenet": imagenet_animals.get_config,
+    }
     if arg.data not in bases:
         raise ValueError(f"Unknown data={arg.data!r}; choose one of {sorted(bases)}")
     config = bases[arg.data]()
     lex_k = {"embedded": 5, "cifar100": 5, "imagenet": 5}[arg.data]  # Table 1: 5 x 200 on ImageNet
-    config.groupings = dict(lex=common.grouping("lexicographic", k=lex_k), semantic=common.grouping("semantic"),
-                            random=common.grouping("random"))  # random: the semantic groups' sizes
+    config.groupings = dict(
+        lex=common.grouping("lexicographic", k=lex_k),
+        semantic=common.grouping("semantic"),
+        random=common.grouping("random"),
+    )  # random: the semantic groups' sizes
     return config, arg
 
 

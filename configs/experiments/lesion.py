@@ -51,10 +51,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "standard error over classes); impact = accuracy lost when A's units are silenced, A's units re-ranked "
             "after retraining; overlap = share of the original A units among the re-ranked ones."
         ),
-        "grid": {"mode": ["none", "init", "always"], "retrain": ["A", "B", "both"],
-                 "seed": list(range(1 if arg.tiny else arg.seeds))},
-        "columns": ["top1_A_before", "top1_B_before", "delta_top1_A", "delta_top1_A_se", "delta_top1_B",
-                    "delta_top1_B_se", "impact_diff_top1_before", "impact_diff_top1_after", "overlap"],
+        "grid": {
+            "mode": ["none", "init", "always"],
+            "retrain": ["A", "B", "both"],
+            "seed": list(range(1 if arg.tiny else arg.seeds)),
+        },
+        "columns": [
+            "top1_A_before",
+            "top1_B_before",
+            "delta_top1_A",
+            "delta_top1_A_se",
+            "delta_top1_B",
+            "delta_top1_B_se",
+            "impact_diff_top1_before",
+            "impact_diff_top1_after",
+            "overlap",
+        ],
     }
     if arg.tiny:
         config.lesion.retrain.steps = 10

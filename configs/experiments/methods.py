@@ -1,6 +1,6 @@
 """Specialization methods compared on one group, with validation accuracy over fine-tuning steps (Fig. 5a).
 
-  python -m jaxspec.experiments --config=configs/experiments/methods.py --workdir=/tmp/methods
+python -m jaxspec.experiments --config=configs/experiments/methods.py --workdir=/tmp/methods
 """
 
 import ml_collections

@@ -71,12 +71,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             f"(width {teacher['width_multiplier']}); S: subset_size random classes drawn by seed; test top-1 on S. "
             "teacher / generalist: the large / student-size generalist restricted to S; scratch: trained on D_S; "
             "finetuned: extracted from the student-size generalist and fine-tuned; skd: scratch + SKD loss."
-            + (f" Shortened: student-size generalist {config.generalist.steps} steps, scratch and SKD "
-               f"{config.scratch.steps}, fine-tuning {config.specialize.steps}." if (arg.scale, gen_scale) != (1.0, 1.0)
-               else "")
+            + (
+                f" Shortened: student-size generalist {config.generalist.steps} steps, scratch and SKD "
+                f"{config.scratch.steps}, fine-tuning {config.specialize.steps}."
+                if (arg.scale, gen_scale) != (1.0, 1.0)
+                else ""
+            )
         ),
-        "grid": {"subset_size": sizes, "student": ["teacher", "generalist", "scratch", "finetuned", "skd"],
-                 "seed": list(range(1 if arg.tiny else arg.seeds))},
+        "grid": {
+            "subset_size": sizes,
+            "student": ["teacher", "generalist", "scratch", "finetuned", "skd"],
+            "seed": list(range(1 if arg.tiny else arg.seeds)),
+        },
         "columns": ["top1", "top2", "params"],
     }
     if arg.tiny:

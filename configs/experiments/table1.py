@@ -1,7 +1,7 @@
 """Paper Table 1: equal lexicographic splits, generalist vs tuned specialist per group, plus the average.
 
-  python -m jaxspec.experiments --config=configs/experiments/table1.py --workdir=/tmp/table1
-  ... table1.py:data=cifar100 | :data=imagenet (real recipes) | :tiny (tests)
+python -m jaxspec.experiments --config=configs/experiments/table1.py --workdir=/tmp/table1
+... table1.py:data=cifar100 | :data=imagenet (real recipes) | :tiny (tests)
 """
 
 import ml_collections

@@ -1,6 +1,6 @@
 """Paper Table 2: the dynamically configured system (generalist routes, group specialist decides) vs the generalist.
 
-  python -m jaxspec.experiments --config=configs/experiments/table2.py --workdir=/tmp/table2
+python -m jaxspec.experiments --config=configs/experiments/table2.py --workdir=/tmp/table2
 """
 
 import ml_collections
@@ -15,10 +15,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         kind="routed",
         title="Table 2: routed system vs generalist on all classes",
         description="One extracted specialist per group; the generalist's predicted class picks the specialist. "
-                    "Groupings: lexicographic, semantic, and Hinton-style clusters of the classes the generalist "
-                    "confuses on validation data.",
-        grid=dict(grouping=["lex", "semantic", "confusion"], method=["extract"],
-                  seed=list(range(1 if arg.tiny else arg.seeds))),
+        "Groupings: lexicographic, semantic, and Hinton-style clusters of the classes the generalist "
+        "confuses on validation data.",
+        grid=dict(
+            grouping=["lex", "semantic", "confusion"],
+            method=["extract"],
+            seed=list(range(1 if arg.tiny else arg.seeds)),
+        ),
         columns=["generalist_top1", "control_top1", "routed_top1", "gain_top1", "routing_accuracy"],
     )
     config.groupings.confusion = common.grouping("confusion", k=3)  # as many groups as the semantic ones

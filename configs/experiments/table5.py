@@ -1,7 +1,7 @@
 """Paper Table 5: gradual specialization (generalist -> animals -> horse) vs direct (generalist -> horse).
 
-  python -m jaxspec.experiments --config=configs/experiments/table5.py --workdir=/tmp/table5
-  ... table5.py:data=coco | :tiny | :seeds=1
+python -m jaxspec.experiments --config=configs/experiments/table5.py --workdir=/tmp/table5
+... table5.py:data=coco | :tiny | :seeds=1
 """
 
 import ml_collections
@@ -16,9 +16,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "kind": "detect",
         "title": "Table 5: gradual specialization",
         "description": f"`{arg.target}` directly from the generalist vs through the `{arg.subset}` specialist "
-                       "(each stage domain constrained; the chain is `a>b`).",
-        "grid": {"group": [chain] if arg.tiny else [arg.target, chain], "method": [config.specialize.method],
-                 "seed": list(range(1 if arg.tiny else arg.seeds))},
+        "(each stage domain constrained; the chain is `a>b`).",
+        "grid": {
+            "group": [chain] if arg.tiny else [arg.target, chain],
+            "method": [config.specialize.method],
+            "seed": list(range(1 if arg.tiny else arg.seeds)),
+        },
         "columns": ["generalist_F", "specialist_F", "dF", "specialist_mAP50", "specialist_mAP50_95"],
     }
     return config

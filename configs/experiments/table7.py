@@ -19,10 +19,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "kind": "detect",
         "title": "Table 7: freezing while specializing",
         "description": "`freeze` lists frozen YOLOv5 layers; `freeze_bn_stats` keeps BatchNorm's running statistics.",
-        "grid": {"group": [arg.subset], "method": [config.specialize.method],
-                 "freeze": ["layers:10-12"] if arg.tiny else FREEZE,
-                 "freeze_bn_stats": [True] if arg.tiny else [False, True],
-                 "seed": list(range(1 if arg.tiny else arg.seeds))},
+        "grid": {
+            "group": [arg.subset],
+            "method": [config.specialize.method],
+            "freeze": ["layers:10-12"] if arg.tiny else FREEZE,
+            "freeze_bn_stats": [True] if arg.tiny else [False, True],
+            "seed": list(range(1 if arg.tiny else arg.seeds)),
+        },
         "columns": ["generalist_F", "specialist_F", "dF", "specialist_mAP50", "specialist_mAP50_95"],
     }
     return config

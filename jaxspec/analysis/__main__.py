@@ -35,12 +35,18 @@ _PER_CLASS = flags.DEFINE_integer("per_class", 50, "UMAP: examples per class.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 0, "Batch size (default: the run's eval batch size).")
 _LAYERS = flags.DEFINE_list("layers", [], "CKA: layer names (default: every layer of each model).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the CKA batch order, the UMAP examples and UMAP itself.")
-_ESTIMATOR = flags.DEFINE_enum("estimator", "minibatch", ESTIMATORS,
-                               "CKA: minibatch (unbiased HSIC, any dataset size) or full (all activations in memory).")
-_CKA_ON = flags.DEFINE_enum("cka_on", "relevant", CKA_ON,
-                            "CKA on the relevant classes' examples (the specialist's domain) or on all.")
-_SPATIAL = flags.DEFINE_enum("spatial", "flatten", features.SPATIAL,
-                             "CKA: flatten spatial maps (Kornblith et al.) or average them over space.")
+_ESTIMATOR = flags.DEFINE_enum(
+    "estimator",
+    "minibatch",
+    ESTIMATORS,
+    "CKA: minibatch (unbiased HSIC, any dataset size) or full (all activations in memory).",
+)
+_CKA_ON = flags.DEFINE_enum(
+    "cka_on", "relevant", CKA_ON, "CKA on the relevant classes' examples (the specialist's domain) or on all."
+)
+_SPATIAL = flags.DEFINE_enum(
+    "spatial", "flatten", features.SPATIAL, "CKA: flatten spatial maps (Kornblith et al.) or average them over space."
+)
 _SPECIALIST = flags.DEFINE_string("specialist", "specialist", "Which model under WORKDIR/models/ is the specialist.")
 
 
@@ -66,9 +72,20 @@ def _layers(model, wanted: Sequence[str], role: str) -> list[str]:
     return list(wanted)
 
 
-def analyse(workdir, *, out=None, split: str = "", per_class: int = 50, batch_size: int = 0,
-            layers: Sequence[str] = (), seed: int = 0, estimator: str = "minibatch", cka_on: str = "relevant",
-            spatial: str = "flatten", specialist: str = "specialist") -> dict:
+def analyse(
+    workdir,
+    *,
+    out=None,
+    split: str = "",
+    per_class: int = 50,
+    batch_size: int = 0,
+    layers: Sequence[str] = (),
+    seed: int = 0,
+    estimator: str = "minibatch",
+    cka_on: str = "relevant",
+    spatial: str = "flatten",
+    specialist: str = "specialist",
+) -> dict:
     """CKA and UMAP of a finished run's generalist vs specialist; returns what cka.json holds."""
     for name, value, choices in (("estimator", estimator, ESTIMATORS), ("cka_on", cka_on, CKA_ON)):
         if value not in choices:
@@ -94,10 +111,13 @@ def analyse(workdir, *, out=None, split: str = "", per_class: int = 50, batch_si
 
     cka_source = ConstrainedSource(source, subset) if cka_on == "relevant" else source
     if main:
-        print(f"jaxspec.analysis: {workdir}: generalist vs {specialist} on {info.name} {split} "
-              f"(S = {len(subset)} classes); {estimator} CKA on {cka_on} examples ({len(cka_source)}), "
-              f"{len(layers_a)}x{len(layers_b)} layers, batch {batch_size}, {jax.device_count()} "
-              f"{jax.default_backend()} device(s)", flush=True)
+        print(
+            f"jaxspec.analysis: {workdir}: generalist vs {specialist} on {info.name} {split} "
+            f"(S = {len(subset)} classes); {estimator} CKA on {cka_on} examples ({len(cka_source)}), "
+            f"{len(layers_a)}x{len(layers_b)} layers, batch {batch_size}, {jax.device_count()} "
+            f"{jax.default_backend()} device(s)",
+            flush=True,
+        )
     kw = dict(layers_a=layers_a, layers_b=layers_b, spatial=spatial, **common)
     if estimator == "minibatch":
         result = cka.minibatch_cka(generalist, spec_model, cka_source, seed=seed, **kw)
@@ -107,13 +127,23 @@ def analyse(workdir, *, out=None, split: str = "", per_class: int = 50, batch_si
     umap_source = features.per_class(source, per_class, seed=seed)
     feats = features.collect([generalist, spec_model], [["pre_logits"]] * 2, umap_source, **common)
     record = {
-        "workdir": str(workdir), "split": split, "specialist": specialist, "cka_on": cka_on,
-        "subset": subset, "subset_names": [info.class_names[c] for c in subset], "seed": seed,
-        "estimator": estimator, "spatial": spatial, "batch_size": batch_size,
+        "workdir": str(workdir),
+        "split": split,
+        "specialist": specialist,
+        "cka_on": cka_on,
+        "subset": subset,
+        "subset_names": [info.class_names[c] for c in subset],
+        "seed": seed,
+        "estimator": estimator,
+        "spatial": spatial,
+        "batch_size": batch_size,
         "num_examples": result["num_examples"],
-        "layers_generalist": layers_a, "layers_specialist": layers_b,
-        "cka": result["cka"], "same_layer": cka.same_layer(result),
-        "cka_generalist_layers": result["cka_aa"], "cka_specialist_layers": result["cka_bb"],
+        "layers_generalist": layers_a,
+        "layers_specialist": layers_b,
+        "cka": result["cka"],
+        "same_layer": cka.same_layer(result),
+        "cka_generalist_layers": result["cka_aa"],
+        "cka_specialist_layers": result["cka_bb"],
         "umap": {"per_class": per_class, "num_examples": len(umap_source)},
     }
     record = _json_safe(record)
@@ -122,20 +152,39 @@ def analyse(workdir, *, out=None, split: str = "", per_class: int = 50, batch_si
         names = ("generalist", specialist)
         cka.plot_heatmap(result, out / "cka_heatmap.png", names=names)
         cka.plot_same_layer(result, out / "cka_same_layer.png", names=names)
-        umap_plot.umap_figures({"generalist": feats[0]["pre_logits"], specialist: feats[1]["pre_logits"]},
-                               umap_source.labels, info.class_names, subset, out, seed=seed)
+        umap_plot.umap_figures(
+            {"generalist": feats[0]["pre_logits"], specialist: feats[1]["pre_logits"]},
+            umap_source.labels,
+            info.class_names,
+            subset,
+            out,
+            seed=seed,
+        )
         files.write_json(out / "cka.json", record, indent=1)
         same = "  ".join(f"{k} {v:.3f}" for k, v in record["same_layer"].items() if v is not None)
-        print(f"same-layer CKA: {same}\nwrote {out}/{{cka.json, cka_heatmap.png, cka_same_layer.png, "
-              f"umap.png, umap_relevant.png}}", flush=True)
+        print(
+            f"same-layer CKA: {same}\nwrote {out}/{{cka.json, cka_heatmap.png, cka_same_layer.png, "
+            f"umap.png, umap_relevant.png}}",
+            flush=True,
+        )
     return record
 
 
 def main(argv):
     start(argv)
-    analyse(_WORKDIR.value, out=_OUT.value, split=_SPLIT.value, per_class=_PER_CLASS.value,
-            batch_size=_BATCH_SIZE.value, layers=_LAYERS.value, seed=_SEED.value, estimator=_ESTIMATOR.value,
-            cka_on=_CKA_ON.value, spatial=_SPATIAL.value, specialist=_SPECIALIST.value)
+    analyse(
+        _WORKDIR.value,
+        out=_OUT.value,
+        split=_SPLIT.value,
+        per_class=_PER_CLASS.value,
+        batch_size=_BATCH_SIZE.value,
+        layers=_LAYERS.value,
+        seed=_SEED.value,
+        estimator=_ESTIMATOR.value,
+        cka_on=_CKA_ON.value,
+        spatial=_SPATIAL.value,
+        specialist=_SPECIALIST.value,
+    )
 
 
 if __name__ == "__main__":

@@ -146,8 +146,9 @@ def minibatch_cka(
     modeldefs, variables = features.split([model_a, model_b])
     act_fn = features.make_activation_fn(modeldefs, [layers_a, layers_b], mean=mean, std=std, spatial=spatial)
     totals = None
-    for out in features.run_over(make_hsic_step(act_fn), variables, source, mesh=mesh, data_cfg=data_cfg,
-                                 batch_size=batch_size, name="cka"):
+    for out in features.run_over(
+        make_hsic_step(act_fn), variables, source, mesh=mesh, data_cfg=data_cfg, batch_size=batch_size, name="cka"
+    ):
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = jax.device_get(totals)
     count = float(totals["count"])
@@ -184,9 +185,17 @@ def full_cka(
     spatial: str = "flatten",
 ) -> dict:
     """Full-batch CKA between every layer of `model_a` and of `model_b` (all activations in memory)."""
-    acts_a, acts_b = features.collect([model_a, model_b], [layers_a, layers_b], source, mesh=mesh,
-                                      data_cfg=data_cfg, batch_size=batch_size, mean=mean, std=std,
-                                      spatial=spatial)
+    acts_a, acts_b = features.collect(
+        [model_a, model_b],
+        [layers_a, layers_b],
+        source,
+        mesh=mesh,
+        data_cfg=data_cfg,
+        batch_size=batch_size,
+        mean=mean,
+        std=std,
+        spatial=spatial,
+    )
     xs, ys = [acts_a[n] for n in layers_a], [acts_b[n] for n in layers_b]
     return {
         "estimator": "full",
@@ -204,8 +213,7 @@ def full_cka(
 def same_layer(result: dict) -> dict[str, float]:
     """CKA of each layer of model a with the layer of the same name in model b."""
     cols = {name: j for j, name in enumerate(result["layers_b"])}
-    return {name: float(result["cka"][i, cols[name]])
-            for i, name in enumerate(result["layers_a"]) if name in cols}
+    return {name: float(result["cka"][i, cols[name]]) for i, name in enumerate(result["layers_a"]) if name in cols}
 
 
 def plot_heatmap(result: dict, path, *, names: tuple[str, str] = ("model a", "model b"), title: str = "") -> None:

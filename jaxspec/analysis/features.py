@@ -34,8 +34,9 @@ class IndexedSource:
     def __init__(self, source: Source, indices: Sequence[int]):
         self._indices = np.asarray(indices, np.int64)
         if self._indices.size and (self._indices.min() < 0 or self._indices.max() >= len(source)):
-            raise ValueError(f"indices must lie in [0, {len(source)}); got range "
-                             f"[{self._indices.min()}, {self._indices.max()}]")
+            raise ValueError(
+                f"indices must lie in [0, {len(source)}); got range [{self._indices.min()}, {self._indices.max()}]"
+            )
         self._source, self.info = source, source.info
         self._labels = np.asarray(source.labels)[self._indices]
 
@@ -167,12 +168,13 @@ def collect(
         return {"acts": act_fn(variables, batch), "mask": batch["mask"]}
 
     parts = [[[] for _ in names] for names in layers]
-    for out in run_over(step, variables, source, mesh=mesh, data_cfg=data_cfg, batch_size=batch_size,
-                        name="features"):
+    for out in run_over(step, variables, source, mesh=mesh, data_cfg=data_cfg, batch_size=batch_size, name="features"):
         out = jax.device_get(out)
         keep = np.asarray(out["mask"], bool)
         for per_model, acts in zip(parts, out["acts"], strict=True):
             for chunks, a in zip(per_model, acts, strict=True):
                 chunks.append(np.asarray(a)[keep])
-    return [{n: np.concatenate(c) for n, c in zip(names, per_model, strict=True)}
-            for names, per_model in zip(layers, parts, strict=True)]
+    return [
+        {n: np.concatenate(c) for n, c in zip(names, per_model, strict=True)}
+        for names, per_model in zip(layers, parts, strict=True)
+    ]

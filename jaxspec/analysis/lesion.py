@@ -71,7 +71,7 @@ def unit_layer(model: nnx.Module, layer: str) -> str:
     """
     path = _ALIASES.get(layer, layer)
     if layer.startswith("block") and layer in getattr(model, "layer_names", ()):
-        i = int(layer[len("block"):])
+        i = int(layer[len("block") :])
         path = f"blocks/{i}/project"
         if model.blocks[i].use_residual:
             raise ValueError(
@@ -206,8 +206,20 @@ class LesionEval:
     labels index into them). `params` only tells the parameter structure.
     """
 
-    def __init__(self, modeldef: ModelDef, params, *, path: str, columns: Sequence[int], mesh: jax.sharding.Mesh,
-                 data_cfg, batch_size: int, mean: Sequence[float], std: Sequence[float], chunk: int = 32):
+    def __init__(
+        self,
+        modeldef: ModelDef,
+        params,
+        *,
+        path: str,
+        columns: Sequence[int],
+        mesh: jax.sharding.Mesh,
+        data_cfg,
+        batch_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        chunk: int = 32,
+    ):
         leaves, self.num_units = _unit_leaves(params, path)
         rep = sharding.replicated(mesh)
         self._step = jax.jit(

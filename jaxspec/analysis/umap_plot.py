@@ -28,8 +28,9 @@ def embed(x: np.ndarray, *, seed: int, n_neighbors: int = 15, min_dist: float = 
     x = np.asarray(x, np.float32)
     if x.ndim != 2 or len(x) < 3:
         raise ValueError(f"UMAP needs an [n >= 3, d] feature matrix, got shape {x.shape}")
-    reducer = umap.UMAP(n_components=2, n_neighbors=min(n_neighbors, len(x) - 1), min_dist=min_dist,
-                        random_state=seed, n_jobs=1)
+    reducer = umap.UMAP(
+        n_components=2, n_neighbors=min(n_neighbors, len(x) - 1), min_dist=min_dist, random_state=seed, n_jobs=1
+    )
     return np.asarray(reducer.fit_transform(x), np.float32)
 
 
@@ -96,11 +97,25 @@ def umap_figures(
     if not rel.any():
         raise ValueError(f"None of the {len(labels)} examples belongs to the relevant classes {list(relevant)}")
     out_dir = pathlib.Path(out_dir)
-    emb = {"all": {k: embed(v, seed=seed) for k, v in feats.items()},
-           "relevant": {k: embed(np.asarray(v)[rel], seed=seed) for k, v in feats.items()}}
+    emb = {
+        "all": {k: embed(v, seed=seed) for k, v in feats.items()},
+        "relevant": {k: embed(np.asarray(v)[rel], seed=seed) for k, v in feats.items()},
+    }
     n_rel = len(relevant)
-    plot_panels(list(emb["all"].items()), labels, class_names, relevant, out_dir / "umap.png",
-                title=f"UMAP of penultimate features: {n_rel} relevant classes in colour, others grey")
-    plot_panels(list(emb["relevant"].items()), labels[rel], class_names, relevant, out_dir / "umap_relevant.png",
-                title=f"UMAP of penultimate features, relevant classes only ({n_rel})")
+    plot_panels(
+        list(emb["all"].items()),
+        labels,
+        class_names,
+        relevant,
+        out_dir / "umap.png",
+        title=f"UMAP of penultimate features: {n_rel} relevant classes in colour, others grey",
+    )
+    plot_panels(
+        list(emb["relevant"].items()),
+        labels[rel],
+        class_names,
+        relevant,
+        out_dir / "umap_relevant.png",
+        title=f"UMAP of penultimate features, relevant classes only ({n_rel})",
+    )
     return emb

@@ -42,8 +42,14 @@ def _torch_ref(s: Settings, mode: str, res: int, batch: int, classes: int, width
     if s.torch is None or width != 1.0:
         return None
     key = f"{res}/{batch}/{classes}"
-    s.torch.setup(key, res, batch, classes, device="cuda" if jax.default_backend() == "gpu" else "cpu",
-                  amp=None if s.dtype == "float32" else s.dtype)
+    s.torch.setup(
+        key,
+        res,
+        batch,
+        classes,
+        device="cuda" if jax.default_backend() == "gpu" else "cpu",
+        amp=None if s.dtype == "float32" else s.dtype,
+    )
     return lambda n: s.torch.seconds(key, mode, n)
 
 
@@ -58,8 +64,14 @@ def _train_row(s: Settings, mesh, res: int, batch: int, classes: int, width: flo
         return metrics
 
     timing = _rounds(s, _timed(one), _torch_ref(s, "train", res, batch, classes, width))
-    return _row("train", _setting(s, f"{res}px, batch {batch}, {classes} classes", width), batch, timing,
-                compile_seconds=compile_s, xla_temp_mib=None if temp is None else temp / 2**20)
+    return _row(
+        "train",
+        _setting(s, f"{res}px, batch {batch}, {classes} classes", width),
+        batch,
+        timing,
+        compile_seconds=compile_s,
+        xla_temp_mib=None if temp is None else temp / 2**20,
+    )
 
 
 def _eval_row(s: Settings, mesh, res: int, batch: int, classes: int, width: float) -> dict:
@@ -68,8 +80,14 @@ def _eval_row(s: Settings, mesh, res: int, batch: int, classes: int, width: floa
     data = sharding.put_batch(_batch(res, batch, classes, mask=True), mesh)
     compiled, compile_s, temp = _compile(steps.jit_eval_step(step, mesh), state, data)
     timing = _rounds(s, _timed(lambda: compiled(state, data)), _torch_ref(s, "eval", res, batch, classes, width))
-    return _row("eval", _setting(s, f"{res}px, batch {batch}, {classes} classes", width), batch, timing,
-                compile_seconds=compile_s, xla_temp_mib=None if temp is None else temp / 2**20)
+    return _row(
+        "eval",
+        _setting(s, f"{res}px, batch {batch}, {classes} classes", width),
+        batch,
+        timing,
+        compile_seconds=compile_s,
+        xla_temp_mib=None if temp is None else temp / 2**20,
+    )
 
 
 @register("train")
@@ -95,13 +113,15 @@ def _small_source(quick: bool):
     rng = np.random.default_rng(0)
     n = 600 if quick else 21_000
     info = DatasetInfo("synthetic", tuple(f"c{i}" for i in range(30)), {}, (0.5,), (0.25,))
-    return ArraySource(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), np.arange(n) % 30, info), \
-        "synthetic 28x28 (embedded data not cached)"
+    return ArraySource(
+        rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), np.arange(n) % 30, info
+    ), "synthetic 28x28 (embedded data not cached)"
 
 
 def _train_rate(s: Settings, res: int) -> float | None:
-    return next((r["jaxspec"] for r in s.results if r["benchmark"] == "train" and r["setting"].startswith(f"{res}px")),
-                None)
+    return next(
+        (r["jaxspec"] for r in s.results if r["benchmark"] == "train" and r["setting"].startswith(f"{res}px")), None
+    )
 
 
 @register("pipeline")
@@ -115,9 +135,13 @@ def bench_pipeline(s: Settings) -> list[dict]:
     res_small, res_big = (r for r, *_ in _model_settings(s))
     cases = [
         (small, what, data_config(image_size=res_small), 16 if s.quick else 256, res_small),
-        (big, "synthetic 256x320 RGB, RandomResizedCrop + flip + RandAugment(2, 9) + erasing 0.2",
-         data_config(transform="imagenet", image_size=res_big, randaugment_ops=2, erasing_prob=0.2),
-         8 if s.quick else 32, res_big),
+        (
+            big,
+            "synthetic 256x320 RGB, RandomResizedCrop + flip + RandAugment(2, 9) + erasing 0.2",
+            data_config(transform="imagenet", image_size=res_big, randaugment_ops=2, erasing_prob=0.2),
+            8 if s.quick else 32,
+            res_big,
+        ),
     ]
     return [_pipeline_row(s, *case) for case in cases] + _jpeg_rows(s)
 
@@ -130,28 +154,50 @@ def _jpeg_rows(s: Settings) -> list[dict]:
     counts = range(1, len(cores) + 1)
     with tempfile.TemporaryDirectory() as data_dir:
         with contextlib.redirect_stdout(sys.stderr):  # tfds reports its progress on stdout, which carries the JSON
-            synthetic_tfds.build_imagenet(data_dir, {"train": s.jpeg_images}, long_side=(500, 500),
-                                          aspect=(0.75, 0.75))
-        sides = {(kind, n): Side(f"{kind}-{n}", cores[:n], data_dir, s.jpeg_batch)
-                 for n in counts for kind in ("jaxspec", "tfdata")}
+            synthetic_tfds.build_imagenet(data_dir, {"train": s.jpeg_images}, long_side=(500, 500), aspect=(0.75, 0.75))
+        sides = {
+            (kind, n): Side(f"{kind}-{n}", cores[:n], data_dir, s.jpeg_batch)
+            for n in counts
+            for kind in ("jaxspec", "tfdata")
+        }
         rounds = {key: [] for key in sides}
         for _ in range(s.repeats):
             for (kind, n), side in sides.items():  # warm-up: past worker start-up and the batches made ahead
                 rounds[kind, n].append(side.seconds(max(s.warmup, 2 * n), s.jpeg_steps) / s.jpeg_steps)
         for side in sides.values():
             side.close()
-    recipe = (f"{s.jpeg_batch} x 500x375 JPEG (ArrayRecord) -> 224 px, RandomResizedCrop + flip + "
-              "RandAugment(2, 9) + erasing 0.2")
+    recipe = (
+        f"{s.jpeg_batch} x 500x375 JPEG (ArrayRecord) -> 224 px, RandomResizedCrop + flip + "
+        "RandAugment(2, 9) + erasing 0.2"
+    )
     rows = []
     for n in counts:
         timing = _timing(rounds["jaxspec", n], rounds["tfdata", n])
-        rows.append(_row("pipeline", f"{recipe}, {n} core(s): {n} worker(s) vs tf.data", s.jpeg_batch, timing,
-                         reference="tf.data", target=1.0, cores=n,
-                         img_s_per_core=s.jpeg_batch / timing["seconds"] / n))
+        rows.append(
+            _row(
+                "pipeline",
+                f"{recipe}, {n} core(s): {n} worker(s) vs tf.data",
+                s.jpeg_batch,
+                timing,
+                reference="tf.data",
+                target=1.0,
+                cores=n,
+                img_s_per_core=s.jpeg_batch / timing["seconds"] / n,
+            )
+        )
     if len(cores) == 2:
         timing = _timing(rounds["jaxspec", 2], rounds["jaxspec", 1])
-        rows.append(_row("pipeline", f"{recipe}: 2 workers on 2 cores vs 1 on 1", s.jpeg_batch, timing,
-                         reference="1 worker", target=1.8, cores=2))
+        rows.append(
+            _row(
+                "pipeline",
+                f"{recipe}: 2 workers on 2 cores vs 1 on 1",
+                s.jpeg_batch,
+                timing,
+                reference="1 worker",
+                target=1.8,
+                cores=2,
+            )
+        )
     return rows
 
 
@@ -159,9 +205,16 @@ def _pipeline_row(s: Settings, source, desc: str, cfg, batch: int, res: int) -> 
     it = pipeline.train_iterator(ConstrainedSource(source, list(range(10))), cfg, batch_size=batch, seed=0)
     timing = _rounds(s, _timed(lambda: next(it)), None)
     train = _train_rate(s, res)
-    return _row("pipeline", f"{res}px, batch {batch}: {desc}", batch, timing,
-                ratio=None if train is None else batch / timing["seconds"] / train,
-                train_step_img_s=train, threads=cfg.num_threads, host_cores=os.cpu_count())
+    return _row(
+        "pipeline",
+        f"{res}px, batch {batch}: {desc}",
+        batch,
+        timing,
+        ratio=None if train is None else batch / timing["seconds"] / train,
+        train_step_img_s=train,
+        threads=cfg.num_threads,
+        host_cores=os.cpu_count(),
+    )
 
 
 @register("multi")
@@ -181,8 +234,7 @@ def bench_multi(s: Settings) -> list[dict]:
     smesh = sharding.spec_mesh(k)
     stacked = jax.device_put(stack([st for _, st, _ in singles]), sharding.stacked_sharding(smesh))
     mdata = sharding.put_batches([_batch(res, batch, 10, seed=i) for i in range(k)], smesh)
-    vmapped, multi_s, temp = _compile(
-        steps.jit_stacked_train_step(singles[0][2], smesh), stacked, mdata)
+    vmapped, multi_s, temp = _compile(steps.jit_stacked_train_step(singles[0][2], smesh), stacked, mdata)
     states = [[st] for _, st, _ in singles]
     holder = [stacked]
 
@@ -198,9 +250,20 @@ def bench_multi(s: Settings) -> list[dict]:
 
     timing = _rounds(s, _timed(together), _timed(sequential))  # ref: K sequential single steps
     setting = _setting(s, f"K={k} specialists, {res}px, batch {batch} each", width)
-    return [_row("multi", setting, k * batch, timing, reference="sequential", ratio=1 / timing["ratio"],
-                 speedup_vs_sequential=timing["ratio"], compile_seconds=multi_s, single_compile_seconds=single_s,
-                 xla_temp_mib=None if temp is None else temp / 2**20)]
+    return [
+        _row(
+            "multi",
+            setting,
+            k * batch,
+            timing,
+            reference="sequential",
+            ratio=1 / timing["ratio"],
+            speedup_vs_sequential=timing["ratio"],
+            compile_seconds=multi_s,
+            single_compile_seconds=single_s,
+            xla_temp_mib=None if temp is None else temp / 2**20,
+        )
+    ]
 
 
 @register("routed")
@@ -214,15 +277,33 @@ def _routed_row(s: Settings, res: int, batch: int, width: float) -> dict:
     k = s.specialists
     generalist = _model(s, 10 * k, width)
     groups = [list(range(10 * i, 10 * i + 10)) for i in range(k)]
-    system = route.build_routed(generalist, [specialize.extract(generalist, g) for g in groups], groups,
-                                mean=MEAN, std=STD, mesh=sharding.make_mesh())
+    system = route.build_routed(
+        generalist,
+        [specialize.extract(generalist, g) for g in groups],
+        groups,
+        mean=MEAN,
+        std=STD,
+        mesh=sharding.make_mesh(),
+    )
     images = _batch(res, batch, 10 * k)["image"]
     t = route.throughput(system, images, repeats=max(3, s.repeats * s.steps))
-    timing = {"seconds": batch / t["routed_images_per_s"], "rounds": [batch / t["routed_images_per_s"]],
-              "ref_seconds": batch / t["generalist_images_per_s"], "ref_rounds": [batch / t["generalist_images_per_s"]]}
+    timing = {
+        "seconds": batch / t["routed_images_per_s"],
+        "rounds": [batch / t["routed_images_per_s"]],
+        "ref_seconds": batch / t["generalist_images_per_s"],
+        "ref_rounds": [batch / t["generalist_images_per_s"]],
+    }
     setting = _setting(s, f"K={k} specialists, {res}px, batch {batch}", width)
-    return _row("routed", setting, batch, timing, reference="generalist", ratio=t["cost_vs_generalist"],
-                specialist_examples_per_image=t["specialist_examples_per_image"], chunk=t["chunk"])
+    return _row(
+        "routed",
+        setting,
+        batch,
+        timing,
+        reference="generalist",
+        ratio=t["cost_vs_generalist"],
+        specialist_examples_per_image=t["specialist_examples_per_image"],
+        chunk=t["chunk"],
+    )
 
 
 @register("export")
@@ -239,23 +320,46 @@ def _export_row(s: Settings, res: int, classes: int, width: float) -> dict:
 
     generalist = _model(s, classes, width)
     generalist.eval()
-    pre = {"transform": "imagenet" if res > 64 else "small", "image_size": res, "channels": 3, "model_channels": 3,
-           "mean": list(MEAN), "std": list(STD)}
+    pre = {
+        "transform": "imagenet" if res > 64 else "small",
+        "image_size": res,
+        "channels": 3,
+        "model_channels": 3,
+        "mean": list(MEAN),
+        "std": list(STD),
+    }
     image = _batch(res, 1, classes)["image"]
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp)
-        files = {name: export.export_model(model, pre, out, name)
-                 for name, model in (("generalist", generalist), ("specialist", specialize.extract(generalist,
-                                                                                                  range(10))))}
-        sizes = {f"{name}_{fmt}_bytes": _size(pathlib.Path(path)) for name, written in files.items()
-                 for fmt, path in written.items()}
-        runners = {name: Interpreter(model_path=written["tflite"], num_threads=1).get_signature_runner()
-                   for name, written in files.items()}
-        timing = _rounds(s, _timed(lambda: runners["specialist"](images=image)["logits"]),
-                         _timed(lambda: runners["generalist"](images=image)["logits"]))
+        files = {
+            name: export.export_model(model, pre, out, name)
+            for name, model in (("generalist", generalist), ("specialist", specialize.extract(generalist, range(10))))
+        }
+        sizes = {
+            f"{name}_{fmt}_bytes": _size(pathlib.Path(path))
+            for name, written in files.items()
+            for fmt, path in written.items()
+        }
+        runners = {
+            name: Interpreter(model_path=written["tflite"], num_threads=1).get_signature_runner()
+            for name, written in files.items()
+        }
+        timing = _rounds(
+            s,
+            _timed(lambda: runners["specialist"](images=image)["logits"]),
+            _timed(lambda: runners["generalist"](images=image)["logits"]),
+        )
     setting = _setting(s, f"{res}px, {classes} vs 10 classes, LiteRT 1 thread", width)
-    return _row("export", setting, 1, timing, reference="generalist", specialist_ms=1000 * timing["seconds"],
-                generalist_ms=1000 * timing["ref_seconds"], **sizes)
+    return _row(
+        "export",
+        setting,
+        1,
+        timing,
+        reference="generalist",
+        specialist_ms=1000 * timing["seconds"],
+        generalist_ms=1000 * timing["ref_seconds"],
+        **sizes,
+    )
 
 
 def _size(path: pathlib.Path) -> int:

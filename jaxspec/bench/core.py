@@ -55,9 +55,11 @@ BENCHMARKS: dict[str, Callable[[Settings], list[dict]]] = {}
 
 def register(name: str):
     """Adds a benchmark `fn(settings) -> rows` under `name` (run in registration order)."""
+
     def wrap(fn):
         BENCHMARKS[name] = fn
         return fn
+
     return wrap
 
 
@@ -78,8 +80,11 @@ def _timing(ours: list[float], theirs: list[float] | None = None) -> dict:
     """Median seconds per step of alternated rounds, and the median of the per-round ratios theirs ÷ ours."""
     out = {"seconds": float(np.median(ours)), "rounds": ours}
     if theirs is not None:
-        out |= {"ref_seconds": float(np.median(theirs)), "ref_rounds": theirs,
-                "ratio": float(np.median(np.asarray(theirs) / np.asarray(ours)))}
+        out |= {
+            "ref_seconds": float(np.median(theirs)),
+            "ref_rounds": theirs,
+            "ratio": float(np.median(np.asarray(theirs) / np.asarray(ours))),
+        }
     return out
 
 
@@ -91,19 +96,38 @@ def _timed(fn: Callable[[], object]) -> Callable[[int], float]:
             out = fn()
         jax.block_until_ready(out)
         return time.perf_counter() - t
+
     return run
 
 
-def _row(benchmark: str, setting: str, images: int, timing: dict, *, unit: str = "img/s",
-         reference: str = "torchvision", ratio: float | None = None, target: float | None = None,
-         **extra) -> dict:
+def _row(
+    benchmark: str,
+    setting: str,
+    images: int,
+    timing: dict,
+    *,
+    unit: str = "img/s",
+    reference: str = "torchvision",
+    ratio: float | None = None,
+    target: float | None = None,
+    **extra,
+) -> dict:
     """One result; `reference` names what `timing`'s ref side measured, `ratio` defaults to ref ÷ ours time,
     `target` to the benchmark's in `TARGETS`."""
-    row = {"benchmark": benchmark, "setting": setting, "unit": unit, "jaxspec": images / timing["seconds"],
-           "seconds_per_step": timing["seconds"], "rounds_seconds": timing["rounds"]}
+    row = {
+        "benchmark": benchmark,
+        "setting": setting,
+        "unit": unit,
+        "jaxspec": images / timing["seconds"],
+        "seconds_per_step": timing["seconds"],
+        "rounds_seconds": timing["rounds"],
+    }
     if "ref_seconds" in timing:
-        row |= {"reference": reference, reference: images / timing["ref_seconds"],
-                f"{reference}_rounds_seconds": timing["ref_rounds"]}
+        row |= {
+            "reference": reference,
+            reference: images / timing["ref_seconds"],
+            f"{reference}_rounds_seconds": timing["ref_rounds"],
+        }
     ratio = timing.get("ratio") if ratio is None else ratio
     target = TARGETS.get(benchmark) if target is None else target
     if ratio is not None:
@@ -115,8 +139,10 @@ def _row(benchmark: str, setting: str, images: int, timing: dict, *, unit: str =
 
 def _batch(res: int, batch: int, classes: int, seed: int = 0, mask: bool = False) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    out = {"image": rng.integers(0, 256, (batch, res, res, 3), dtype=np.uint8),
-           "label": rng.integers(0, classes, batch).astype(np.int32)}
+    out = {
+        "image": rng.integers(0, 256, (batch, res, res, 3), dtype=np.uint8),
+        "label": rng.integers(0, classes, batch).astype(np.int32),
+    }
     return out | {"mask": np.ones(batch, bool)} if mask else out
 
 
@@ -136,8 +162,7 @@ def _model(s: Settings, classes: int, width: float):
 def _train_step(model, mesh, seed: int = 0):
     tx = optax.adam(1e-4)
     modeldef, state = create_state(model, tx, seed)
-    step = steps.make_train_step(modeldef, tx, optax.constant_schedule(1e-4), mean=MEAN, std=STD,
-                                 label_smoothing=0.1)
+    step = steps.make_train_step(modeldef, tx, optax.constant_schedule(1e-4), mean=MEAN, std=STD, label_smoothing=0.1)
     return modeldef, sharding.replicate(state, mesh), step
 
 
@@ -157,9 +182,15 @@ def _machine() -> dict:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
     except OSError:
         pass
-    return {"cpu": model, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "jax": jax.__version__, "backend": jax.default_backend(),
-            "devices": [d.device_kind for d in jax.devices()]}
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": [d.device_kind for d in jax.devices()],
+    }
 
 
 def _memory(torch_info: dict | None) -> dict:
@@ -167,8 +198,13 @@ def _memory(torch_info: dict | None) -> dict:
     for d in jax.local_devices():
         stats = d.memory_stats()
         if stats:
-            devices.append({"device": str(d), "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
-                            "bytes_limit": stats.get("bytes_limit")})
+            devices.append(
+                {
+                    "device": str(d),
+                    "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
+                    "bytes_limit": stats.get("bytes_limit"),
+                }
+            )
     out = {"host_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "devices": devices}
     if torch_info:
         out["torch_worker_peak_rss_mib"] = torch_info["peak_rss_mib"]
@@ -184,19 +220,29 @@ def table(report: dict) -> str:
     lines = ["| benchmark | setting | jaxspec | reference | ratio | target |", "|---|---|---:|---:|---:|---|"]
     for r in report["results"]:
         ref = f"{_fmt(r[r['reference']])} ({r['reference']})" if "reference" in r else ""
-        target = "" if "target" not in r else (
-            f"{'≤' if r['benchmark'] in AT_MOST else '≥'} {r['target']}: {'met' if r['meets_target'] else 'MISSED'}")
-        lines.append(f"| {r['benchmark']} | {r['setting']} | {_fmt(r['jaxspec'])} {r['unit']} | {ref} | "
-                     f"{_fmt(r.get('ratio'), 2)} | {target} |")
+        target = (
+            ""
+            if "target" not in r
+            else (
+                f"{'≤' if r['benchmark'] in AT_MOST else '≥'} {r['target']}: {'met' if r['meets_target'] else 'MISSED'}"
+            )
+        )
+        lines.append(
+            f"| {r['benchmark']} | {r['setting']} | {_fmt(r['jaxspec'])} {r['unit']} | {ref} | "
+            f"{_fmt(r.get('ratio'), 2)} | {target} |"
+        )
     m = report["memory"]
-    lines.append(f"\npeak host RSS {m['host_peak_rss_mib']:,.0f} MiB"
-                 + (f", torch worker {m['torch_worker_peak_rss_mib']:,.0f} MiB" if "torch_worker_peak_rss_mib" in m
-                    else "")
-                 + "".join(f"; {d['device']} peak {d['peak_bytes_in_use'] / 2**20:,.0f} MiB" for d in m["devices"]))
-    lines.append(f"load average before/after: {report['load_before']} / {report['load_after']}; "
-                 "ratio: train/eval = jaxspec ÷ torchvision images/s; pipeline = pipeline ÷ train-step images/s "
-                 "(JPEG rows: ÷ tf.data on as many cores; 2 workers ÷ 1); "
-                 "multi = vmapped step time ÷ (K × one specialist's step time); routed = routed time ÷ generalist time")
+    lines.append(
+        f"\npeak host RSS {m['host_peak_rss_mib']:,.0f} MiB"
+        + (f", torch worker {m['torch_worker_peak_rss_mib']:,.0f} MiB" if "torch_worker_peak_rss_mib" in m else "")
+        + "".join(f"; {d['device']} peak {d['peak_bytes_in_use'] / 2**20:,.0f} MiB" for d in m["devices"])
+    )
+    lines.append(
+        f"load average before/after: {report['load_before']} / {report['load_after']}; "
+        "ratio: train/eval = jaxspec ÷ torchvision images/s; pipeline = pipeline ÷ train-step images/s "
+        "(JPEG rows: ÷ tf.data on as many cores; 2 workers ÷ 1); "
+        "multi = vmapped step time ÷ (K × one specialist's step time); routed = routed time ÷ generalist time"
+    )
     if report.get("torch_note"):
         lines.append(f"torch: {report['torch_note']}")
     return "\n".join(lines)
@@ -208,15 +254,25 @@ def run(settings: Settings, names: list[str] | None = None) -> dict:
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         raise ValueError(f"Unknown benchmarks {unknown}; choose from {list(BENCHMARKS)}")
-    report = {"command": " ".join([os.path.basename(sys.executable), "-m", "jaxspec.bench", *sys.argv[1:]]),
-              "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": _machine(),
-              "load_before": [round(x, 2) for x in os.getloadavg()],
-              "settings": {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)
-                           if f.name not in ("torch", "results")}}  # asdict would deep-copy the torch worker
+    report = {
+        "command": " ".join([os.path.basename(sys.executable), "-m", "jaxspec.bench", *sys.argv[1:]]),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": _machine(),
+        "load_before": [round(x, 2) for x in os.getloadavg()],
+        "settings": {
+            f.name: getattr(settings, f.name)
+            for f in dataclasses.fields(settings)
+            if f.name not in ("torch", "results")
+        },
+    }  # asdict would deep-copy the torch worker
     for name in names:
         print(f"jaxspec.bench: {name} ...", file=sys.stderr, flush=True)
         settings.results.extend(BENCHMARKS[name](settings))
     torch_info = settings.torch.close() if settings.torch is not None else None
-    report |= {"results": settings.results, "memory": _memory(torch_info), "torch": torch_info,
-               "load_after": [round(x, 2) for x in os.getloadavg()]}
+    report |= {
+        "results": settings.results,
+        "memory": _memory(torch_info),
+        "torch": torch_info,
+        "load_after": [round(x, 2) for x in os.getloadavg()],
+    }
     return report

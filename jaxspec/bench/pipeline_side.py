@@ -32,10 +32,18 @@ class Side:
 
     def __init__(self, side: str, cores, data_dir: str, batch: int):
         root = str(pathlib.Path(__file__).parents[2])
-        env = {"TF_CPP_MIN_LOG_LEVEL": "2", **os.environ,
-               "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-        self._proc = subprocess.Popen([sys.executable, __file__, side, ",".join(map(str, cores)), data_dir, str(batch)],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        env = {
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+        }
+        self._proc = subprocess.Popen(
+            [sys.executable, __file__, side, ",".join(map(str, cores)), data_dir, str(batch)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         self.name = side
         self._read()
 
@@ -59,8 +67,18 @@ def data_config(**overrides):
     """The `data` fields the pipeline reads (as configs/common.py sets them)."""
     import ml_collections  # here, not above: a side imports nothing before its affinity is set
 
-    cfg = {"transform": "small", "image_size": 32, "crop_padding": 4, "flip": True, "randaugment_ops": 0,
-           "randaugment_magnitude": 9, "erasing_prob": 0.0, "num_threads": 4, "prefetch": 8, "num_workers": 0}
+    cfg = {
+        "transform": "small",
+        "image_size": 32,
+        "crop_padding": 4,
+        "flip": True,
+        "randaugment_ops": 0,
+        "randaugment_magnitude": 9,
+        "erasing_prob": 0.0,
+        "num_threads": 4,
+        "prefetch": 8,
+        "num_workers": 0,
+    }
     return ml_collections.ConfigDict(cfg | overrides)
 
 
@@ -69,8 +87,15 @@ def _jaxspec(workers: int, data_dir: str, batch: int):
 
     source = datasets.get_source("imagenet2012", "train", data_dir=data_dir)
     # jaxspec's ImageNet recipe (configs/imagenet_animals.py), one thread and one batch ahead per worker.
-    cfg = data_config(transform="imagenet", image_size=224, randaugment_ops=2, erasing_prob=0.2,
-                       num_workers=workers, num_threads=1, prefetch=1)
+    cfg = data_config(
+        transform="imagenet",
+        image_size=224,
+        randaugment_ops=2,
+        erasing_prob=0.2,
+        num_workers=workers,
+        num_threads=1,
+        prefetch=1,
+    )
     rounds = iter(range(sys.maxsize))
     return lambda: pipeline.train_iterator(source, cfg, batch_size=batch, seed=next(rounds))
 
@@ -81,8 +106,9 @@ def _tfdata(threads: int, data_dir: str, batch: int):
     from jaxspec.bench import tf_ref
 
     tf_ref.limit_threads(threads)
-    records = tfds.data_source("imagenet2012", split="train", data_dir=data_dir, download=False,
-                               decoders={"image": tfds.decode.SkipDecoding()})
+    records = tfds.data_source(
+        "imagenet2012", split="train", data_dir=data_dir, download=False, decoders={"image": tfds.decode.SkipDecoding()}
+    )
     jpegs = [r["image"] for r in records]  # held in memory: the reference reads no files
     return lambda: tf_ref.pipeline(jpegs, batch=batch, threads=threads)
 

@@ -38,12 +38,14 @@ def _sharpen(image, m):
 
 def _equalize(image):
     """PIL's `ImageOps.equalize` per channel."""
+
     def channel(c):
         hist = tf.histogram_fixed_width(tf.cast(c, tf.int32), [0, 255], nbins=256)
         last = tf.gather(hist, tf.reduce_max(tf.where(hist > 0)))
         step = (tf.reduce_sum(hist) - last) // 255
         lut = tf.clip_by_value((tf.cumsum(hist) - hist + step // 2) // tf.maximum(step, 1), 0, 255)
         return tf.where(step > 0, tf.gather(lut, tf.cast(c, tf.int32)), tf.cast(c, tf.int32))
+
     return tf.cast(tf.stack([channel(image[..., i]) for i in range(3)], -1), tf.uint8)
 
 
@@ -63,8 +65,14 @@ def _warp(image, matrix):
     matrix = [a, b, c + (a + b - 1) / 2, d, e, f + (d + e - 1) / 2]
     transform = tf.concat([tf.stack(matrix), tf.zeros([2])], 0)[None]
     shape = tf.shape(image)[:2]
-    return tf.raw_ops.ImageProjectiveTransformV3(images=image[None], transforms=transform, output_shape=shape,
-                                                 fill_value=0.0, interpolation="NEAREST", fill_mode="CONSTANT")[0]
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[None],
+        transforms=transform,
+        output_shape=shape,
+        fill_value=0.0,
+        interpolation="NEAREST",
+        fill_mode="CONSTANT",
+    )[0]
 
 
 def _rotate(image, degrees):
@@ -143,16 +151,23 @@ def _resize(image, size: int):
 
 def train_transform(size: int, num_ops: int, magnitude: int, erasing_prob: float):
     """JPEG bytes -> augmented uint8 [size, size, 3]: big_vision's Inception crop, then the recipe."""
+
     def fn(jpeg):
         begin, crop, _ = tf.image.sample_distorted_bounding_box(
-            tf.io.extract_jpeg_shape(jpeg), tf.zeros([0, 0, 4]), area_range=(0.08, 1.0),
-            aspect_ratio_range=(3 / 4, 4 / 3), max_attempts=10, use_image_if_no_bounding_boxes=True)
+            tf.io.extract_jpeg_shape(jpeg),
+            tf.zeros([0, 0, 4]),
+            area_range=(0.08, 1.0),
+            aspect_ratio_range=(3 / 4, 4 / 3),
+            max_attempts=10,
+            use_image_if_no_bounding_boxes=True,
+        )
         window = tf.stack([begin[0], begin[1], crop[0], crop[1]])
         image = _resize(tf.io.decode_and_crop_jpeg(jpeg, window, channels=3), size)
         image = tf.image.random_flip_left_right(image)
         if num_ops:
             image = rand_augment(image, num_ops, magnitude)
         return random_erasing(image, erasing_prob) if erasing_prob else image
+
     return fn
 
 
@@ -162,13 +177,17 @@ def limit_threads(threads: int) -> None:
     tf.config.threading.set_inter_op_parallelism_threads(threads)
 
 
-def pipeline(jpegs, *, batch: int, threads: int, size: int = 224, num_ops: int = 2, magnitude: int = 9,
-             erasing_prob: float = 0.2):
+def pipeline(
+    jpegs, *, batch: int, threads: int, size: int = 224, num_ops: int = 2, magnitude: int = 9, erasing_prob: float = 0.2
+):
     """An endless iterator of augmented uint8 batches over `jpegs` (a list of JPEG bytes, held in memory):
     `threads` parallel map calls in a private pool of `threads` threads, each op on one thread."""
     options = tf.data.Options()
     options.threading.private_threadpool_size = threads
     options.threading.max_intra_op_parallelism = 1
-    ds = tf.data.Dataset.from_tensor_slices(jpegs).repeat().map(
-        train_transform(size, num_ops, magnitude, erasing_prob), num_parallel_calls=threads, deterministic=False)
+    ds = (
+        tf.data.Dataset.from_tensor_slices(jpegs)
+        .repeat()
+        .map(train_transform(size, num_ops, magnitude, erasing_prob), num_parallel_calls=threads, deterministic=False)
+    )
     return iter(ds.batch(batch).prefetch(1).with_options(options).as_numpy_iterator())

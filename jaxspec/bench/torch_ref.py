@@ -61,8 +61,9 @@ class TorchWorker:
 
     def __init__(self, python: str, threads: int):
         self.python = python
-        self._proc = subprocess.Popen([python, "-c", _TORCH_WORKER, str(threads)], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, text=True)
+        self._proc = subprocess.Popen(
+            [python, "-c", _TORCH_WORKER, str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         self.info = self._ask(op="info")
 
     def _ask(self, **req) -> dict:
@@ -73,11 +74,11 @@ class TorchWorker:
             raise RuntimeError(f"The torch worker ({self.python}) exited (rc {self._proc.wait()}); see stderr above")
         return json.loads(line)
 
-    def setup(self, key: str, res: int, batch: int, classes: int, *, device: str = "cpu",
-              amp: str | None = None) -> int:
+    def setup(
+        self, key: str, res: int, batch: int, classes: int, *, device: str = "cpu", amp: str | None = None
+    ) -> int:
         """Builds the model on torch `device`; `amp` (e.g. "bfloat16") autocasts with channels-last tensors."""
-        return self._ask(op="setup", key=key, res=res, batch=batch, classes=classes, device=device,
-                         amp=amp)["params"]
+        return self._ask(op="setup", key=key, res=res, batch=batch, classes=classes, device=device, amp=amp)["params"]
 
     def seconds(self, key: str, mode: str, steps: int) -> float:
         return self._ask(op="time", key=key, mode=mode, steps=steps)["seconds"]

@@ -38,41 +38,35 @@ _ERASE_SCALE, _ERASE_RATIO = (0.02, 0.33), (0.3, 3.3)
 _BINS = 31
 
 
-def _check_image(
-    image: np.ndarray, *, uint8: bool = False, pil: bool = False
-) -> None:
+def _check_image(image: np.ndarray, *, uint8: bool = False, pil: bool = False) -> None:
     """Checks for HWC; uint8 if `uint8`; uint8 with 1 or 3 channels if `pil`."""
     if not isinstance(image, np.ndarray) or image.ndim != 3:
-        raise ValueError(
-            f'Expected an HWC image array, got shape {np.shape(image)}.')
+        raise ValueError(f"Expected an HWC image array, got shape {np.shape(image)}.")
     if (uint8 or pil) and image.dtype != np.uint8:
-        raise ValueError(f'Expected a uint8 image, got dtype {image.dtype}.')
+        raise ValueError(f"Expected a uint8 image, got dtype {image.dtype}.")
     if pil and image.shape[-1] not in (1, 3):
-        raise ValueError(
-            f'Expected 1 or 3 channels, got image shape {image.shape}.')
+        raise ValueError(f"Expected 1 or 3 channels, got image shape {image.shape}.")
 
 
 def _check_probability(p: float) -> None:
     if not 0.0 <= p <= 1.0:
-        raise ValueError(f'p must be in [0, 1], got {p}.')
+        raise ValueError(f"p must be in [0, 1], got {p}.")
 
 
 def _check_range(name: str, value: Sequence[float], upper: float) -> None:
     """Checks that `value` is an ordered (low, high) in (0, upper]."""
     if len(value) != 2 or not 0.0 < value[0] <= value[1] <= upper:
-        raise ValueError(
-            f'{name} must be (low, high) with 0 < low <= high <= {upper}, '
-            f'got {value}.')
+        raise ValueError(f"{name} must be (low, high) with 0 < low <= high <= {upper}, got {value}.")
 
 
 def _check_pad(pad: int) -> None:
     if not isinstance(pad, (int, np.integer)) or pad < 0:
-        raise ValueError(f'pad must be a non-negative int, got {pad!r}.')
+        raise ValueError(f"pad must be a non-negative int, got {pad!r}.")
 
 
 def _check_size(size: int) -> None:
     if not isinstance(size, (int, np.integer)) or size <= 0:
-        raise ValueError(f'size must be a positive int, got {size!r}.')
+        raise ValueError(f"size must be a positive int, got {size!r}.")
 
 
 def _to_pil(image: np.ndarray) -> Image.Image:
@@ -85,9 +79,7 @@ def _from_pil(image: Image.Image) -> np.ndarray:
     return array[..., None] if array.ndim == 2 else array
 
 
-def horizontal_flip(
-    image: np.ndarray, rng: np.random.Generator, p: float = 0.5
-) -> np.ndarray:
+def horizontal_flip(image: np.ndarray, rng: np.random.Generator, p: float = 0.5) -> np.ndarray:
     """Mirrors left-right with probability `p`; returns a contiguous copy."""
     _check_image(image)
     _check_probability(p)
@@ -96,10 +88,7 @@ def horizontal_flip(
     return image.copy()
 
 
-def pad_crop_flip(
-    image: np.ndarray, rng: np.random.Generator, *, pad: int = 4,
-    flip: bool = True
-) -> np.ndarray:
+def pad_crop_flip(image: np.ndarray, rng: np.random.Generator, *, pad: int = 4, flip: bool = True) -> np.ndarray:
     """CIFAR augmentation: zero-pad by `pad`, crop back to HxW, flip (p=0.5).
 
     Zero padding (not reflect) follows He et al. 2016 and torchvision's
@@ -110,10 +99,7 @@ def pad_crop_flip(
     return pad_crop_flip_batch(image[None], rng, pad=pad, flip=flip)[0]
 
 
-def pad_crop_flip_batch(
-    images: np.ndarray, rng: np.random.Generator, *, pad: int = 4,
-    flip: bool = True
-) -> np.ndarray:
+def pad_crop_flip_batch(images: np.ndarray, rng: np.random.Generator, *, pad: int = 4, flip: bool = True) -> np.ndarray:
     """`pad_crop_flip` of every image of an NHWC batch, offsets drawn per image.
 
     The batch is zero-padded once and every image's window is picked from a
@@ -122,12 +108,11 @@ def pad_crop_flip_batch(
     dtype, size and channel count.
     """
     if not isinstance(images, np.ndarray) or images.ndim != 4:
-        raise ValueError(
-            f'Expected an NHWC batch array, got shape {np.shape(images)}.')
+        raise ValueError(f"Expected an NHWC batch array, got shape {np.shape(images)}.")
     _check_pad(pad)
     batch, height, width, channels = images.shape
     padded = np.zeros((batch, height + 2 * pad, width + 2 * pad, channels), images.dtype)
-    padded[:, pad:pad + height, pad:pad + width] = images
+    padded[:, pad : pad + height, pad : pad + width] = images
     # Top-left corner of each crop window in padded coordinates, in [0, 2 pad].
     top, left = rng.integers(0, 2 * pad + 1, size=(2, batch))
     mirror = rng.random(batch) < 0.5 if flip else np.zeros(batch, bool)
@@ -137,9 +122,12 @@ def pad_crop_flip_batch(
 
 
 def random_resized_crop(
-    image: np.ndarray, rng: np.random.Generator, *, size: int,
+    image: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    size: int,
     scale: tuple[float, float] = _CROP_SCALE,
-    ratio: tuple[float, float] = _CROP_RATIO
+    ratio: tuple[float, float] = _CROP_RATIO,
 ) -> np.ndarray:
     """Inception-style crop (Szegedy et al. 2015) resized to size x size.
 
@@ -150,15 +138,19 @@ def random_resized_crop(
     """
     _check_image(image, pil=True)
     _check_size(size)
-    _check_range('scale', scale, 1.0)
-    _check_range('ratio', ratio, math.inf)
+    _check_range("scale", scale, 1.0)
+    _check_range("ratio", ratio, math.inf)
     return _from_pil(_resized_crop(_to_pil(image), rng, size, scale, ratio))
 
 
 def _resized_crop(
-    image: Image.Image, rng: np.random.Generator, size: int,
-    scale: tuple[float, float], ratio: tuple[float, float], *,
-    encoded: bool = False
+    image: Image.Image,
+    rng: np.random.Generator,
+    size: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    *,
+    encoded: bool = False,
 ) -> Image.Image:
     """`random_resized_crop` on a Pillow image.
 
@@ -172,12 +164,10 @@ def _resized_crop(
     width, height = image.size
     # The 10 attempts are drawn at once: same distribution, fewer calls.
     areas = height * width * rng.uniform(scale[0], scale[1], _MAX_ATTEMPTS)
-    aspects = np.exp(rng.uniform(
-        math.log(ratio[0]), math.log(ratio[1]), _MAX_ATTEMPTS))
+    aspects = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), _MAX_ATTEMPTS))
     widths = np.rint(np.sqrt(areas * aspects)).astype(int)
     heights = np.rint(np.sqrt(areas / aspects)).astype(int)
-    fits = np.flatnonzero(
-        (widths > 0) & (widths <= width) & (heights > 0) & (heights <= height))
+    fits = np.flatnonzero((widths > 0) & (widths <= width) & (heights > 0) & (heights <= height))
     if fits.size:
         h, w = heights[fits[0]], widths[fits[0]]
         top = rng.integers(0, height - h + 1)
@@ -192,19 +182,17 @@ def _resized_crop(
     if encoded:
         if min(w, h) >= 2 * size:  # a no-op for formats without reduced decoding
             shrink = min(w, h) / size
-            image.draft('RGB', (math.ceil(width / shrink), math.ceil(height / shrink)))
+            image.draft("RGB", (math.ceil(width / shrink), math.ceil(height / shrink)))
             sx, sy = width / image.size[0], height / image.size[1]
             left, top, w, h = left / sx, top / sy, w / sx, h / sy
-        if image.mode != 'RGB':
-            image = image.convert('RGB')
+        if image.mode != "RGB":
+            image = image.convert("RGB")
     # Crop before resizing so the filter never reads pixels outside the crop.
     box = (round(left), round(top), round(left + w), round(top + h))
     return image.crop(box).resize((size, size), Image.Resampling.BILINEAR)
 
 
-def resize_center_crop(
-    image: np.ndarray, *, size: int, crop_fraction: float = 0.875
-) -> np.ndarray:
+def resize_center_crop(image: np.ndarray, *, size: int, crop_fraction: float = 0.875) -> np.ndarray:
     """ImageNet eval transform: shorter side to size/crop_fraction, center crop.
 
     With the defaults at size 224 this is the classic resize-256/crop-224.
@@ -214,8 +202,7 @@ def resize_center_crop(
     _check_image(image, pil=True)
     _check_size(size)
     if not 0.0 < crop_fraction <= 1.0:
-        raise ValueError(
-            f'crop_fraction must be in (0, 1], got {crop_fraction}.')
+        raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction}.")
     height, width = image.shape[:2]
     short = round(size / crop_fraction)
     if height <= width:
@@ -224,14 +211,17 @@ def resize_center_crop(
         new_h, new_w = int(short * height / width), short
     resized = _to_pil(image).resize((new_w, new_h), Image.Resampling.BILINEAR)
     top, left = round((new_h - size) / 2), round((new_w - size) / 2)
-    return _from_pil(resized)[top:top + size, left:left + size].copy()
+    return _from_pil(resized)[top : top + size, left : left + size].copy()
 
 
 def random_erasing(
-    image: np.ndarray, rng: np.random.Generator, *, p: float = 0.25,
+    image: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    p: float = 0.25,
     scale: tuple[float, float] = _ERASE_SCALE,
     ratio: tuple[float, float] = _ERASE_RATIO,
-    value: str | int | Sequence[int] = 'random'
+    value: str | int | Sequence[int] = "random",
 ) -> np.ndarray:
     """Random erasing (Zhong et al. 2020) with torchvision's semantics.
 
@@ -245,34 +235,35 @@ def random_erasing(
     """
     _check_image(image, uint8=True)
     _check_probability(p)
-    _check_range('scale', scale, 1.0)
-    _check_range('ratio', ratio, math.inf)
+    _check_range("scale", scale, 1.0)
+    _check_range("ratio", ratio, math.inf)
     channels = image.shape[-1]
     if isinstance(value, str):
-        if value != 'random':
-            raise ValueError(
-                "value must be 'random', an int or one int per channel, "
-                f'got {value!r}.')
+        if value != "random":
+            raise ValueError(f"value must be 'random', an int or one int per channel, got {value!r}.")
     elif np.ndim(value) not in (0, 1) or np.size(value) not in (1, channels):
-        raise ValueError(
-            f'value must have 1 or {channels} entries, got {value!r}.')
+        raise ValueError(f"value must have 1 or {channels} entries, got {value!r}.")
     elif np.any((np.asarray(value) < 0) | (np.asarray(value) > 255)):
-        raise ValueError(f'value must be in [0, 255], got {value!r}.')
+        raise ValueError(f"value must be in [0, 255], got {value!r}.")
     out = image.copy()
     _erase(out, rng, p, scale, ratio, value)
     return out
 
 
-def _erase(image: np.ndarray, rng: np.random.Generator, p: float,
-           scale: tuple[float, float], ratio: tuple[float, float],
-           value: str | int | Sequence[int]) -> None:
+def _erase(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    p: float,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    value: str | int | Sequence[int],
+) -> None:
     """`random_erasing` in place."""
     if rng.random() >= p:
         return
     height, width, channels = image.shape
     areas = height * width * rng.uniform(scale[0], scale[1], _MAX_ATTEMPTS)
-    aspects = np.exp(rng.uniform(
-        math.log(ratio[0]), math.log(ratio[1]), _MAX_ATTEMPTS))
+    aspects = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), _MAX_ATTEMPTS))
     heights = np.rint(np.sqrt(areas * aspects)).astype(int)
     widths = np.rint(np.sqrt(areas / aspects)).astype(int)
     # Strict inequality as in torchvision: never erase a full row or column.
@@ -283,10 +274,9 @@ def _erase(image: np.ndarray, rng: np.random.Generator, p: float,
     top = rng.integers(0, height - h + 1)
     left = rng.integers(0, width - w + 1)
     if isinstance(value, str):
-        image[top:top + h, left:left + w] = rng.integers(
-            0, 256, size=(h, w, channels), dtype=np.uint8)
+        image[top : top + h, left : left + w] = rng.integers(0, 256, size=(h, w, channels), dtype=np.uint8)
     else:
-        image[top:top + h, left:left + w] = np.asarray(value, dtype=image.dtype)
+        image[top : top + h, left : left + w] = np.asarray(value, dtype=image.dtype)
 
 
 # RandAugment's ops and how bin `k` of `n` maps to a magnitude, as in
@@ -294,37 +284,37 @@ def _erase(image: np.ndarray, rng: np.random.Generator, p: float,
 # bin 0 to the listed strength at bin n-1. Translations are in fractions of
 # the image width/height; Posterize (bits) and Solarize (threshold) are special.
 _STRENGTH = {
-    'Identity': 0.0,
-    'ShearX': 0.3,
-    'ShearY': 0.3,
-    'TranslateX': 150 / 331,
-    'TranslateY': 150 / 331,
-    'Rotate': 30.0,
-    'Brightness': 0.9,
-    'Color': 0.9,
-    'Contrast': 0.9,
-    'Sharpness': 0.9,
-    'Posterize': 4.0,
-    'Solarize': 255.0,
-    'AutoContrast': 0.0,
-    'Equalize': 0.0,
+    "Identity": 0.0,
+    "ShearX": 0.3,
+    "ShearY": 0.3,
+    "TranslateX": 150 / 331,
+    "TranslateY": 150 / 331,
+    "Rotate": 30.0,
+    "Brightness": 0.9,
+    "Color": 0.9,
+    "Contrast": 0.9,
+    "Sharpness": 0.9,
+    "Posterize": 4.0,
+    "Solarize": 255.0,
+    "AutoContrast": 0.0,
+    "Equalize": 0.0,
 }
 # Ops whose magnitude is negated with probability 1/2.
-_SIGNED = frozenset({
-    'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Rotate', 'Brightness',
-    'Color', 'Contrast', 'Sharpness'})
+_SIGNED = frozenset(
+    {"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast", "Sharpness"}
+)
 RAND_AUGMENT_OPS = tuple(_STRENGTH)
 
 
 def _magnitude(op: str, k: int, n: int, height: int, width: int) -> float:
     fraction = k / (n - 1)
-    if op == 'Posterize':  # Bits kept; the strength is the bits dropped.
+    if op == "Posterize":  # Bits kept; the strength is the bits dropped.
         return 8 - round(_STRENGTH[op] * fraction)
-    if op == 'Solarize':  # Threshold: 255 at bin 0 (almost no-op) down to 0.
+    if op == "Solarize":  # Threshold: 255 at bin 0 (almost no-op) down to 0.
         return _STRENGTH[op] * (1 - fraction)
-    if op == 'TranslateX':
+    if op == "TranslateX":
         return _STRENGTH[op] * fraction * width
-    if op == 'TranslateY':
+    if op == "TranslateY":
         return _STRENGTH[op] * fraction * height
     return _STRENGTH[op] * fraction
 
@@ -332,36 +322,38 @@ def _magnitude(op: str, k: int, n: int, height: int, width: int) -> float:
 def _affine(image: Image.Image, coefficients: tuple[float, ...]) -> Image.Image:
     # Pillow maps each output pixel (x, y) to the input pixel
     # (a x + b y + c, d x + e y + f); uncovered pixels are filled with 0.
-    return image.transform(
-        image.size, Image.Transform.AFFINE, coefficients,
-        Image.Resampling.NEAREST)
+    return image.transform(image.size, Image.Transform.AFFINE, coefficients, Image.Resampling.NEAREST)
 
 
 # Each op takes (image, magnitude); signs follow torchvision: positive
 # translations move content right/down, positive angles rotate
 # counter-clockwise, shears are about the top-left corner.
 _APPLY = {
-    'Identity': lambda im, m: im,
-    'ShearX': lambda im, m: _affine(im, (1, m, 0, 0, 1, 0)),
-    'ShearY': lambda im, m: _affine(im, (1, 0, 0, m, 1, 0)),
-    'TranslateX': lambda im, m: _affine(im, (1, 0, -int(m), 0, 1, 0)),
-    'TranslateY': lambda im, m: _affine(im, (1, 0, 0, 0, 1, -int(m))),
-    'Rotate': lambda im, m: im.rotate(m, Image.Resampling.NEAREST),
-    'Brightness': lambda im, m: ImageEnhance.Brightness(im).enhance(1 + m),
-    'Color': lambda im, m: ImageEnhance.Color(im).enhance(1 + m),
-    'Contrast': lambda im, m: ImageEnhance.Contrast(im).enhance(1 + m),
-    'Sharpness': lambda im, m: ImageEnhance.Sharpness(im).enhance(1 + m),
-    'Posterize': lambda im, m: ImageOps.posterize(im, int(m)),
-    'Solarize': lambda im, m: ImageOps.solarize(im, m),
-    'AutoContrast': lambda im, m: ImageOps.autocontrast(im),
-    'Equalize': lambda im, m: ImageOps.equalize(im),
+    "Identity": lambda im, m: im,
+    "ShearX": lambda im, m: _affine(im, (1, m, 0, 0, 1, 0)),
+    "ShearY": lambda im, m: _affine(im, (1, 0, 0, m, 1, 0)),
+    "TranslateX": lambda im, m: _affine(im, (1, 0, -int(m), 0, 1, 0)),
+    "TranslateY": lambda im, m: _affine(im, (1, 0, 0, 0, 1, -int(m))),
+    "Rotate": lambda im, m: im.rotate(m, Image.Resampling.NEAREST),
+    "Brightness": lambda im, m: ImageEnhance.Brightness(im).enhance(1 + m),
+    "Color": lambda im, m: ImageEnhance.Color(im).enhance(1 + m),
+    "Contrast": lambda im, m: ImageEnhance.Contrast(im).enhance(1 + m),
+    "Sharpness": lambda im, m: ImageEnhance.Sharpness(im).enhance(1 + m),
+    "Posterize": lambda im, m: ImageOps.posterize(im, int(m)),
+    "Solarize": lambda im, m: ImageOps.solarize(im, m),
+    "AutoContrast": lambda im, m: ImageOps.autocontrast(im),
+    "Equalize": lambda im, m: ImageOps.equalize(im),
 }
 
 
 def rand_augment(
-    image: np.ndarray, rng: np.random.Generator, *, num_ops: int = 2,
-    magnitude: int = 9, num_magnitude_bins: int = _BINS,
-    ops: Sequence[str] = RAND_AUGMENT_OPS
+    image: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    num_ops: int = 2,
+    magnitude: int = 9,
+    num_magnitude_bins: int = _BINS,
+    ops: Sequence[str] = RAND_AUGMENT_OPS,
 ) -> np.ndarray:
     """RandAugment (Cubuk et al. 2020) with torchvision's `RandAugment` policy.
 
@@ -375,33 +367,28 @@ def rand_augment(
     """
     _check_image(image, pil=True)
     _check_rand_augment(num_ops, magnitude, num_magnitude_bins, ops)
-    return _from_pil(_rand_augment(
-        _to_pil(image), rng, num_ops, magnitude, num_magnitude_bins, ops))
+    return _from_pil(_rand_augment(_to_pil(image), rng, num_ops, magnitude, num_magnitude_bins, ops))
 
 
 def _check_rand_augment(num_ops, magnitude, num_magnitude_bins, ops) -> None:
     if not isinstance(num_ops, (int, np.integer)) or num_ops < 0:
-        raise ValueError(
-            f'num_ops must be a non-negative int, got {num_ops!r}.')
-    if not isinstance(num_magnitude_bins, (int, np.integer)) or (
-            num_magnitude_bins < 2):
-        raise ValueError('num_magnitude_bins must be an int >= 2, '
-                         f'got {num_magnitude_bins!r}.')
-    if (not isinstance(magnitude, (int, np.integer))
-            or not 0 <= magnitude <= num_magnitude_bins - 1):
-        raise ValueError(
-            f'magnitude must be an int in [0, {num_magnitude_bins - 1}], '
-            f'got {magnitude}.')
+        raise ValueError(f"num_ops must be a non-negative int, got {num_ops!r}.")
+    if not isinstance(num_magnitude_bins, (int, np.integer)) or (num_magnitude_bins < 2):
+        raise ValueError(f"num_magnitude_bins must be an int >= 2, got {num_magnitude_bins!r}.")
+    if not isinstance(magnitude, (int, np.integer)) or not 0 <= magnitude <= num_magnitude_bins - 1:
+        raise ValueError(f"magnitude must be an int in [0, {num_magnitude_bins - 1}], got {magnitude}.")
     unknown = [op for op in ops if op not in _APPLY]
     if unknown or not ops:
-        raise ValueError(
-            f'ops must be a non-empty subset of {RAND_AUGMENT_OPS}, '
-            f'got {tuple(ops)}.')
+        raise ValueError(f"ops must be a non-empty subset of {RAND_AUGMENT_OPS}, got {tuple(ops)}.")
 
 
 def _rand_augment(
-    image: Image.Image, rng: np.random.Generator, num_ops: int,
-    magnitude: int, num_magnitude_bins: int, ops: Sequence[str]
+    image: Image.Image,
+    rng: np.random.Generator,
+    num_ops: int,
+    magnitude: int,
+    num_magnitude_bins: int,
+    ops: Sequence[str],
 ) -> Image.Image:
     """`rand_augment` on a Pillow image."""
     width, height = image.size
@@ -415,9 +402,14 @@ def _rand_augment(
 
 
 def inception_train(
-    image: np.ndarray | bytes, rng: np.random.Generator, *, size: int,
-    flip: bool = True, randaugment_ops: int = 0,
-    randaugment_magnitude: int = 9, erasing_prob: float = 0.0
+    image: np.ndarray | bytes,
+    rng: np.random.Generator,
+    *,
+    size: int,
+    flip: bool = True,
+    randaugment_ops: int = 0,
+    randaugment_magnitude: int = 9,
+    erasing_prob: float = 0.0,
 ) -> np.ndarray:
     """The ImageNet training recipe: `random_resized_crop` to `size`, then
     `horizontal_flip` if `flip`, `rand_augment(num_ops=randaugment_ops,
@@ -432,8 +424,7 @@ def inception_train(
     of a JPEG is resized from the reduced decode.
     """
     _check_size(size)
-    _check_rand_augment(
-        randaugment_ops, randaugment_magnitude, _BINS, RAND_AUGMENT_OPS)
+    _check_rand_augment(randaugment_ops, randaugment_magnitude, _BINS, RAND_AUGMENT_OPS)
     _check_probability(erasing_prob)
     encoded = isinstance(image, bytes)
     if encoded:
@@ -445,9 +436,8 @@ def inception_train(
     if flip and rng.random() < 0.5:
         pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if randaugment_ops:
-        pil = _rand_augment(pil, rng, randaugment_ops, randaugment_magnitude,
-                            _BINS, RAND_AUGMENT_OPS)
+        pil = _rand_augment(pil, rng, randaugment_ops, randaugment_magnitude, _BINS, RAND_AUGMENT_OPS)
     out = _from_pil(pil)
     if erasing_prob:
-        _erase(out, rng, erasing_prob, _ERASE_SCALE, _ERASE_RATIO, 'random')
+        _erase(out, rng, erasing_prob, _ERASE_SCALE, _ERASE_RATIO, "random")
     return out

@@ -33,9 +33,7 @@ def subset_info(info: DatasetInfo, subset: Sequence[int]) -> DatasetInfo:
     """
     m = label_map(info.num_classes, subset)
     groups = {
-        g: tuple(int(m[c]) for c in members)
-        for g, members in info.groups.items()
-        if all(m[c] >= 0 for c in members)
+        g: tuple(int(m[c]) for c in members) for g, members in info.groups.items() if all(m[c] >= 0 for c in members)
     }
     return dataclasses.replace(
         info,

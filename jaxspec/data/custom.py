@@ -79,8 +79,7 @@ class FolderSource:
     decodes about as fast as it is augmented, so an in-memory path for small folders would gain little.
     """
 
-    def __init__(self, paths: Sequence[str], labels: np.ndarray, sizes: np.ndarray, mode: str,
-                 info: DatasetInfo):
+    def __init__(self, paths: Sequence[str], labels: np.ndarray, sizes: np.ndarray, mode: str, info: DatasetInfo):
         self.paths, self._labels, self._mode, self.info = tuple(paths), np.asarray(labels, np.int32), mode, info
         self.sizes = sizes  # (height, width) of each image, from its header
 
@@ -161,8 +160,7 @@ def _draw(keys: Sequence[str], labels: np.ndarray, fractions: dict[str, float]) 
 
 def _part(split: str) -> str:
     if split not in _SPLIT_PARTS:
-        raise DataError(None, f"folder and npz data have the splits train, validation (or val) and test, "
-                              f"not {split!r}")
+        raise DataError(None, f"folder and npz data have the splits train, validation (or val) and test, not {split!r}")
     return _SPLIT_PARTS[split]
 
 
@@ -173,8 +171,10 @@ def _fractions(drawn: Sequence[str], split_fractions: Sequence[float]) -> dict[s
 def _check_drawn(where: str, parts: dict[str, np.ndarray], split_fractions) -> None:
     for part, positions in parts.items():
         if not len(positions):
-            raise DataError("data.split_fractions", f"{where}: data.split_fractions={tuple(split_fractions)} "
-                                                   f"leaves the {part} part no examples")
+            raise DataError(
+                "data.split_fractions",
+                f"{where}: data.split_fractions={tuple(split_fractions)} leaves the {part} part no examples",
+            )
 
 
 # --- folders ---------------------------------------------------------------------------------------------
@@ -206,8 +206,10 @@ def _layout(root: pathlib.Path) -> tuple[tuple[str, str, tuple[tuple[str, int, i
     if splits:
         stray = [p for p in top if p not in splits]
         if stray:
-            raise DataError("data.name", f"{stray[0]}: beside the split folders {[p.name for p in splits]} "
-                                         f"{root} may hold nothing else")
+            raise DataError(
+                "data.name",
+                f"{stray[0]}: beside the split folders {[p.name for p in splits]} {root} may hold nothing else",
+            )
         if "train" not in [p.name for p in splits]:
             raise DataError("data.name", f"{root}: split folders without train/ (val/ and test/ are optional)")
     out = []
@@ -217,8 +219,9 @@ def _layout(root: pathlib.Path) -> tuple[tuple[str, str, tuple[tuple[str, int, i
             raise DataError("data.name", f"{directory}: no class folders")
         loose = [p for p in entries if not p.is_dir()]
         if loose:
-            raise DataError("data.name", f"{loose[0]}: a file outside any class folder ({directory} holds one "
-                                         "sub-folder per class)")
+            raise DataError(
+                "data.name", f"{loose[0]}: a file outside any class folder ({directory} holds one sub-folder per class)"
+            )
         for class_dir in entries:
             files = _files(class_dir)
             if not files:
@@ -247,8 +250,11 @@ def _load_folder(name: str, layout: tuple, split_fractions: tuple) -> _Loaded:
         here = [cls for cls, _ in classes]
         if tuple(here) != class_names:
             missing = sorted(set(class_names) - set(here)) or sorted(set(here) - set(class_names))
-            raise DataError("data.name", f"{os.path.join(root, part)}: its class folders differ from "
-                                         f"{os.path.join(root, 'train')}'s (not in both: {missing[:5]})")
+            raise DataError(
+                "data.name",
+                f"{os.path.join(root, part)}: its class folders differ from "
+                f"{os.path.join(root, 'train')}'s (not in both: {missing[:5]})",
+            )
     items = {}
     for part, classes in by_part.items():
         paths = [f[0] for _, files in classes for f in files]
@@ -300,8 +306,10 @@ def _load_npz(name: str, stat: tuple[int, int], split_fractions: tuple) -> _Load
     known = {"images", "labels", "class_names", *(k for p in PARTS for k in _npz_keys(p))}
     unknown = sorted(set(arrays) - known)
     if unknown:
-        raise bad(f"unknown array {unknown[0]!r}; allowed: images, labels, class_names, and train_, val_, test_ "
-                  "images and labels")
+        raise bad(
+            f"unknown array {unknown[0]!r}; allowed: images, labels, class_names, and train_, val_, test_ "
+            "images and labels"
+        )
     if "images" in arrays and "train_images" in arrays:
         raise bad("has both 'images' and 'train_images'; the pool to draw splits from must be one of them")
     pool = "train" if "train_images" in arrays else ""
@@ -316,8 +324,9 @@ def _load_npz(name: str, stat: tuple[int, int], split_fractions: tuple) -> _Load
         images, labels = arrays[im_key], arrays[lab_key]
         channels = images.shape[-1] if images.ndim == 4 else 1
         if images.dtype != np.uint8 or images.ndim not in (3, 4) or channels not in (1, 3):
-            raise bad(f"{im_key!r} must be uint8 [N, H, W] or [N, H, W, 1 or 3], not {images.dtype} "
-                      f"{list(images.shape)}")
+            raise bad(
+                f"{im_key!r} must be uint8 [N, H, W] or [N, H, W, 1 or 3], not {images.dtype} {list(images.shape)}"
+            )
         if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
             raise bad(f"{lab_key!r} must be integers [N], not {labels.dtype} {list(labels.shape)}")
         if len(images) != len(labels):
@@ -337,8 +346,9 @@ def _load_npz(name: str, stat: tuple[int, int], split_fractions: tuple) -> _Load
             raise bad("'class_names' must be distinct strings [K] (np.array(['cat', 'dog', ...]))")
         class_names = tuple(names.tolist())
         if top >= len(class_names):
-            raise bad(f"{top_key!r} holds {top}; with {len(class_names)} class_names labels lie in "
-                      f"0..{len(class_names) - 1}")
+            raise bad(
+                f"{top_key!r} holds {top}; with {len(class_names)} class_names labels lie in 0..{len(class_names) - 1}"
+            )
     else:
         class_names = tuple(str(c) for c in range(top + 1))
 
@@ -371,8 +381,7 @@ def _tfds_info(name: str, data_dir: str | None, image_key: str, label_key: str) 
     features = builder.info.features
     for key, value in (("data.image_key", image_key), ("data.label_key", label_key)):
         if value not in features:
-            raise DataError(key, f"tfds dataset {dataset!r} has no feature {value!r}; its features: "
-                                 f"{sorted(features)}")
+            raise DataError(key, f"tfds dataset {dataset!r} has no feature {value!r}; its features: {sorted(features)}")
     if not isinstance(features[image_key], tfds.features.Image):
         raise DataError("data.image_key", f"feature {image_key!r} of tfds dataset {dataset!r} is not an image")
     names = getattr(features[label_key], "names", None)
@@ -383,8 +392,9 @@ def _tfds_info(name: str, data_dir: str | None, image_key: str, label_key: str) 
     try:
         records = tfds.data_source(dataset, split=split, data_dir=data_dir, download=False)
     except Exception as e:  # noqa: BLE001 -- as above
-        raise DataError("data.name", f"tfds dataset {dataset!r} is not prepared in data.data_dir={data_dir!r} "
-                                     f"({_one_line(e)})") from None
+        raise DataError(
+            "data.name", f"tfds dataset {dataset!r} is not prepared in data.data_dir={data_dir!r} ({_one_line(e)})"
+        ) from None
     mean, std = _channel_stats(np.asarray(records[int(i)][image_key]) for i in _sample(len(records)))
     return DatasetInfo(name=name, class_names=tuple(names), groups={}, mean=mean, std=std)
 
@@ -403,8 +413,15 @@ def _loaded(name: str, split_fractions: Sequence[float]) -> _Loaded:
     return _load_npz(name, (st.st_size, st.st_mtime_ns), tuple(split_fractions))
 
 
-def get_info(name: str, *, data_dir: str | None = None, groups_file: str = "", image_key: str = "image",
-             label_key: str = "label", split_fractions: Sequence[float] = SPLIT_FRACTIONS) -> DatasetInfo:
+def get_info(
+    name: str,
+    *,
+    data_dir: str | None = None,
+    groups_file: str = "",
+    image_key: str = "image",
+    label_key: str = "label",
+    split_fractions: Sequence[float] = SPLIT_FRACTIONS,
+) -> DatasetInfo:
     """The label space of own data `name` (see the module doc), with the groups of `groups_file`."""
     if name.startswith("tfds:"):
         info = _tfds_info(name, data_dir or None, image_key, label_key)
@@ -413,19 +430,34 @@ def get_info(name: str, *, data_dir: str | None = None, groups_file: str = "", i
     return with_groups(info, groups_file) if groups_file else info
 
 
-def get_source(name: str, split: str, *, data_dir: str | None = None, groups_file: str = "",
-               image_key: str = "image", label_key: str = "label",
-               split_fractions: Sequence[float] = SPLIT_FRACTIONS):
+def get_source(
+    name: str,
+    split: str,
+    *,
+    data_dir: str | None = None,
+    groups_file: str = "",
+    image_key: str = "image",
+    label_key: str = "label",
+    split_fractions: Sequence[float] = SPLIT_FRACTIONS,
+):
     """Split `split` of own data `name`: a `FolderSource`, an `ArraySource` (npz) or a `TfdsSource`."""
-    info = get_info(name, data_dir=data_dir, groups_file=groups_file, image_key=image_key, label_key=label_key,
-                    split_fractions=split_fractions)
+    info = get_info(
+        name,
+        data_dir=data_dir,
+        groups_file=groups_file,
+        image_key=image_key,
+        label_key=label_key,
+        split_fractions=split_fractions,
+    )
     if name.startswith("tfds:"):
         try:
-            return TfdsSource(name.removeprefix("tfds:"), split, info, data_dir or None, image_key=image_key,
-                              label_key=label_key)
+            return TfdsSource(
+                name.removeprefix("tfds:"), split, info, data_dir or None, image_key=image_key, label_key=label_key
+            )
         except Exception as e:  # noqa: BLE001 -- tfds' error for a split it does not have
-            raise DataError(None, f"tfds dataset {name.removeprefix('tfds:')!r} cannot open split {split!r} "
-                                  f"({_one_line(e)})") from None
+            raise DataError(
+                None, f"tfds dataset {name.removeprefix('tfds:')!r} cannot open split {split!r} ({_one_line(e)})"
+            ) from None
     arguments = _loaded(name, split_fractions).parts[_part(split)]
     if name.startswith("folder:"):
         return FolderSource(*arguments, info=info)
@@ -438,6 +470,7 @@ def with_groups(info: DatasetInfo, path: str) -> DatasetInfo:
     Groups are sorted class indices, as the built-in ones; a name that `specialize.subset` could not tell
     from a class or parse (a class name, a number, commas, '>') is refused.
     """
+
     def bad(message: str) -> DataError:
         return DataError("data.groups_file", f"{path}: {message}")
 
@@ -455,8 +488,10 @@ def with_groups(info: DatasetInfo, path: str) -> DatasetInfo:
         if group in info.groups or group in index:
             raise bad(f"group {group!r} is already a {'group' if group in info.groups else 'class'} of {info.name}")
         if not group or group.strip() != group or any(c in group for c in ",>") or group.lstrip("-").isdigit():
-            raise bad(f"group name {group!r} cannot be written in specialize.subset (no commas, '>', bare numbers "
-                      "or outer spaces)")
+            raise bad(
+                f"group name {group!r} cannot be written in specialize.subset (no commas, '>', bare numbers "
+                "or outer spaces)"
+            )
         if not isinstance(members, list) or not members or not all(isinstance(m, str) for m in members):
             raise bad(f"group {group!r} must be a non-empty list of class names")
         unknown = [m for m in members if m not in index]

@@ -40,8 +40,15 @@ def _cifar100_info() -> DatasetInfo:
         for c, coarse in enumerate(meta["coarse_label_names"])
     }
     animal_coarse = [
-        "aquatic_mammals", "fish", "insects", "large_carnivores", "large_omnivores_and_herbivores",
-        "medium_mammals", "non-insect_invertebrates", "reptiles", "small_mammals",
+        "aquatic_mammals",
+        "fish",
+        "insects",
+        "large_carnivores",
+        "large_omnivores_and_herbivores",
+        "medium_mammals",
+        "non-insect_invertebrates",
+        "reptiles",
+        "small_mammals",
     ]
     groups["animals"] = tuple(sorted(i for c in animal_coarse for i in groups[c]))
     return DatasetInfo(
@@ -55,7 +62,6 @@ def _cifar100_info() -> DatasetInfo:
 
 def _imagenet_info() -> DatasetInfo:
     import tensorflow_datasets as tfds
-
 
     wnids = tuple(tfds.builder("imagenet2012").info.features["label"].names)
     # WordNet's animals/artifacts/miscellaneous (398/522/80; animals are classes 0-397)
@@ -86,8 +92,9 @@ def get_info(name: str, *, data_dir: str | None = None, groups_file: str = "", *
     elif name in _TFDS:
         info = _TFDS[name]()
     else:
-        raise ValueError(f"Unknown dataset {name!r}; choose one of {list(SOURCES)} or own data "
-                         f"({', '.join(custom.KINDS)})")
+        raise ValueError(
+            f"Unknown dataset {name!r}; choose one of {list(SOURCES)} or own data ({', '.join(custom.KINDS)})"
+        )
     return custom.with_groups(info, groups_file) if groups_file else info
 
 
@@ -122,5 +129,10 @@ def open_split(data_cfg, split: str) -> Source:
     """
     own = {key: data_cfg.get(key, default) for key, default in custom.DEFAULTS.items()}
     own["split_fractions"] = tuple(own["split_fractions"])
-    return get_source(data_cfg.name, split, data_dir=data_cfg.get("data_dir") or None,
-                      manifest=data_cfg.get("manifest") or None, **own)
+    return get_source(
+        data_cfg.name,
+        split,
+        data_dir=data_cfg.get("data_dir") or None,
+        manifest=data_cfg.get("manifest") or None,
+        **own,
+    )

@@ -21,11 +21,9 @@ import numpy as np
 
 from jaxspec.data import embedded_files
 
-_ANIMALS = ('bear', 'bird', 'cat', 'cow', 'dog', 'elephant', 'giraffe',
-            'horse', 'sheep', 'zebra')
-_CLOTHING = ('tshirt_top', 'trouser', 'pullover', 'dress', 'coat', 'sandal',
-             'shirt', 'sneaker', 'bag', 'ankle_boot')
-_DIGITS = tuple(f'digit_{d}' for d in range(10))
+_ANIMALS = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
+_CLOTHING = ("tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot")
+_DIGITS = tuple(f"digit_{d}" for d in range(10))
 
 CLASS_NAMES: tuple[str, ...] = _ANIMALS + _CLOTHING + _DIGITS
 
@@ -35,18 +33,18 @@ def _ids(*names: str) -> tuple[int, ...]:
 
 
 GROUPS: dict[str, tuple[int, ...]] = {
-    'animals': tuple(range(10)),
-    'clothing': tuple(range(10, 20)),
-    'digits': tuple(range(20, 30)),
+    "animals": tuple(range(10)),
+    "clothing": tuple(range(10, 20)),
+    "digits": tuple(range(20, 30)),
     # Fashion-MNIST's classic confusions: upper-body garments look alike.
-    'tops': _ids('tshirt_top', 'pullover', 'coat', 'shirt'),
-    'footwear': _ids('sandal', 'sneaker', 'ankle_boot'),
+    "tops": _ids("tshirt_top", "pullover", "coat", "shirt"),
+    "footwear": _ids("sandal", "sneaker", "ankle_boot"),
     # Four-legged side views whose silhouettes are easy to mix up.
-    'livestock': _ids('cow', 'horse', 'sheep'),
-    'wildlife': _ids('bear', 'elephant', 'giraffe', 'zebra'),
+    "livestock": _ids("cow", "horse", "sheep"),
+    "wildlife": _ids("bear", "elephant", "giraffe", "zebra"),
 }
 
-SPLITS = ('train', 'validation', 'test')
+SPLITS = ("train", "validation", "test")
 # Fractions rather than counts, so a small fixture splits the same way.
 SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
 PER_CLASS = 1000
@@ -58,14 +56,13 @@ RECIPE_VERSION = 1
 # (images role, labels role) for the class blocks 0-9, 10-19 and 20-29; the
 # labels of each source are 0-9 in the order of the matching names above.
 _SOURCES = (
-    ('animal_data', 'animal_labels'),
-    ('fashion_train_images', 'fashion_train_labels'),
-    ('mnist_train_images', 'mnist_train_labels'),
+    ("animal_data", "animal_labels"),
+    ("fashion_train_images", "fashion_train_labels"),
+    ("mnist_train_images", "mnist_train_labels"),
 )
 
 
-def load(split: str, *, data_dir: str | None = None,
-         manifest: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load(split: str, *, data_dir: str | None = None, manifest: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Returns (images uint8 [N, 28, 28], labels int32 [N]) of one split.
 
     Args:
@@ -77,28 +74,26 @@ def load(split: str, *, data_dir: str | None = None,
         files are used instead of the registry packages.
     """
     if split not in SPLITS:
-        raise ValueError(f'unknown split {split!r}; valid splits: {SPLITS}')
+        raise ValueError(f"unknown split {split!r}; valid splits: {SPLITS}")
     data_dir = data_dir or embedded_files.default_data_dir()
     entries = embedded_files.read_manifest(manifest) if manifest else {}
-    path = os.path.join(data_dir, f'embedded-{cache_key(entries)}.npz')
+    path = os.path.join(data_dir, f"embedded-{cache_key(entries)}.npz")
     if not os.path.exists(path):
-        print(f'jaxspec: assembling the embedded dataset into {path}',
-              file=sys.stderr, flush=True)
+        print(f"jaxspec: assembling the embedded dataset into {path}", file=sys.stderr, flush=True)
         _save_atomically(path, _assemble(data_dir, entries))
     with np.load(path) as arrays:
-        return arrays[f'{split}_images'], arrays[f'{split}_labels']
+        return arrays[f"{split}_images"], arrays[f"{split}_labels"]
 
 
 def cache_key(manifest: dict[str, embedded_files.ManifestEntry]) -> str:
     """Hashes everything the assembled arrays depend on."""
     recipe = {
-        'version': RECIPE_VERSION,
-        'classes': CLASS_NAMES,
-        'per_class': PER_CLASS,
-        'fractions': SPLIT_FRACTIONS,
-        'seed': SEED,
-        'files': {role: embedded_files.declared_sha256(role, manifest)
-                  for pair in _SOURCES for role in pair},
+        "version": RECIPE_VERSION,
+        "classes": CLASS_NAMES,
+        "per_class": PER_CLASS,
+        "fractions": SPLIT_FRACTIONS,
+        "seed": SEED,
+        "files": {role: embedded_files.declared_sha256(role, manifest) for pair in _SOURCES for role in pair},
     }
     blob = json.dumps(recipe, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -113,7 +108,7 @@ def hash_order(n: int, *key: int) -> np.ndarray:
     h = np.arange(n, dtype=np.uint64)
     for k in key:
         h = _splitmix64(h ^ _splitmix64(np.array([k], np.uint64)))
-    return np.argsort(h, kind='stable')
+    return np.argsort(h, kind="stable")
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -123,25 +118,21 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def _read_source(images_role: str, labels_role: str, data_dir: str,
-                 manifest: dict[str, embedded_files.ManifestEntry]
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def _read_source(
+    images_role: str, labels_role: str, data_dir: str, manifest: dict[str, embedded_files.ManifestEntry]
+) -> tuple[np.ndarray, np.ndarray]:
     images = embedded_files.read(images_role, data_dir, manifest)
     labels = embedded_files.read(labels_role, data_dir, manifest)
     if images.dtype != np.uint8 or images.shape[1:] != (28, 28):
-        raise ValueError(f'{images_role}: expected uint8 [N, 28, 28] images, '
-                         f'got {images.dtype} {images.shape}')
-    if labels.shape != images.shape[:1] or labels.dtype.kind not in 'iu':
-        raise ValueError(f'{labels_role}: expected {len(images)} integer '
-                         f'labels, got {labels.dtype} {labels.shape}')
+        raise ValueError(f"{images_role}: expected uint8 [N, 28, 28] images, got {images.dtype} {images.shape}")
+    if labels.shape != images.shape[:1] or labels.dtype.kind not in "iu":
+        raise ValueError(f"{labels_role}: expected {len(images)} integer labels, got {labels.dtype} {labels.shape}")
     if labels.size and not 0 <= labels.min() <= labels.max() <= 9:
-        raise ValueError(f'{labels_role}: labels must lie in 0..9')
+        raise ValueError(f"{labels_role}: labels must lie in 0..9")
     return images, labels
 
 
-def _assemble(data_dir: str,
-              manifest: dict[str, embedded_files.ManifestEntry]
-              ) -> dict[str, np.ndarray]:
+def _assemble(data_dir: str, manifest: dict[str, embedded_files.ManifestEntry]) -> dict[str, np.ndarray]:
     """Selects a balanced, seeded subset per class and splits it.
 
     Per class, a keyed hash orders the images, the first `per_class` are
@@ -149,10 +140,9 @@ def _assemble(data_dir: str,
     SPLIT_FRACTIONS. Each split is then shuffled so classes interleave.
     """
     sources = [_read_source(*roles, data_dir, manifest) for roles in _SOURCES]
-    smallest = min(np.bincount(labels, minlength=10).min()
-                   for _, labels in sources)
+    smallest = min(np.bincount(labels, minlength=10).min() for _, labels in sources)
     if smallest == 0:
-        raise ValueError('every class needs at least one image')
+        raise ValueError("every class needs at least one image")
     per_class = min(PER_CLASS, int(smallest))
     cuts = np.round(np.cumsum(SPLIT_FRACTIONS)[:-1] * per_class).astype(int)
     parts = {split: [] for split in SPLITS}
@@ -168,11 +158,10 @@ def _assemble(data_dir: str,
     arrays = {}
     for i, split in enumerate(SPLITS):
         images = np.concatenate([x for x, _ in parts[split]])
-        labels = np.concatenate(
-            [np.full(len(x), c, np.int32) for x, c in parts[split]])
+        labels = np.concatenate([np.full(len(x), c, np.int32) for x, c in parts[split]])
         order = hash_order(len(labels), SEED, len(CLASS_NAMES) + i)
-        arrays[f'{split}_images'] = images[order]
-        arrays[f'{split}_labels'] = labels[order]
+        arrays[f"{split}_images"] = images[order]
+        arrays[f"{split}_labels"] = labels[order]
     return arrays
 
 
@@ -185,17 +174,16 @@ def _copies_first(images: np.ndarray) -> np.ndarray:
     per-class counts stay exact.
     """
     flat = images.reshape(len(images), -1)
-    _, inverse, counts = np.unique(flat, axis=0, return_inverse=True,
-                                   return_counts=True)
-    return np.argsort(counts[inverse.reshape(-1)] == 1, kind='stable')
+    _, inverse, counts = np.unique(flat, axis=0, return_inverse=True, return_counts=True)
+    return np.argsort(counts[inverse.reshape(-1)] == 1, kind="stable")
 
 
 def _save_atomically(path: str, arrays: dict[str, np.ndarray]) -> None:
     """Writes to a temp file first, so no reader ever sees half a cache."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f'{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp'
+    tmp = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
     try:
-        with open(tmp, 'xb') as f:
+        with open(tmp, "xb") as f:
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())

@@ -68,20 +68,27 @@ def _stack_padded(images, size: int) -> np.ndarray:
 def _train_map(name: str, size: int, cfg) -> Callable[[Any, np.random.Generator], np.ndarray]:
     """The augmentation of a batch of images (one NHWC array, or a list of HWC images of any sizes)."""
     if name == "small":
-        return lambda images, rng: augment.pad_crop_flip_batch(_stack_padded(images, size), rng,
-                                                               pad=cfg.crop_padding, flip=cfg.flip)
+        return lambda images, rng: augment.pad_crop_flip_batch(
+            _stack_padded(images, size), rng, pad=cfg.crop_padding, flip=cfg.flip
+        )
 
-    imagenet = functools.partial(augment.inception_train, size=size, flip=cfg.flip,
-                                 randaugment_ops=cfg.randaugment_ops,
-                                 randaugment_magnitude=cfg.randaugment_magnitude, erasing_prob=cfg.erasing_prob)
+    imagenet = functools.partial(
+        augment.inception_train,
+        size=size,
+        flip=cfg.flip,
+        randaugment_ops=cfg.randaugment_ops,
+        randaugment_magnitude=cfg.randaugment_magnitude,
+        erasing_prob=cfg.erasing_prob,
+    )
     return lambda images, rng: np.stack([imagenet(im, rng) for im in images])
 
 
 def _eval_map(name: str, size: int, crop_fraction: float = EVAL_CROP_FRACTION) -> Callable[[Any], np.ndarray]:
     if name == "small":
         return functools.partial(_stack_padded, size=size)
-    return lambda images: np.stack([augment.resize_center_crop(im, size=size, crop_fraction=crop_fraction)
-                                    for im in images])
+    return lambda images: np.stack(
+        [augment.resize_center_crop(im, size=size, crop_fraction=crop_fraction) for im in images]
+    )
 
 
 def preprocess_record(cfg, info) -> dict:
@@ -93,8 +100,14 @@ def preprocess_record(cfg, info) -> dict:
     channel count (1: grayscale, repeated to `model_channels` by `normalize`).
     """
     _check_transform(cfg.transform)
-    record = {"transform": cfg.transform, "image_size": int(cfg.image_size), "channels": len(info.mean),
-              "model_channels": MODEL_CHANNELS, "mean": list(info.mean), "std": list(info.std)}
+    record = {
+        "transform": cfg.transform,
+        "image_size": int(cfg.image_size),
+        "channels": len(info.mean),
+        "model_channels": MODEL_CHANNELS,
+        "mean": list(info.mean),
+        "std": list(info.std),
+    }
     if cfg.transform == "imagenet":
         record["crop_fraction"] = EVAL_CROP_FRACTION
     return record
@@ -104,8 +117,7 @@ def eval_batch(images, record: dict) -> np.ndarray:
     """uint8 HWC images (a list of any sizes, or one NHWC array) -> the uint8 NHWC batch evaluation feeds
     a model whose `preprocess_record` is `record`."""
     _check_transform(record["transform"])
-    return _eval_map(record["transform"], record["image_size"],
-                     record.get("crop_fraction", EVAL_CROP_FRACTION))(images)
+    return _eval_map(record["transform"], record["image_size"], record.get("crop_fraction", EVAL_CROP_FRACTION))(images)
 
 
 def _check_transform(name: str) -> None:
@@ -118,9 +130,7 @@ def _local_batch_size(global_batch_size: int) -> int:
     if global_batch_size % n:
         raise ValueError(f"Batch size {global_batch_size} is not divisible by {n} processes")
     if global_batch_size % jax.device_count():
-        raise ValueError(
-            f"Batch size {global_batch_size} is not divisible by {jax.device_count()} devices"
-        )
+        raise ValueError(f"Batch size {global_batch_size} is not divisible by {jax.device_count()} devices")
     return global_batch_size // n
 
 
@@ -157,7 +167,7 @@ class BatchIterator(grain.DatasetIterator):
 
     def __next__(self):
         if self._it is None:  # started on first use, so restoring a state first starts no workers twice
-            self._it = iterate(self._ds[self._next:], self._cfg)
+            self._it = iterate(self._ds[self._next :], self._cfg)
         batch = next(self._it)
         self._next += 1
         return batch
@@ -202,9 +212,12 @@ class _EpochOrder:
 
     def __call__(self, start: int, stop: int) -> np.ndarray:
         m = len(self._shard)
-        return np.concatenate([
-            self._epoch(e)[max(start - e * m, 0) : min(stop - e * m, m)] for e in range(start // m, (stop - 1) // m + 1)
-        ])
+        return np.concatenate(
+            [
+                self._epoch(e)[max(start - e * m, 0) : min(stop - e * m, m)]
+                for e in range(start // m, (stop - 1) // m + 1)
+            ]
+        )
 
 
 def train_iterator(source: Source, cfg, *, batch_size: int, seed: int) -> grain.DatasetIterator:

@@ -2,7 +2,8 @@
 
 Every dataset (the embedded default, tfds `cifar100`, tfds `imagenet2012`, and
 own data: an image folder, an `.npz`, any tfds dataset, see `jaxspec.data.custom`;
-`jaxspec.data.datasets` opens one by name) is a `Source`: `len()`, `source[i] -> {'image': uint8 HWC, 'label': int}`, all
+`jaxspec.data.datasets` opens one by name) is a `Source`: `len()`,
+`source[i] -> {'image': uint8 HWC, 'label': int}`, all
 labels as one array (domain constraining needs them up front), and an
 `info` with class names and named groups. grain, the domain filter and every
 later feature read data through this single code path.
@@ -107,8 +108,16 @@ class TfdsSource:
     that are the image and the class.
     """
 
-    def __init__(self, name: str, split: str, info: DatasetInfo, data_dir: str | None, *,
-                 image_key: str = "image", label_key: str = "label"):
+    def __init__(
+        self,
+        name: str,
+        split: str,
+        info: DatasetInfo,
+        data_dir: str | None,
+        *,
+        image_key: str = "image",
+        label_key: str = "label",
+    ):
         import tensorflow_datasets as tfds  # heavy; only when a tfds source is used
 
         self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
@@ -133,8 +142,10 @@ class TfdsSource:
     def get_encoded(self, indices: np.ndarray) -> dict[str, Any]:
         """The records at `indices` with `image` the files' bytes (JPEG for ImageNet), not decoded."""
         records = [self._encoded[int(i)] for i in indices]  # per record: tfds' mock sources lack a batch read
-        return {"image": [r[self._image_key] for r in records],
-                "label": np.asarray([r[self._label_key] for r in records], np.int32)}
+        return {
+            "image": [r[self._image_key] for r in records],
+            "label": np.asarray([r[self._label_key] for r in records], np.int32),
+        }
 
     @functools.cached_property
     def labels(self) -> np.ndarray:

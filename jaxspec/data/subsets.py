@@ -17,10 +17,7 @@ from jaxspec.data.sources import DatasetInfo
 def _choices(info: DatasetInfo) -> str:
     names = list(info.class_names)
     shown = ", ".join(names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40 else "")
-    return (
-        f"groups: {sorted(info.groups)}; class names: {shown}; "
-        f"or class indices 0..{info.num_classes - 1}"
-    )
+    return f"groups: {sorted(info.groups)}; class names: {shown}; or class indices 0..{info.num_classes - 1}"
 
 
 def _tokens(spec: str | int | Sequence[str | int]) -> list[str | int]:
@@ -45,8 +42,7 @@ def resolve_subset(spec: str | int | Sequence[str | int], info: DatasetInfo) -> 
         if isinstance(token, int):
             if not 0 <= token < info.num_classes:
                 raise ValueError(
-                    f"Class index {token} is out of range for {info.name!r} "
-                    f"(valid: 0..{info.num_classes - 1})"
+                    f"Class index {token} is out of range for {info.name!r} (valid: 0..{info.num_classes - 1})"
                 )
             indices.append(token)
         elif token in info.groups:
@@ -54,9 +50,7 @@ def resolve_subset(spec: str | int | Sequence[str | int], info: DatasetInfo) -> 
         elif token in name_to_index:
             indices.append(name_to_index[token])
         else:
-            raise ValueError(
-                f"Unknown class or group {token!r} for dataset {info.name!r}. Valid {_choices(info)}"
-            )
+            raise ValueError(f"Unknown class or group {token!r} for dataset {info.name!r}. Valid {_choices(info)}")
     if not indices:
         raise ValueError(f"The label subset {spec!r} is empty. Valid {_choices(info)}")
     seen, dupes = set(), []

@@ -49,8 +49,16 @@ def _shape(rng: np.random.Generator, long_side: tuple[int, int], aspect: tuple[f
     return (long, short) if rng.random() < 0.5 else (short, long)
 
 
-def build_imagenet(data_dir: str, splits: Mapping[str, int], *, classes=tuple(range(0, 1000, 50)),
-                   long_side=(300, 500), aspect=(0.6, 1.0), quality: int = 90, seed: int = 0) -> None:
+def build_imagenet(
+    data_dir: str,
+    splits: Mapping[str, int],
+    *,
+    classes=tuple(range(0, 1000, 50)),
+    long_side=(300, 500),
+    aspect=(0.6, 1.0),
+    quality: int = 90,
+    seed: int = 0,
+) -> None:
     """Writes `imagenet2012` with `splits[name]` images per split, labels cycling through `classes`.
 
     The default classes (0, 50, ..., 950) put 8 of 20 among WordNet's 398 animal classes (0-397).
@@ -70,14 +78,22 @@ def build_imagenet(data_dir: str, splits: Mapping[str, int], *, classes=tuple(ra
             for i in range(n):
                 image = natural_image(rng, *_shape(rng, long_side, aspect))
                 name = f"{split}_{i:06d}.JPEG"
-                yield name, {"image": _jpeg(image, quality), "label": int(classes[i % len(classes)]),
-                             "file_name": name}
+                yield name, {"image": _jpeg(image, quality), "label": int(classes[i % len(classes)]), "file_name": name}
 
     _prepare(Builder(data_dir=data_dir))
 
 
-def build_coco(data_dir: str, splits: Mapping[str, int], *, classes=tuple(range(80)), max_objects: int = 6,
-               long_side=(480, 640), aspect=(0.6, 1.0), quality: int = 90, seed: int = 0) -> None:
+def build_coco(
+    data_dir: str,
+    splits: Mapping[str, int],
+    *,
+    classes=tuple(range(80)),
+    max_objects: int = 6,
+    long_side=(480, 640),
+    aspect=(0.6, 1.0),
+    quality: int = 90,
+    seed: int = 0,
+) -> None:
     """Writes `coco/2017` with `splits[name]` images per split, each with 1-`max_objects` boxes.
 
     Objects are flat-coloured rectangles over the 1/f background, labels drawn from `classes`,
@@ -106,14 +122,18 @@ def build_coco(data_dir: str, splits: Mapping[str, int], *, classes=tuple(range(
                 for k in range(int(rng.integers(1, max_objects + 1))):
                     bh, bw = (int(rng.integers(s // 10, s // 2)) for s in (h, w))
                     y, x = int(rng.integers(0, h - bh)), int(rng.integers(0, w - bw))
-                    image[y:y + bh, x:x + bw] = rng.integers(0, 256, 3)
-                    objects.append({"id": 100 * i + k, "area": bh * bw, "is_crowd": k % 5 == 4,
-                                    "label": int(classes[rng.integers(len(classes))]),
-                                    "bbox": tfds.features.BBox(ymin=y / h, xmin=x / w, ymax=(y + bh) / h,
-                                                               xmax=(x + bw) / w)})
+                    image[y : y + bh, x : x + bw] = rng.integers(0, 256, 3)
+                    objects.append(
+                        {
+                            "id": 100 * i + k,
+                            "area": bh * bw,
+                            "is_crowd": k % 5 == 4,
+                            "label": int(classes[rng.integers(len(classes))]),
+                            "bbox": tfds.features.BBox(ymin=y / h, xmin=x / w, ymax=(y + bh) / h, xmax=(x + bw) / w),
+                        }
+                    )
                 name = f"{split}_{i:012d}.jpg"
-                yield name, {"image": _jpeg(image, quality), "image/filename": name, "image/id": i,
-                             "objects": objects}
+                yield name, {"image": _jpeg(image, quality), "image/filename": name, "image/id": i, "objects": objects}
 
     _prepare(Builder(data_dir=data_dir, config="2017"))
 
@@ -121,5 +141,6 @@ def build_coco(data_dir: str, splits: Mapping[str, int], *, classes=tuple(range(
 def _prepare(builder) -> None:
     import tensorflow_datasets as tfds
 
-    builder.download_and_prepare(file_format="array_record",
-                                 download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    builder.download_and_prepare(
+        file_format="array_record", download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+    )

@@ -42,8 +42,9 @@ def resize_long_side(image: np.ndarray, boxes: np.ndarray, size: int) -> tuple[n
     return _resize(image, nw, nh), boxes * np.array([nw / w, nh / h] * 2, np.float32)
 
 
-def letterbox(image: np.ndarray, boxes: np.ndarray, size: int, *, fill: int = FILL
-              ) -> tuple[np.ndarray, np.ndarray, tuple[float, float], tuple[int, int]]:
+def letterbox(
+    image: np.ndarray, boxes: np.ndarray, size: int, *, fill: int = FILL
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float], tuple[int, int]]:
     """Resize keeping the aspect ratio (long side = size), then pad to size x size, centred.
 
     Returns (image, boxes, (scale_x, scale_y), (pad_x, pad_y)): a letterboxed point is
@@ -55,7 +56,7 @@ def letterbox(image: np.ndarray, boxes: np.ndarray, size: int, *, fill: int = FI
     nh, nw = image.shape[:2]
     top, left = (size - nh) // 2, (size - nw) // 2
     out = np.full((size, size, image.shape[2]), fill, np.uint8)
-    out[top:top + nh, left:left + nw] = image
+    out[top : top + nh, left : left + nw] = image
     return out, boxes + np.array([left, top, left, top], np.float32), (nw / w, nh / h), (left, top)
 
 
@@ -63,7 +64,8 @@ def unletterbox(boxes, scale, pad, size) -> np.ndarray:
     """Letterboxed xyxy boxes [n, 4] back to the original (height, width) = size image, clipped to it
     (YOLOv5's scale_boxes); `scale` and `pad` as `letterbox` returned them."""
     boxes = (np.asarray(boxes, np.float32) - np.tile(np.asarray(pad, np.float32), 2)) / np.tile(
-        np.asarray(scale, np.float32), 2)
+        np.asarray(scale, np.float32), 2
+    )
     h, w = size
     return np.clip(boxes, 0, np.array([w, h, w, h], np.float32))
 
@@ -72,12 +74,14 @@ def horizontal_flip(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, n
     """Mirror left-right: x -> W - x, so x1, x2 swap roles."""
     boxes = _checked(image, boxes)
     w = image.shape[1]
-    return np.ascontiguousarray(image[:, ::-1]), np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0],
-                                                           boxes[:, 3]], axis=1)
+    return np.ascontiguousarray(image[:, ::-1]), np.stack(
+        [w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], axis=1
+    )
 
 
-def augment_hsv(image: np.ndarray, rng: np.random.Generator, *, hgain: float = 0.015, sgain: float = 0.7,
-                vgain: float = 0.4) -> np.ndarray:
+def augment_hsv(
+    image: np.ndarray, rng: np.random.Generator, *, hgain: float = 0.015, sgain: float = 0.7, vgain: float = 0.4
+) -> np.ndarray:
     """YOLOv5's HSV jitter: hue, saturation and value scaled by random gains in [1 - g, 1 + g].
 
     Hue turns around the colour circle (Pillow's 0-255 hue is the whole circle, as cv2's 0-180 is);
@@ -96,8 +100,15 @@ def augment_hsv(image: np.ndarray, rng: np.random.Generator, *, hgain: float = 0
     return np.array(Image.fromarray(hsv, "HSV").convert("RGB"))
 
 
-def box_candidates(before: np.ndarray, after: np.ndarray, *, wh_thr: float = 2, ar_thr: float = 100,
-                   area_thr: float = 0.1, eps: float = 1e-16) -> np.ndarray:
+def box_candidates(
+    before: np.ndarray,
+    after: np.ndarray,
+    *,
+    wh_thr: float = 2,
+    ar_thr: float = 100,
+    area_thr: float = 0.1,
+    eps: float = 1e-16,
+) -> np.ndarray:
     """Which transformed boxes to keep: wider and taller than wh_thr px, aspect ratio below ar_thr, and
     at least area_thr of their area before (YOLOv5's box_candidates)."""
     w1, h1 = before[:, 2] - before[:, 0], before[:, 3] - before[:, 1]
@@ -106,9 +117,18 @@ def box_candidates(before: np.ndarray, after: np.ndarray, *, wh_thr: float = 2, 
     return (w2 > wh_thr) & (h2 > wh_thr) & (w2 * h2 / (w1 * h1 + eps) > area_thr) & (ar < ar_thr)
 
 
-def random_affine(image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator, *, degrees: float = 0.0,
-                  translate: float = 0.1, scale: float = 0.5, shear: float = 0.0,
-                  border: tuple[int, int] = (0, 0), fill: int = FILL) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def random_affine(
+    image: np.ndarray,
+    boxes: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    degrees: float = 0.0,
+    translate: float = 0.1,
+    scale: float = 0.5,
+    shear: float = 0.0,
+    border: tuple[int, int] = (0, 0),
+    fill: int = FILL,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """YOLOv5's random_perspective without the perspective term.
 
     About the image centre: rotate by U(-degrees, degrees) and scale by U(1 - scale, 1 + scale), shear
@@ -131,8 +151,9 @@ def random_affine(image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator
     m = move @ shear_m @ rotate @ centre
     inverse = np.linalg.inv(m)[:2].ravel()  # Pillow maps each output point back to its source
     fillcolor = fill if image.shape[2] == 1 else (fill,) * 3
-    pil = image_augment._to_pil(image).transform((w, h), Image.Transform.AFFINE, tuple(inverse),
-                                                 Image.Resampling.BILINEAR, fillcolor=fillcolor)
+    pil = image_augment._to_pil(image).transform(
+        (w, h), Image.Transform.AFFINE, tuple(inverse), Image.Resampling.BILINEAR, fillcolor=fillcolor
+    )
     out = image_augment._from_pil(pil)
     corners = boxes[:, [0, 1, 2, 1, 2, 3, 0, 3]].reshape(-1, 4, 2)
     moved = corners @ m[:2, :2].T + m[:2, 2]
@@ -142,8 +163,9 @@ def random_affine(image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator
     return out, new[kept], kept
 
 
-def mosaic(images: Sequence[np.ndarray], boxes: Sequence[np.ndarray], rng: np.random.Generator, size: int,
-           *, fill: int = FILL) -> tuple[np.ndarray, np.ndarray]:
+def mosaic(
+    images: Sequence[np.ndarray], boxes: Sequence[np.ndarray], rng: np.random.Generator, size: int, *, fill: int = FILL
+) -> tuple[np.ndarray, np.ndarray]:
     """YOLOv5's 4-image mosaic on a 2size x 2size canvas, before its random_affine with border -size/2.
 
     Each image is scaled to long side `size` and placed in one quadrant around a random centre in
@@ -166,6 +188,6 @@ def mosaic(images: Sequence[np.ndarray], boxes: Sequence[np.ndarray], rng: np.ra
         x0 = xc - w if k in (0, 2) else xc
         y0 = yc - h if k in (0, 1) else yc
         cx1, cy1, cx2, cy2 = max(x0, 0), max(y0, 0), min(x0 + w, 2 * size), min(y0 + h, 2 * size)
-        canvas[cy1:cy2, cx1:cx2] = image[cy1 - y0:cy2 - y0, cx1 - x0:cx2 - x0]
+        canvas[cy1:cy2, cx1:cx2] = image[cy1 - y0 : cy2 - y0, cx1 - x0 : cx2 - x0]
         out.append(np.clip(b + np.array([x0, y0, x0, y0], np.float32), 0, 2 * size))
     return canvas, np.concatenate(out).astype(np.float32)

@@ -38,41 +38,132 @@ from jaxspec.detection import augment, scenes
 from jaxspec.detection.boxes import xyxy_to_xywh
 
 COCO_CLASSES = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard",
-    "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-    "teddy bear", "hair drier", "toothbrush",
+    "person",
+    "bicycle",
+    "car",
+    "motorcycle",
+    "airplane",
+    "bus",
+    "train",
+    "truck",
+    "boat",
+    "traffic light",
+    "fire hydrant",
+    "stop sign",
+    "parking meter",
+    "bench",
+    "bird",
+    "cat",
+    "dog",
+    "horse",
+    "sheep",
+    "cow",
+    "elephant",
+    "bear",
+    "zebra",
+    "giraffe",
+    "backpack",
+    "umbrella",
+    "handbag",
+    "tie",
+    "suitcase",
+    "frisbee",
+    "skis",
+    "snowboard",
+    "sports ball",
+    "kite",
+    "baseball bat",
+    "baseball glove",
+    "skateboard",
+    "surfboard",
+    "tennis racket",
+    "bottle",
+    "wine glass",
+    "cup",
+    "fork",
+    "knife",
+    "spoon",
+    "bowl",
+    "banana",
+    "apple",
+    "sandwich",
+    "orange",
+    "broccoli",
+    "carrot",
+    "hot dog",
+    "pizza",
+    "donut",
+    "cake",
+    "chair",
+    "couch",
+    "potted plant",
+    "bed",
+    "dining table",
+    "toilet",
+    "tv",
+    "laptop",
+    "mouse",
+    "remote",
+    "keyboard",
+    "cell phone",
+    "microwave",
+    "oven",
+    "toaster",
+    "sink",
+    "refrigerator",
+    "book",
+    "clock",
+    "vase",
+    "scissors",
+    "teddy bear",
+    "hair drier",
+    "toothbrush",
 )  # tfds `coco/2017` label order (= YOLOv5's 80-class order); tfds only learns names when it downloads
 # The 12 official supercategories; in this order each is a contiguous range of labels.
 COCO_SUPERCATEGORIES = {
-    "person": (0, 0), "vehicle": (1, 8), "outdoor": (9, 13), "animal": (14, 23), "accessory": (24, 28),
-    "sports": (29, 38), "kitchen": (39, 45), "food": (46, 55), "furniture": (56, 61), "electronic": (62, 67),
-    "appliance": (68, 72), "indoor": (73, 79),
+    "person": (0, 0),
+    "vehicle": (1, 8),
+    "outdoor": (9, 13),
+    "animal": (14, 23),
+    "accessory": (24, 28),
+    "sports": (29, 38),
+    "kitchen": (39, 45),
+    "food": (46, 55),
+    "furniture": (56, 61),
+    "electronic": (62, 67),
+    "appliance": (68, 72),
+    "indoor": (73, 79),
 }
 SOURCES = ("scenes", "coco/2017")
 
 
 def default_config(**overrides) -> ml_collections.ConfigDict:
     """A detection `data` section with YOLOv5's hyp.scratch-low augmentation."""
-    cfg = ml_collections.ConfigDict({
-        "name": "scenes",  # scenes | coco/2017
-        "data_dir": "",  # tfds data_dir, or the embedded cache (scenes are cached beside it)
-        "manifest": "",  # scenes only: the embedded raw-file manifest
-        "scenes": dataclasses.asdict(scenes.SceneConfig()),
-        "train_split": "train", "val_split": "validation", "test_split": "test",
-        "image_size": 640, "max_boxes": 100,
-        "mosaic": 1.0,  # probability of a 4-image mosaic
-        "hsv_h": 0.015, "hsv_s": 0.7, "hsv_v": 0.4,
-        "degrees": 0.0, "translate": 0.1, "scale": 0.5, "shear": 0.0,
-        "fliplr": 0.5,
-        "num_threads": 4, "prefetch": 64,
-        "num_workers": 0,  # worker processes making batches (see `jaxspec.data.pipeline`); -1: one per core
-    })
+    cfg = ml_collections.ConfigDict(
+        {
+            "name": "scenes",  # scenes | coco/2017
+            "data_dir": "",  # tfds data_dir, or the embedded cache (scenes are cached beside it)
+            "manifest": "",  # scenes only: the embedded raw-file manifest
+            "scenes": dataclasses.asdict(scenes.SceneConfig()),
+            "train_split": "train",
+            "val_split": "validation",
+            "test_split": "test",
+            "image_size": 640,
+            "max_boxes": 100,
+            "mosaic": 1.0,  # probability of a 4-image mosaic
+            "hsv_h": 0.015,
+            "hsv_s": 0.7,
+            "hsv_v": 0.4,
+            "degrees": 0.0,
+            "translate": 0.1,
+            "scale": 0.5,
+            "shear": 0.0,
+            "fliplr": 0.5,
+            "num_threads": 4,
+            "prefetch": 64,
+            "num_workers": 0,  # worker processes making batches (see `jaxspec.data.pipeline`); -1: one per core
+        }
+    )
     cfg.update(overrides)
     return cfg
 
@@ -89,8 +180,9 @@ class CocoSource:
         import tensorflow_datasets as tfds  # heavy; only when COCO is used
 
         self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-        self._label_source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
-                                              decoders={"image": tfds.decode.SkipDecoding()})
+        self._label_source = tfds.data_source(
+            name, split=split, data_dir=data_dir, download=False, decoders={"image": tfds.decode.SkipDecoding()}
+        )
         self.info = coco_info()
         self._name, self._split = name, split
 
@@ -103,8 +195,12 @@ class CocoSource:
         h, w = image.shape[:2]
         ymin, xmin, ymax, xmax = np.asarray(objects["bbox"], np.float32).reshape(-1, 4).T
         boxes = np.stack([xmin * w, ymin * h, xmax * w, ymax * h], axis=1)
-        return {"image": image, "boxes": boxes, "labels": np.asarray(objects["label"], np.int32),
-                "crowd": np.asarray(objects["is_crowd"], bool)}
+        return {
+            "image": image,
+            "boxes": boxes,
+            "labels": np.asarray(objects["label"], np.int32),
+            "crowd": np.asarray(objects["is_crowd"], bool),
+        }
 
     @functools.cached_property
     def box_labels(self) -> list[np.ndarray]:
@@ -182,21 +278,28 @@ def constrain_tf(dataset, subset: Sequence[int], num_classes: int, *, remap: boo
         keep = in_s(example)
         objects = {k: tf.boolean_mask(v, keep) for k, v in example["objects"].items()}
         if remap:
-            objects["label"] = tf.cast(tf.gather(table, tf.cast(objects["label"], tf.int32)), example["objects"]["label"].dtype)
+            objects["label"] = tf.cast(
+                tf.gather(table, tf.cast(objects["label"], tf.int32)), example["objects"]["label"].dtype
+            )
         return {**example, "objects": objects}
 
     return dataset.filter(lambda ex: tf.reduce_any(in_s(ex))).map(select)
 
 
-def pack(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, max_boxes: int, *, crowd=None,
-         truncate: bool = False) -> dict[str, np.ndarray]:
+def pack(
+    image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, max_boxes: int, *, crowd=None, truncate: bool = False
+) -> dict[str, np.ndarray]:
     """One example with exactly `max_boxes` box rows (see the module docstring)."""
     n = len(labels)
     if n > max_boxes and not truncate:
         raise ValueError(f"An image has {n} boxes, more than max_boxes={max_boxes}; raise data.max_boxes")
     n = min(n, max_boxes)
-    out = {"image": image, "boxes": np.zeros((max_boxes, 4), np.float32), "labels": np.zeros(max_boxes, np.int32),
-           "mask": np.arange(max_boxes) < n}
+    out = {
+        "image": image,
+        "boxes": np.zeros((max_boxes, 4), np.float32),
+        "labels": np.zeros(max_boxes, np.int32),
+        "mask": np.arange(max_boxes) < n,
+    }
     out["boxes"][:n], out["labels"][:n] = boxes[:n], labels[:n]
     if crowd is not None:
         out["crowd"] = np.zeros(max_boxes, bool)
@@ -276,9 +379,15 @@ class _PadToMultiple:
 def preprocess_record(cfg, info: DatasetInfo) -> dict:
     """How evaluation fed a detector, for its model.json: letterbox to image_size (long side scaled to it,
     bilinear, then centred on `fill` gray; `augment.unletterbox` maps boxes back), then `normalize`."""
-    return {"transform": "letterbox", "image_size": int(cfg.image_size), "fill": augment.FILL,
-            "channels": len(info.mean), "model_channels": MODEL_CHANNELS, "mean": list(info.mean),
-            "std": list(info.std)}
+    return {
+        "transform": "letterbox",
+        "image_size": int(cfg.image_size),
+        "fill": augment.FILL,
+        "channels": len(info.mean),
+        "model_channels": MODEL_CHANNELS,
+        "mean": list(info.mean),
+        "std": list(info.std),
+    }
 
 
 def eval_example(record: dict[str, Any], cfg) -> dict[str, np.ndarray]:
@@ -287,8 +396,13 @@ def eval_example(record: dict[str, Any], cfg) -> dict[str, np.ndarray]:
     image, boxes, scale, pad = augment.letterbox(record["image"], record["boxes"], cfg.image_size)
     crowd = record.get("crowd", np.zeros(len(record["labels"]), bool))
     out = pack(image, boxes, np.asarray(record["labels"]), cfg.max_boxes, crowd=crowd)
-    out.update(valid=record["valid"], index=np.int32(record["index"]), size=np.array(size, np.int32),
-               scale=np.array(scale, np.float32), pad=np.array(pad, np.float32))
+    out.update(
+        valid=record["valid"],
+        index=np.int32(record["index"]),
+        size=np.array(size, np.int32),
+        scale=np.array(scale, np.float32),
+        pad=np.array(pad, np.float32),
+    )
     return out
 
 

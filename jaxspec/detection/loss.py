@@ -29,11 +29,14 @@ from jaxspec.models.yolov5 import ANCHORS, STRIDES
 
 # hyp.scratch-low.yaml; `scale_hyp` adapts box/obj/cls to the model and image size.
 DEFAULT_HYP = {
-    'box': 0.05, 'obj': 1.0, 'cls': 0.5,
-    'cls_pw': 1.0, 'obj_pw': 1.0,  # BCE positive weights
-    'anchor_t': 4.0,
-    'label_smoothing': 0.0,
-    'fl_gamma': 0.0,  # focal loss is not implemented; kept so YOLOv5 hyp files pass
+    "box": 0.05,
+    "obj": 1.0,
+    "cls": 0.5,
+    "cls_pw": 1.0,
+    "obj_pw": 1.0,  # BCE positive weights
+    "anchor_t": 4.0,
+    "label_smoothing": 0.0,
+    "fl_gamma": 0.0,  # focal loss is not implemented; kept so YOLOv5 hyp files pass
 }
 # YOLOv5's per-scale objectness weights (P3..P5 for three scales, P3..P7 otherwise).
 _BALANCE = {3: (4.0, 1.0, 0.4)}
@@ -42,13 +45,12 @@ _BALANCE_OTHER = (4.0, 1.0, 0.25, 0.06, 0.02)
 _OFFSETS = np.array([[0, 0], [1, 0], [0, 1], [-1, 0], [0, -1]], np.float32) * 0.5
 
 
-def scale_hyp(hyp: Mapping[str, float], *, num_classes: int, image_size: int,
-              num_layers: int = 3) -> dict[str, float]:
+def scale_hyp(hyp: Mapping[str, float], *, num_classes: int, image_size: int, num_layers: int = 3) -> dict[str, float]:
     """YOLOv5 train.py's gain scaling: box *= 3/nl, cls *= nc/80 * 3/nl, obj *= (imgsz/640)^2 * 3/nl."""
     out = dict(hyp)
-    out['box'] = hyp['box'] * 3 / num_layers
-    out['cls'] = hyp['cls'] * num_classes / 80 * 3 / num_layers
-    out['obj'] = hyp['obj'] * (image_size / 640) ** 2 * 3 / num_layers
+    out["box"] = hyp["box"] * 3 / num_layers
+    out["cls"] = hyp["cls"] * num_classes / 80 * 3 / num_layers
+    out["obj"] = hyp["obj"] * (image_size / 640) ** 2 * 3 / num_layers
     return out
 
 
@@ -61,14 +63,15 @@ def ciou(box1: jax.Array, box2: jax.Array, eps: float = 1e-7) -> jax.Array:
     """
     (x1, y1, w1, h1), (x2, y2, w2, h2) = jnp.moveaxis(box1, -1, 0), jnp.moveaxis(box2, -1, 0)
     corners1, corners2 = xywh_to_xyxy(box1), xywh_to_xyxy(box2)
-    inner = jnp.clip(jnp.minimum(corners1[..., 2:], corners2[..., 2:])
-                     - jnp.maximum(corners1[..., :2], corners2[..., :2]), 0)
+    inner = jnp.clip(
+        jnp.minimum(corners1[..., 2:], corners2[..., 2:]) - jnp.maximum(corners1[..., :2], corners2[..., :2]), 0
+    )
     inter = inner[..., 0] * inner[..., 1]
     iou = inter / (w1 * h1 + w2 * h2 - inter + eps)
     outer = jnp.maximum(corners1[..., 2:], corners2[..., 2:]) - jnp.minimum(corners1[..., :2], corners2[..., :2])
-    c2 = jnp.sum(outer ** 2, axis=-1) + eps  # squared diagonal of the enclosing box
+    c2 = jnp.sum(outer**2, axis=-1) + eps  # squared diagonal of the enclosing box
     rho2 = (x2 - x1) ** 2 + (y2 - y1) ** 2
-    v = (4 / math.pi ** 2) * (jnp.arctan(w2 / h2) - jnp.arctan(w1 / h1)) ** 2
+    v = (4 / math.pi**2) * (jnp.arctan(w2 / h2) - jnp.arctan(w1 / h1)) ** 2
     alpha = jax.lax.stop_gradient(v / (v - iou + (1 + eps)))
     return iou - (rho2 / c2 + alpha * v)
 
@@ -80,6 +83,7 @@ class Assignment(NamedTuple):
     clamped into the grid; `box` [..., 4] is the target in grid units, centre
     relative to the (unclamped) cell's corner, as YOLOv5's `tbox`.
     """
+
     image: jax.Array
     anchor: jax.Array
     row: jax.Array
@@ -89,8 +93,9 @@ class Assignment(NamedTuple):
     valid: jax.Array
 
 
-def assign_targets(grid_hw: tuple[int, int], targets: jax.Array, mask: jax.Array,
-                   anchors: jax.Array, anchor_t: float) -> Assignment:
+def assign_targets(
+    grid_hw: tuple[int, int], targets: jax.Array, mask: jax.Array, anchors: jax.Array, anchor_t: float
+) -> Assignment:
     """YOLOv5's `build_targets` for one scale of `grid_hw` cells.
 
     `targets` [B, M, 5] normalized as above, `mask` [B, M] bool, `anchors` [A, 2] in grid units.
@@ -118,7 +123,8 @@ def assign_targets(grid_hw: tuple[int, int], targets: jax.Array, mask: jax.Array
         col=jnp.broadcast_to(jnp.clip(cell[..., 0], 0, w - 1).astype(jnp.int32)[:, :, None, :], shape),
         box=jnp.broadcast_to(box[:, :, None], (*shape, 4)),
         cls=jnp.broadcast_to(targets[..., 0].astype(jnp.int32)[:, :, None, None], shape),
-        valid=valid)
+        valid=valid,
+    )
 
 
 def _bce(logits: jax.Array, target: jax.Array, pos_weight: float) -> jax.Array:
@@ -128,20 +134,26 @@ def _bce(logits: jax.Array, target: jax.Array, pos_weight: float) -> jax.Array:
 
 def _check(outputs, targets, mask, anchors, strides, class_mask):
     if len(outputs) != len(anchors) or len(outputs) != len(strides):
-        raise ValueError(f'{len(outputs)} output scales but {len(anchors)} anchor sets and {len(strides)} strides.')
+        raise ValueError(f"{len(outputs)} output scales but {len(anchors)} anchor sets and {len(strides)} strides.")
     if targets.ndim != 3 or targets.shape[-1] != 5:
-        raise ValueError(f'targets must be [B, M, 5] (class, x, y, w, h), got shape {targets.shape}.')
+        raise ValueError(f"targets must be [B, M, 5] (class, x, y, w, h), got shape {targets.shape}.")
     if mask.shape != targets.shape[:2]:
-        raise ValueError(f'mask shape {mask.shape} does not match targets {targets.shape[:2]}.')
+        raise ValueError(f"mask shape {mask.shape} does not match targets {targets.shape[:2]}.")
     num_classes = outputs[0].shape[-1] - 5
     if class_mask is not None and jnp.shape(class_mask) != (num_classes,):
-        raise ValueError(f'class_mask must have shape ({num_classes},), got {jnp.shape(class_mask)}.')
+        raise ValueError(f"class_mask must have shape ({num_classes},), got {jnp.shape(class_mask)}.")
 
 
-def yolo_loss(outputs: Sequence[jax.Array], targets: jax.Array, mask: jax.Array, *,
-              anchors=ANCHORS, strides: Sequence[int] = STRIDES,
-              hyp: Mapping[str, float] | None = None,
-              class_mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+def yolo_loss(
+    outputs: Sequence[jax.Array],
+    targets: jax.Array,
+    mask: jax.Array,
+    *,
+    anchors=ANCHORS,
+    strides: Sequence[int] = STRIDES,
+    hyp: Mapping[str, float] | None = None,
+    class_mask: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """YOLOv5's ComputeLoss on raw head outputs ([B, H, W, A, 5 + nc] per scale).
 
     Returns (total, parts): total = (box + obj + cls) * B as YOLOv5 returns it
@@ -154,20 +166,20 @@ def yolo_loss(outputs: Sequence[jax.Array], targets: jax.Array, mask: jax.Array,
     as YOLOv5 on a head sliced to those classes.
     """
     hyp = {**DEFAULT_HYP, **(hyp or {})}
-    if hyp['fl_gamma']:
+    if hyp["fl_gamma"]:
         raise ValueError(f"fl_gamma={hyp['fl_gamma']}: focal loss is not implemented; use 0.")
     targets, mask = jnp.asarray(targets, jnp.float32), jnp.asarray(mask, bool)
     _check(outputs, targets, mask, anchors, strides, class_mask)
     num_classes = outputs[0].shape[-1] - 5
     class_mask = jnp.ones(num_classes, bool) if class_mask is None else jnp.asarray(class_mask, bool)
     num_kept = jnp.sum(class_mask)
-    positive, negative = 1.0 - 0.5 * hyp['label_smoothing'], 0.5 * hyp['label_smoothing']
+    positive, negative = 1.0 - 0.5 * hyp["label_smoothing"], 0.5 * hyp["label_smoothing"]
     balance = _BALANCE.get(len(outputs), _BALANCE_OTHER)
     lbox = lobj = lcls = jnp.zeros((), jnp.float32)
     for i, out in enumerate(outputs):
         p = out.astype(jnp.float32)
         grid_anchors = jnp.asarray(anchors[i], jnp.float32) / strides[i]
-        asg = assign_targets(p.shape[1:3], targets, mask, grid_anchors, hyp['anchor_t'])
+        asg = assign_targets(p.shape[1:3], targets, mask, grid_anchors, hyp["anchor_t"])
         ps = p[asg.image, asg.row, asg.col, asg.anchor]  # [B, M, A, 5, 5 + nc]
         pxy = jax.nn.sigmoid(ps[..., :2]) * 2 - 0.5
         pwh = (jax.nn.sigmoid(ps[..., 2:4]) * 2) ** 2 * grid_anchors[asg.anchor]
@@ -180,12 +192,12 @@ def yolo_loss(outputs: Sequence[jax.Array], targets: jax.Array, mask: jax.Array,
         # Max-scattering onto zeros also clamps negative CIoUs (and invalid candidates) at 0.
         obj_target = jnp.where(asg.valid, jax.lax.stop_gradient(iou), 0.0)
         tobj = jnp.zeros(p.shape[:4]).at[asg.image, asg.row, asg.col, asg.anchor].max(obj_target)
-        lobj += jnp.mean(_bce(p[..., 4], tobj, hyp['obj_pw'])) * balance[i]
+        lobj += jnp.mean(_bce(p[..., 4], tobj, hyp["obj_pw"])) * balance[i]
 
         tcls = jnp.where(jax.nn.one_hot(asg.cls, num_classes, dtype=bool), positive, negative)
         keep = asg.valid[..., None] & class_mask
-        bce = jnp.where(keep, _bce(ps[..., 5:], tcls, hyp['cls_pw']), 0.0)
+        bce = jnp.where(keep, _bce(ps[..., 5:], tcls, hyp["cls_pw"]), 0.0)
         lcls += jnp.sum(bce) / jnp.maximum(n * num_kept, 1)
     lcls = jnp.where(num_kept > 1, lcls, 0.0)
-    parts = {'box': lbox * hyp['box'], 'obj': lobj * hyp['obj'], 'cls': lcls * hyp['cls']}
-    return (parts['box'] + parts['obj'] + parts['cls']) * targets.shape[0], parts
+    parts = {"box": lbox * hyp["box"], "obj": lobj * hyp["obj"], "cls": lcls * hyp["cls"]}
+    return (parts["box"] + parts["obj"] + parts["cls"]) * targets.shape[0], parts

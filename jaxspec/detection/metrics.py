@@ -149,7 +149,9 @@ def coco_map(detections: dict, ground_truth: dict, num_classes: int, *, max_dets
             raise ValueError(f"{name} has label {bad[0]} outside 0..{num_classes - 1}")
     inverted = np.flatnonzero((gt["boxes"][:, 2] < gt["boxes"][:, 0]) | (gt["boxes"][:, 3] < gt["boxes"][:, 1]))
     if inverted.size:
-        raise ValueError(f"ground_truth box {gt['boxes'][inverted[0]].tolist()} (row {inverted[0]}) has x2 < x1 or y2 < y1")
+        raise ValueError(
+            f"ground_truth box {gt['boxes'][inverted[0]].tolist()} (row {inverted[0]}) has x2 < x1 or y2 < y1"
+        )
     precision = np.full((len(IOU_THRESHOLDS), len(RECALL_POINTS), num_classes), -1.0)
     num_gt = np.bincount(gt["labels"][~crowd], minlength=num_classes)
     # One sort for all classes: by class, image, then score (stable); crowd boxes last within an image.
@@ -158,12 +160,18 @@ def coco_map(detections: dict, ground_truth: dict, num_classes: int, *, max_dets
     g_all = np.lexsort((crowd, gt["image_id"], gt["labels"]))
     g_bounds = np.searchsorted(gt["labels"][g_all], np.arange(num_classes + 1))
     for k in np.flatnonzero(num_gt):
-        d = d_all[d_bounds[k]:d_bounds[k + 1]]
+        d = d_all[d_bounds[k] : d_bounds[k + 1]]
         img = dt["image_id"][d]
         d = d[np.arange(len(d)) - np.searchsorted(img, img, side="left") < max_dets]
-        g = g_all[g_bounds[k]:g_bounds[k + 1]]
-        tp, ignored = _match_class(dt["image_id"][d], dt["boxes"][d].astype(float), gt["image_id"][g],
-                                   gt["boxes"][g].astype(float), crowd[g], IOU_THRESHOLDS)
+        g = g_all[g_bounds[k] : g_bounds[k + 1]]
+        tp, ignored = _match_class(
+            dt["image_id"][d],
+            dt["boxes"][d].astype(float),
+            gt["image_id"][g],
+            gt["boxes"][g].astype(float),
+            crowd[g],
+            IOU_THRESHOLDS,
+        )
         # COCOeval ignores unmatched detections outside area range 'all'; only inverted boxes can be.
         wh = dt["boxes"][d, 2:].astype(float) - dt["boxes"][d, :2]
         ignored |= ~tp & ~((wh[:, 0] * wh[:, 1] >= AREA_ALL[0]) & (wh[:, 0] * wh[:, 1] <= AREA_ALL[1]))
@@ -202,20 +210,38 @@ class Evaluator:
     def add(self, detections, batch: dict) -> None:
         """detections: boxes [B, K, 4] xyxy in the letterboxed frame, scores, classes, valid [B, K]."""
         det = {k: np.asarray(getattr(detections, k)) for k in ("boxes", "scores", "classes", "valid")}
-        batch = {k: np.asarray(batch[k]) for k in ("valid", "index", "boxes", "labels", "mask", "scale", "pad", "size")
-                 } | {"crowd": np.asarray(batch["crowd"]) if "crowd" in batch else np.zeros_like(batch["mask"])}
+        batch = {
+            k: np.asarray(batch[k]) for k in ("valid", "index", "boxes", "labels", "mask", "scale", "pad", "size")
+        } | {"crowd": np.asarray(batch["crowd"]) if "crowd" in batch else np.zeros_like(batch["mask"])}
         for b in np.flatnonzero(batch["valid"]):
             frame = batch["scale"][b], batch["pad"][b], batch["size"][b]
             keep, real = det["valid"][b], batch["mask"][b]
-            self._dt.append({"image_id": np.full(keep.sum(), batch["index"][b]), "scores": det["scores"][b][keep],
-                             "boxes": unletterbox(det["boxes"][b][keep], *frame), "labels": det["classes"][b][keep]})
-            self._gt.append({"image_id": np.full(real.sum(), batch["index"][b]), "labels": batch["labels"][b][real],
-                             "boxes": unletterbox(batch["boxes"][b][real], *frame), "crowd": batch["crowd"][b][real]})
+            self._dt.append(
+                {
+                    "image_id": np.full(keep.sum(), batch["index"][b]),
+                    "scores": det["scores"][b][keep],
+                    "boxes": unletterbox(det["boxes"][b][keep], *frame),
+                    "labels": det["classes"][b][keep],
+                }
+            )
+            self._gt.append(
+                {
+                    "image_id": np.full(real.sum(), batch["index"][b]),
+                    "labels": batch["labels"][b][real],
+                    "boxes": unletterbox(batch["boxes"][b][real], *frame),
+                    "crowd": batch["crowd"][b][real],
+                }
+            )
 
     @staticmethod
     def _concat(parts: list[dict], keys: tuple[str, ...]) -> dict:
-        empty = {"image_id": np.zeros(0, int), "boxes": np.zeros((0, 4)), "scores": np.zeros(0),
-                 "labels": np.zeros(0, int), "crowd": np.zeros(0, bool)}
+        empty = {
+            "image_id": np.zeros(0, int),
+            "boxes": np.zeros((0, 4)),
+            "scores": np.zeros(0),
+            "labels": np.zeros(0, int),
+            "crowd": np.zeros(0, bool),
+        }
         return {k: np.concatenate([p[k] for p in parts]) if parts else empty[k] for k in keys}
 
     def detections(self) -> dict:

@@ -55,10 +55,10 @@ def _candidates(objectness, class_probs, conf_thres, multi_label, class_mask, k)
     return top, idx, best_class[idx]
 
 
-def _nms_one(boxes, objectness, class_probs, class_mask, *, conf_thres, iou_thres, max_det, max_nms,
-             multi_label, agnostic):
-    scores, box_idx, classes = _candidates(objectness, class_probs, conf_thres, multi_label, class_mask,
-                                           max_nms)
+def _nms_one(
+    boxes, objectness, class_probs, class_mask, *, conf_thres, iou_thres, max_det, max_nms, multi_label, agnostic
+):
+    scores, box_idx, classes = _candidates(objectness, class_probs, conf_thres, multi_label, class_mask, max_nms)
     cand = boxes[box_idx].astype(jnp.float32)
     area = box_area(cand)
     classes = classes.astype(jnp.int32)
@@ -92,10 +92,19 @@ def _nms_one(boxes, objectness, class_probs, class_mask, *, conf_thres, iou_thre
     )
 
 
-def non_max_suppression(boxes: jax.Array, objectness: jax.Array, class_probs: jax.Array, *,
-                        conf_thres: float = 0.001, iou_thres: float = 0.6, max_det: int = 300,
-                        max_nms: int = 30000, multi_label: bool = True, agnostic: bool = False,
-                        class_mask: jax.Array | None = None) -> Detections:
+def non_max_suppression(
+    boxes: jax.Array,
+    objectness: jax.Array,
+    class_probs: jax.Array,
+    *,
+    conf_thres: float = 0.001,
+    iou_thres: float = 0.6,
+    max_det: int = 300,
+    max_nms: int = 30000,
+    multi_label: bool = True,
+    agnostic: bool = False,
+    class_mask: jax.Array | None = None,
+) -> Detections:
     """Class-aware NMS of a batch: boxes [B, N, 4] xyxy, objectness [B, N], class_probs [B, N, C].
 
     Defaults are YOLOv5 validation's (conf 0.001, IoU 0.6, multi-label, 300 detections); its
@@ -107,15 +116,24 @@ def non_max_suppression(boxes: jax.Array, objectness: jax.Array, class_probs: ja
     if boxes.ndim != 3 or boxes.shape[-1] != 4:
         raise ValueError(f"boxes must be [B, N, 4], got shape {boxes.shape}")
     if objectness.shape != boxes.shape[:2] or class_probs.shape[:2] != boxes.shape[:2]:
-        raise ValueError(f"objectness {objectness.shape} and class_probs {class_probs.shape} must match "
-                         f"boxes {boxes.shape} in [B, N]")
+        raise ValueError(
+            f"objectness {objectness.shape} and class_probs {class_probs.shape} must match "
+            f"boxes {boxes.shape} in [B, N]"
+        )
     if class_mask is not None and jnp.shape(class_mask) != (class_probs.shape[-1],):
         raise ValueError(f"class_mask must have shape ({class_probs.shape[-1]},), got {jnp.shape(class_mask)}")
     if not 0.0 <= conf_thres <= 1.0 or not 0.0 <= iou_thres <= 1.0:
         raise ValueError(f"conf_thres={conf_thres} and iou_thres={iou_thres} must lie in [0, 1]")
     if max_det < 1 or max_nms < 1:
         raise ValueError(f"max_det={max_det} and max_nms={max_nms} must be positive")
-    one = functools.partial(_nms_one, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det,
-                            max_nms=max_nms, multi_label=multi_label, agnostic=agnostic)
+    one = functools.partial(
+        _nms_one,
+        conf_thres=conf_thres,
+        iou_thres=iou_thres,
+        max_det=max_det,
+        max_nms=max_nms,
+        multi_label=multi_label,
+        agnostic=agnostic,
+    )
     mask = None if class_mask is None else jnp.asarray(class_mask, bool)
     return jax.vmap(one, in_axes=(0, 0, 0, None))(boxes, objectness, class_probs, mask)

@@ -52,26 +52,49 @@ def evaluate(ctx: RunContext, trained: methods.Trained, subset: Sequence[int] | 
     return evaluator(ctx, trained.modeldef)(trained.state, source, classes=trained.classes, columns=trained.columns)
 
 
-def train_phase(ctx: RunContext, name: str, model, classes: Sequence[int], columns: Sequence[int] | None,
-                subset: Sequence[int] | None, phase, seed: int):
+def train_phase(
+    ctx: RunContext,
+    name: str,
+    model,
+    classes: Sequence[int],
+    columns: Sequence[int] | None,
+    subset: Sequence[int] | None,
+    phase,
+    seed: int,
+):
     """`driver.train_phase` on `subset`'s scenes (all: None) for a model whose output j is global class
     `classes[j]`, only `columns` scored."""
-    return driver.train_phase(ctx, name, model, constrained(ctx, ctx.train, subset), constrained(ctx, ctx.val, subset),
-                              phase, seed, outputs=Outputs.of(classes, columns))
+    return driver.train_phase(
+        ctx,
+        name,
+        model,
+        constrained(ctx, ctx.train, subset),
+        constrained(ctx, ctx.val, subset),
+        phase,
+        seed,
+        outputs=Outputs.of(classes, columns),
+    )
 
 
 def export(ctx: RunContext, name: str, trained: methods.Trained) -> None:
     """workdir/models/<name>: weights + what a user needs to read the outputs."""
-    checkpoint.export_model(ctx.workdir / "models" / name, trained.model, {
-        "output_classes": list(trained.classes),
-        "class_names": [ctx.info.class_names[c] for c in trained.classes],
-        "columns": None if trained.columns is None else list(trained.columns),
-        "image_size": ctx.config.data.image_size,
-    }, preprocess=ctx.task.preprocess(ctx), classes=checkpoint.classes_record(trained.classes, ctx.info.class_names))
+    checkpoint.export_model(
+        ctx.workdir / "models" / name,
+        trained.model,
+        {
+            "output_classes": list(trained.classes),
+            "class_names": [ctx.info.class_names[c] for c in trained.classes],
+            "columns": None if trained.columns is None else list(trained.columns),
+            "image_size": ctx.config.data.image_size,
+        },
+        preprocess=ctx.task.preprocess(ctx),
+        classes=checkpoint.classes_record(trained.classes, ctx.info.class_names),
+    )
 
 
-def specialize_from(ctx: RunContext, parent: methods.Trained, subset: Sequence[int], method: str, *, seed: int,
-                    name: str, phase=None) -> methods.Trained:
+def specialize_from(
+    ctx: RunContext, parent: methods.Trained, subset: Sequence[int], method: str, *, seed: int, name: str, phase=None
+) -> methods.Trained:
     """The `method` specialist for `subset` (global classes) from `parent`, trained on D_S under `name`.
 
     suppress: the parent's head, only S's class outputs scored; slice: the
@@ -126,17 +149,24 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     info, lead = ctx.info, jax.process_index() == 0
     if lead:
         chain = " > ".join(f"{len(s)} classes" for s in ctx.stages)
-        print(f"jaxspec detect: {info.name} ({info.num_classes} classes), {config.model.name} at "
-              f"{config.data.image_size} px, S = {config.specialize.subset!r} ({chain}), method "
-              f"{config.specialize.method}, {jax.device_count()} {jax.default_backend()} device(s)", flush=True)
+        print(
+            f"jaxspec detect: {info.name} ({info.num_classes} classes), {config.model.name} at "
+            f"{config.data.image_size} px, S = {config.specialize.subset!r} ({chain}), method "
+            f"{config.specialize.method}, {jax.device_count()} {jax.default_backend()} device(s)",
+            flush=True,
+        )
     generalist = methods.generalist(ctx)
     export(ctx, "generalist", generalist)
     parent, stages, printed = generalist, [], []
     for k, subset in enumerate(ctx.stages):
         parent, rows = specialize_stage(ctx, parent, subset, k)
         metrics = dict(rows)
-        stage = {"subset": list(subset), "subset_names": [info.class_names[c] for c in subset],
-                 "method": config.specialize.method, "test_on_S": metrics}
+        stage = {
+            "subset": list(subset),
+            "subset_names": [info.class_names[c] for c in subset],
+            "method": config.specialize.method,
+            "test_on_S": metrics,
+        }
         if "sliced specialist, untuned" in metrics:
             ref = metrics["parent specialist restricted to S" if k else "generalist restricted to S"]
             stage["slicing_exact"] = all(metrics["sliced specialist, untuned"][s] == ref[s] for s in DETECTION_SCORES)
@@ -144,13 +174,22 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         spec = str(config.specialize.subset).split(">")[k]
         printed.append(ctx.task.results_table(rows, f"model (test split, S = {spec}, {len(subset)} classes)"))
     gen_all = evaluate(ctx, generalist, None)
-    results = {"config": config.to_dict(), "stages": stages, "generalist_test_all_classes": gen_all,
-               "seconds": time.time() - t0}
+    results = {
+        "config": config.to_dict(),
+        "stages": stages,
+        "generalist_test_all_classes": gen_all,
+        "seconds": time.time() - t0,
+    }
     if lead:
         from jaxspec import report  # matplotlib is imported only once a report is written
 
-        report.finish(ctx.workdir, results, printed, f"generalist on all {info.num_classes} classes: F "
-                      f"{100 * gen_all['fitness']:.2f}, mAP@0.5 {100 * gen_all['mAP50']:.2f}, mAP@0.5:0.95 "
-                      f"{100 * gen_all['mAP50_95']:.2f}")
+        report.finish(
+            ctx.workdir,
+            results,
+            printed,
+            f"generalist on all {info.num_classes} classes: F "
+            f"{100 * gen_all['fitness']:.2f}, mAP@0.5 {100 * gen_all['mAP50']:.2f}, mAP@0.5:0.95 "
+            f"{100 * gen_all['mAP50_95']:.2f}",
+        )
     ctx.writer.close()
     return results

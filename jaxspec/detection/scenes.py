@@ -61,8 +61,10 @@ class SceneConfig:
         if round(self.scale[1] * self.stretch**0.5) > self.canvas[0]:
             problems.append(f"scale={self.scale} with stretch={self.stretch} does not fit canvas={self.canvas}")
         if self.stretch < 1 or not 0 <= self.clutter <= 1 or not 0 < self.min_visible <= 1:
-            problems.append(f"need stretch >= 1, clutter in [0, 1], min_visible in (0, 1]; got {self.stretch}, "
-                            f"{self.clutter}, {self.min_visible}")
+            problems.append(
+                f"need stretch >= 1, clutter in [0, 1], min_visible in (0, 1]; got {self.stretch}, "
+                f"{self.clutter}, {self.min_visible}"
+            )
         if not 0 <= self.threshold < 255:
             problems.append(f"threshold={self.threshold} must lie in [0, 255)")
         if problems:
@@ -90,7 +92,7 @@ def _paint(shape, placed, values=None) -> np.ndarray:
     """Paints the objects' masks in order (later on top): their index, or their pixels with `values`."""
     out = np.full(shape, -1, np.int32) if values is None else values.copy()
     for j, (_, top, left, patch, mask) in enumerate(placed):
-        region = out[top:top + mask.shape[0], left:left + mask.shape[1]]
+        region = out[top : top + mask.shape[0], left : left + mask.shape[1]]
         region[mask] = j if values is None else patch[mask]
     return out
 
@@ -132,8 +134,9 @@ def scene_rng(cfg: SceneConfig, split: str, index: int) -> np.random.Generator:
 
 def scenes_info() -> DatasetInfo:
     """The embedded classes and groups; mean 0 / std 1 because YOLOv5 feeds pixels / 255."""
-    return DatasetInfo(name="embedded_scenes", class_names=embedded.CLASS_NAMES, groups=dict(embedded.GROUPS),
-                       mean=(0.0,), std=(1.0,))
+    return DatasetInfo(
+        name="embedded_scenes", class_names=embedded.CLASS_NAMES, groups=dict(embedded.GROUPS), mean=(0.0,), std=(1.0,)
+    )
 
 
 def coco_json(scenes: list[Scene]) -> dict[str, Any]:
@@ -144,22 +147,39 @@ def coco_json(scenes: list[Scene]) -> dict[str, Any]:
         images.append({"id": i, "file_name": f"{i:06d}.png", "height": s.image.shape[0], "width": s.image.shape[1]})
         area = np.bincount(s.owner.ravel() + 1, minlength=len(s.labels) + 1)[1:]
         for box, label, a in zip(s.boxes.tolist(), s.labels.tolist(), area.tolist()):
-            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": label + 1, "iscrowd": 0,
-                                "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "area": a})
-    categories = [{"id": c + 1, "name": n, "supercategory": supercategory[c]} for c, n in enumerate(embedded.CLASS_NAMES)]
-    return {"info": {"description": "jaxspec embedded detection scenes"}, "images": images,
-            "annotations": annotations, "categories": categories}
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i,
+                    "category_id": label + 1,
+                    "iscrowd": 0,
+                    "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                    "area": a,
+                }
+            )
+    categories = [
+        {"id": c + 1, "name": n, "supercategory": supercategory[c]} for c, n in enumerate(embedded.CLASS_NAMES)
+    ]
+    return {
+        "info": {"description": "jaxspec embedded detection scenes"},
+        "images": images,
+        "annotations": annotations,
+        "categories": categories,
+    }
 
 
 def cache_key(cfg: SceneConfig, manifest: str | None) -> str:
     entries = embedded_files.read_manifest(manifest) if manifest else {}
-    blob = json.dumps({"recipe": RECIPE_VERSION, "config": dataclasses.asdict(cfg),
-                       "embedded": embedded.cache_key(entries)}, sort_keys=True)
+    blob = json.dumps(
+        {"recipe": RECIPE_VERSION, "config": dataclasses.asdict(cfg), "embedded": embedded.cache_key(entries)},
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def write_split(directory: str, split: str, cfg: SceneConfig, *, data_dir: str | None = None,
-                manifest: str | None = None) -> str:
+def write_split(
+    directory: str, split: str, cfg: SceneConfig, *, data_dir: str | None = None, manifest: str | None = None
+) -> str:
     """Generates one split into `directory/{split}.npz` + `{split}.json`; returns the npz path."""
     from jaxspec.train.loop import Progress  # loads jax; only needed while generating
 
@@ -207,7 +227,7 @@ class SceneSource:
             raise IndexError(f"scene {index} out of range for {len(self)} scenes")
         index %= len(self)
         b0, b1 = self._box_offsets[index], self._box_offsets[index + 1]
-        image = self._pixels[self._offsets[index]:self._offsets[index + 1]].reshape(self._shapes[index])
+        image = self._pixels[self._offsets[index] : self._offsets[index + 1]].reshape(self._shapes[index])
         return {"image": image, "boxes": self._boxes[b0:b1], "labels": self._labels[b0:b1]}
 
     @property
@@ -219,14 +239,21 @@ class SceneSource:
         return f"SceneSource(n={len(self)}, boxes={len(self._labels)})"
 
 
-def load(split: str, cfg: SceneConfig = SceneConfig(), *, directory: str | None = None,
-         data_dir: str | None = None, manifest: str | None = None) -> SceneSource:
+def load(
+    split: str,
+    cfg: SceneConfig = SceneConfig(),
+    *,
+    directory: str | None = None,
+    data_dir: str | None = None,
+    manifest: str | None = None,
+) -> SceneSource:
     """The scenes of `split`, generated on first use into `directory` (default: a per-recipe folder in
     the embedded cache, `data_dir` or $JAXSPEC_DATA_DIR or ~/.cache/jaxspec/embedded)."""
     if split not in embedded.SPLITS:
         raise ValueError(f"unknown split {split!r}; valid splits: {embedded.SPLITS}")
-    directory = directory or os.path.join(data_dir or embedded_files.default_data_dir(),
-                                          f"scenes-{cache_key(cfg, manifest)}")
+    directory = directory or os.path.join(
+        data_dir or embedded_files.default_data_dir(), f"scenes-{cache_key(cfg, manifest)}"
+    )
     path = os.path.join(directory, f"{split}.npz")
     if not os.path.exists(path):
         write_split(directory, split, cfg, data_dir=data_dir, manifest=manifest)
@@ -242,8 +269,9 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no_overlap", action="store_true")
     args = parser.parse_args(argv)
-    cfg = SceneConfig(num_scenes=tuple(int(n) for n in args.num_scenes.split(",")), seed=args.seed,
-                      overlap=not args.no_overlap)
+    cfg = SceneConfig(
+        num_scenes=tuple(int(n) for n in args.num_scenes.split(",")), seed=args.seed, overlap=not args.no_overlap
+    )
     for split in embedded.SPLITS:
         print(write_split(args.directory, split, cfg, data_dir=args.data_dir, manifest=args.manifest))
 

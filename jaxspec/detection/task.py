@@ -37,9 +37,15 @@ def evaluator(ctx: RunContext, modeldef: ModelDef) -> dtrain.Evaluator:
     """One compiled eval step per model structure; suppression is an argument, not a recompile."""
     key = ("detection evaluator", modeldef.graphdef)
     if key not in ctx.cache:
-        ctx.cache[key] = dtrain.Evaluator(modeldef, mesh=ctx.mesh, data_cfg=ctx.config.data,
-                                          batch_size=ctx.config.eval.batch_size, mean=ctx.info.mean,
-                                          std=ctx.info.std, eval_cfg=ctx.config.eval)
+        ctx.cache[key] = dtrain.Evaluator(
+            modeldef,
+            mesh=ctx.mesh,
+            data_cfg=ctx.config.data,
+            batch_size=ctx.config.eval.batch_size,
+            mean=ctx.info.mean,
+            std=ctx.info.std,
+            eval_cfg=ctx.config.eval,
+        )
     return ctx.cache[key]
 
 
@@ -62,7 +68,9 @@ class Detection(Defaults):
         return with_steps(phase, len(source))
 
     def optimizer(self, ctx, phase, model, source):
-        return dtrain.make_optimizer(phase, nnx.state(model, nnx.Param), steps_per_epoch=len(source) // phase.batch_size)
+        return dtrain.make_optimizer(
+            phase, nnx.state(model, nnx.Param), steps_per_epoch=len(source) // phase.batch_size
+        )
 
     def train_iterator(self, ctx, source, batch_size, seed):
         return data.train_iterator(source, ctx.config.data, batch_size=batch_size, seed=seed)
@@ -78,11 +86,17 @@ class Detection(Defaults):
         cfg, classes = ctx.config, _classes(ctx, outputs)
         scored = len(classes) if outputs.columns is None else len(outputs.columns)
         return dtrain.make_train_step(
-            modeldef, tx, schedule, image_size=cfg.data.image_size,
+            modeldef,
+            tx,
+            schedule,
+            image_size=cfg.data.image_size,
             hyp=dtrain.phase_hyp(cfg.hyp, num_classes=scored, image_size=cfg.data.image_size),
-            mean=ctx.info.mean, std=ctx.info.std, label_index=label_map(ctx.info.num_classes, classes),
+            mean=ctx.info.mean,
+            std=ctx.info.std,
+            label_index=label_map(ctx.info.num_classes, classes),
             class_mask=dspec.class_mask(len(classes), outputs.columns),
-            freeze_bn_stats=phase.get("freeze_bn_stats", False))
+            freeze_bn_stats=phase.get("freeze_bn_stats", False),
+        )
 
     def validator(self, ctx, modeldef, outputs: Outputs):
         classes = _classes(ctx, outputs)
@@ -94,9 +108,11 @@ class Detection(Defaults):
         return validate
 
     def fingerprint(self, ctx, phase, outputs: Outputs) -> dict:
-        return {"classes": list(_classes(ctx, outputs)),
-                "columns": None if outputs.columns is None else list(outputs.columns),
-                "hyp": ctx.config.hyp.to_dict()}
+        return {
+            "classes": list(_classes(ctx, outputs)),
+            "columns": None if outputs.columns is None else list(outputs.columns),
+            "hyp": ctx.config.hyp.to_dict(),
+        }
 
     def results_table(self, rows, title: str) -> str:
         return tables.detection(rows, title)

@@ -62,9 +62,19 @@ def auto_sharded(fn: Callable, like: jax.Array) -> Callable:
     return jax.sharding.auto_axes(fn, axes=mesh.axis_names, out_sharding=NamedSharding(mesh, P()))
 
 
-def make_train_step(modeldef: ModelDef, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
-                    image_size: int, hyp: dict, mean: Sequence[float], std: Sequence[float],
-                    label_index: np.ndarray, class_mask: np.ndarray, freeze_bn_stats: bool = False):
+def make_train_step(
+    modeldef: ModelDef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    image_size: int,
+    hyp: dict,
+    mean: Sequence[float],
+    std: Sequence[float],
+    label_index: np.ndarray,
+    class_mask: np.ndarray,
+    freeze_bn_stats: bool = False,
+):
     """One phase's step. `hyp` is already scaled (`phase_hyp`); `label_index` maps global labels to outputs.
 
     The gradient is that of YOLOv5's loss, (box + obj + cls) * batch size, so
@@ -78,8 +88,9 @@ def make_train_step(modeldef: ModelDef, tx: optax.GradientTransformation, schedu
         labels = jnp.take(jnp.asarray(label_index), batch["labels"])
         targets = data.to_targets(batch["boxes"], labels, mask, image_size)
         total, parts = yolo_loss(outputs, targets, mask, hyp=hyp, class_mask=jnp.asarray(keep))
-        accuracy = _matched_accuracy(jax.lax.stop_gradient(outputs), targets, mask, jnp.asarray(keep),
-                                     hyp.get("anchor_t", 4.0))
+        accuracy = _matched_accuracy(
+            jax.lax.stop_gradient(outputs), targets, mask, jnp.asarray(keep), hyp.get("anchor_t", 4.0)
+        )
         return total, (parts, accuracy)
 
     def train_step(state: TrainState, batch: Batch):
@@ -96,8 +107,16 @@ def make_train_step(modeldef: ModelDef, tx: optax.GradientTransformation, schedu
             return total, (aux, nnx.state(model, nnx.BatchStat))
 
         (_, ((parts, accuracy), batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        return steps.apply_gradients(state, tx, schedule, grads, batch_stats,
-                                     loss=parts["box"] + parts["obj"] + parts["cls"], **parts, accuracy=accuracy)
+        return steps.apply_gradients(
+            state,
+            tx,
+            schedule,
+            grads,
+            batch_stats,
+            loss=parts["box"] + parts["obj"] + parts["cls"],
+            **parts,
+            accuracy=accuracy,
+        )
 
     return train_step
 
@@ -126,8 +145,16 @@ def yolov5_sgd(cfg, params, *, batch_size: int, steps_per_epoch: int, total_step
     def ramp(start, end):
         def f(count):  # count: updates so far; YOLOv5 sets the update's values at the window's last batch
             batch = count * accumulate + accumulate - 1
-            return jnp.where(batch <= warmup, jnp.interp(batch, jnp.array([0.0, warmup]), jnp.stack([
-                jnp.asarray(start, jnp.float32), jnp.asarray(end(batch), jnp.float32)])), end(batch))
+            return jnp.where(
+                batch <= warmup,
+                jnp.interp(
+                    batch,
+                    jnp.array([0.0, warmup]),
+                    jnp.stack([jnp.asarray(start, jnp.float32), jnp.asarray(end(batch), jnp.float32)]),
+                ),
+                end(batch),
+            )
+
         return f
 
     momentum = ramp(cfg.warmup_momentum, lambda _: cfg.momentum)
@@ -141,11 +168,14 @@ def yolov5_sgd(cfg, params, *, batch_size: int, steps_per_epoch: int, total_step
         return "bias" if p.endswith("/bias") else ("no_decay" if p.endswith("bn/scale") else "decay")
 
     labels = jax.tree_util.tree_map_with_path(label, params)
-    tx = optax.multi_transform({
-        "bias": group(cfg.warmup_bias_lr),
-        "no_decay": group(0.0),
-        "decay": optax.chain(optax.add_decayed_weights(weight_decay), group(0.0)),
-    }, labels)
+    tx = optax.multi_transform(
+        {
+            "bias": group(cfg.warmup_bias_lr),
+            "no_decay": group(0.0),
+            "decay": optax.chain(optax.add_decayed_weights(weight_decay), group(0.0)),
+        },
+        labels,
+    )
     if accumulate > 1:
         tx = optax.MultiSteps(tx, accumulate, use_grad_mean=False).gradient_transformation()
     weights_lr = ramp(0.0, target_lr)
@@ -156,8 +186,13 @@ def make_optimizer(phase, params, *, steps_per_epoch: int):
     """`phase.optim` as (tx, schedule): `yolov5_sgd`, or any optimizer of `jaxspec.train.optimizers`;
     then `phase.freeze` (YOLOv5 layer ranges such as `layers:10-12`, or regexes on parameter paths)."""
     if phase.optim.optimizer == "yolov5_sgd":
-        tx, schedule = yolov5_sgd(phase.optim, params, batch_size=phase.batch_size,
-                                  steps_per_epoch=max(steps_per_epoch, 1), total_steps=phase.steps)
+        tx, schedule = yolov5_sgd(
+            phase.optim,
+            params,
+            batch_size=phase.batch_size,
+            steps_per_epoch=max(steps_per_epoch, 1),
+            total_steps=phase.steps,
+        )
     else:
         tx, schedule = optimizers.make_optimizer(phase.optim, phase.steps)
     return freeze.freeze(tx, params, freeze.parse_patterns(phase.get("freeze", ""))), schedule
@@ -171,8 +206,16 @@ def phase_hyp(hyp, *, num_classes: int, image_size: int) -> dict:
 _META = ("boxes", "labels", "mask", "crowd", "valid", "index", "scale", "pad", "size")
 
 
-def make_eval_step(modeldef: ModelDef, *, mean: Sequence[float], std: Sequence[float], conf_thres: float,
-                   iou_thres: float, max_det: int, max_nms: int):
+def make_eval_step(
+    modeldef: ModelDef,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    conf_thres: float,
+    iou_thres: float,
+    max_det: int,
+    max_nms: int,
+):
     """`eval_step(state, batch, class_mask) -> (Detections, batch meta)`: decode, suppress, NMS.
 
     Boxes stay in the letterboxed frame; the batch's ground truth and letterbox
@@ -183,25 +226,52 @@ def make_eval_step(modeldef: ModelDef, *, mean: Sequence[float], std: Sequence[f
     def eval_step(state: TrainState, batch: Batch, class_mask: jax.Array):
         model = modeldef.merge(state.params, state.batch_stats)
         model.eval()
-        dets = detect(model, batch["image"], class_mask, mean=mean, std=std, conf_thres=conf_thres,
-                      iou_thres=iou_thres, max_det=max_det, max_nms=max_nms)
+        dets = detect(
+            model,
+            batch["image"],
+            class_mask,
+            mean=mean,
+            std=std,
+            conf_thres=conf_thres,
+            iou_thres=iou_thres,
+            max_det=max_det,
+            max_nms=max_nms,
+        )
         return dets, {k: batch[k] for k in _META}
 
     return eval_step
 
 
-def detect(model, images: jax.Array, class_mask: jax.Array, *, mean: Sequence[float], std: Sequence[float],
-           conf_thres: float, iou_thres: float, max_det: int, max_nms: int, multi_label: bool = True
-           ) -> nms.Detections:
+def detect(
+    model,
+    images: jax.Array,
+    class_mask: jax.Array,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    conf_thres: float,
+    iou_thres: float,
+    max_det: int,
+    max_nms: int,
+    multi_label: bool = True,
+) -> nms.Detections:
     """uint8 letterboxed images -> NMS'd detections in that frame (eval mode `model`; jit with the
     keyword arguments static). Evaluation and `jaxspec.predict` both detect through here."""
     x = normalize(images, mean, std)
 
     def suppress(outputs, keep):
         boxes, objectness, class_probs = decode(outputs)
-        return nms.non_max_suppression(xywh_to_xyxy(boxes), objectness, class_probs, conf_thres=conf_thres,
-                                       iou_thres=iou_thres, max_det=max_det, max_nms=max_nms,
-                                       multi_label=multi_label, class_mask=keep)
+        return nms.non_max_suppression(
+            xywh_to_xyxy(boxes),
+            objectness,
+            class_probs,
+            conf_thres=conf_thres,
+            iou_thres=iou_thres,
+            max_det=max_det,
+            max_nms=max_nms,
+            multi_label=multi_label,
+            class_mask=keep,
+        )
 
     return auto_sharded(suppress, x)(model(x), class_mask)
 
@@ -210,8 +280,15 @@ class Evaluator:
     """COCO mAP of a detector over a whole source; the step is compiled once per model structure."""
 
     def __init__(self, modeldef: ModelDef, *, mesh, data_cfg, batch_size: int, mean, std, eval_cfg):
-        step = make_eval_step(modeldef, mean=mean, std=std, conf_thres=eval_cfg.conf_thres,
-                              iou_thres=eval_cfg.iou_thres, max_det=eval_cfg.max_det, max_nms=eval_cfg.max_nms)
+        step = make_eval_step(
+            modeldef,
+            mean=mean,
+            std=std,
+            conf_thres=eval_cfg.conf_thres,
+            iou_thres=eval_cfg.iou_thres,
+            max_det=eval_cfg.max_det,
+            max_nms=eval_cfg.max_nms,
+        )
         rep = sharding.replicated(mesh)
         self._step = jax.jit(step, in_shardings=(None, sharding.batch_sharding(mesh), rep), out_shardings=rep)
         self._mesh, self._data_cfg, self._batch_size = mesh, data_cfg, batch_size
@@ -237,8 +314,16 @@ class Evaluator:
         on `source`; `columns` suppresses the other outputs."""
         found = self.collect(state, source, classes=classes, columns=columns)
         m = found.result()
-        per_class = {source.info.class_names[c]: float(m["AP50_95_per_class"][j]) for j, c in enumerate(classes)
-                     if m["num_gt_per_class"][j] > 0}
-        return {"mAP50": m["mAP50"], "mAP50_95": m["mAP50_95"], "fitness": m["fitness"],
-                "images": len(source), "boxes": int(m["num_gt_per_class"].sum()),
-                "AP50_95_per_class": per_class}
+        per_class = {
+            source.info.class_names[c]: float(m["AP50_95_per_class"][j])
+            for j, c in enumerate(classes)
+            if m["num_gt_per_class"][j] > 0
+        }
+        return {
+            "mAP50": m["mAP50"],
+            "mAP50_95": m["mAP50_95"],
+            "fitness": m["fitness"],
+            "images": len(source),
+            "boxes": int(m["num_gt_per_class"].sum()),
+            "AP50_95_per_class": per_class,
+        }

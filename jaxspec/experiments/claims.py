@@ -36,22 +36,22 @@ CLAIMS = (
         id="C1",
         title="A specialist beats the generalist on its classes",
         paper="Table 1: specialists extracted from the generalist and fine-tuned on D_S beat the generalist "
-              "restricted to S, on every group and on average.",
+        "restricted to S, on every group and on average.",
         grids=("c1_sweep", "c1"),
         effect="gain_vs_control_top1",
         primary=(("group", "animals"),),
         design="A sweep on animals (3 seeds): specialist length 10/30/100 epochs of D_S x lr 1e-4/3e-5 x "
-               "BatchNorm statistics updated/frozen, each against the `continued` control of equal length "
-               "(the generalist trained on all classes as long, same lr and statistics). One setting is chosen on "
-               "the validation split by the rule fixed in advance (highest mean specialist validation top-1; "
-               "ties to the shorter schedule), then run at >= 5 seeds on animals and the 5 lexicographic groups.",
+        "BatchNorm statistics updated/frozen, each against the `continued` control of equal length "
+        "(the generalist trained on all classes as long, same lr and statistics). One setting is chosen on "
+        "the validation split by the rule fixed in advance (highest mean specialist validation top-1; "
+        "ties to the shorter schedule), then run at >= 5 seeds on animals and the 5 lexicographic groups.",
         columns=("generalist_top1", "control_top1", "specialist_top1", "specialist_val_top1"),
     ),
     Claim(
         id="C9",
         title="An SKD student beats a student trained from scratch",
         paper="SKD (seed 001): a small specialist distilled from the generalist beats the same small network "
-              "trained from scratch on D_S.",
+        "trained from scratch on D_S.",
         grids=("c9_skd",),
         effect="skd_vs_scratch_top1",
         contrast=("student", "skd", "scratch", "top1"),
@@ -63,7 +63,7 @@ CLAIMS = (
         id="C4",
         title="Extraction > fresh head > head-only-then-full",
         paper="Section 2, Fig. 5a: keeping the generalist's rows of the last layer beats a fresh head, which "
-              "beats training the head alone first.",
+        "beats training the head alone first.",
         grids=("c4_methods",),
         effect="extract_vs_fresh_top1",
         design="The six methods at equal steps, >= 5 seeds, with validation curves.",
@@ -75,14 +75,14 @@ CLAIMS = (
         grids=("c3_semantic",),
         effect="semantic_vs_random_top1",
         design="Fine semantic groups inside one source (tops, footwear, livestock, wildlife, digit shapes) "
-               "against random groups of equal size from the same source, >= 5 seeds, plus semantic specialists "
-               "from random init.",
+        "against random groups of equal size from the same source, >= 5 seeds, plus semantic specialists "
+        "from random init.",
     ),
     Claim(
         id="C2",
         title="The routed system beats the generalist on all classes",
         paper="Table 2: the generalist routes each image to its group's specialist; the system beats the "
-              "generalist over all classes.",
+        "generalist over all classes.",
         grids=("c2_routed",),
         effect="system_vs_generalist_top1",
         design="Lexicographic, semantic and confusion groupings, >= 5 seeds, with the routing accuracy.",
@@ -105,11 +105,11 @@ CLAIMS = (
         id="C7",
         title="A detector specialized by domain constraining beats the generalist and one trained from scratch",
         paper="Table 4: for S = animals and other groups, the generalist specialized by domain constraining and "
-              "output suppression beats the generalist restricted to S and a detector trained on D_S from scratch "
-              "(F, mAP@0.5, mAP@0.5:0.95).",
+        "output suppression beats the generalist restricted to S and a detector trained on D_S from scratch "
+        "(F, mAP@0.5, mAP@0.5:0.95).",
         grids=("c7_detect",),
         design="Once the generalist detects (issue 15): animals and two other groups, >= 3 seeds, with the "
-               "`continued` control.",
+        "`continued` control.",
     ),
     Claim(
         id="C8",
@@ -121,8 +121,7 @@ CLAIMS = (
     Claim(
         id="T7",
         title="Which layers to freeze while specializing a detector",
-        paper="Table 7: freezing early layers while specializing changes F little; frozen BatchNorm statistics "
-              "matter.",
+        paper="Table 7: freezing early layers while specializing changes F little; frozen BatchNorm statistics matter.",
         grids=("t7_freezing",),
         design="The Table 7 grid on YOLOv5s, as far as the machine affords.",
     ),
@@ -132,6 +131,6 @@ CLAIMS = (
         paper="Seed 004: lesioned units of task A are not recovered when retraining on A and B together.",
         grids=("lesion",),
         design="Default 5 epochs, 3 seeds, on a layer where single units matter (candidate layers ranked by the "
-               "accuracy drop of their top units first).",
+        "accuracy drop of their top units first).",
     ),
 )

@@ -22,9 +22,9 @@ import numpy as np
 from jaxspec.data.subsets import parse_stages
 from jaxspec.detection import run
 from jaxspec.experiments.grid import cell_id
+from jaxspec.experiments.kind import Kind
 from jaxspec.experiments.specialize import phase_for
 from jaxspec.methods import generalist, restricted
-from jaxspec.experiments.kind import Kind
 
 _SHORT = {"fitness": "F", "mAP50": "mAP50", "mAP50_95": "mAP50_95"}
 
@@ -46,8 +46,9 @@ def run_cell(ctx, config, cell: dict) -> dict[str, float]:
     out = _scores(run.evaluate(ctx, restricted(gen, final), final), "generalist")
     parent = gen
     for k, subset in enumerate(stages if method != "scratch" else stages[-1:]):
-        parent = run.specialize_from(ctx, parent, subset, method, seed=seed, name=f"cell-{cell_id(cell)}-stage{k}",
-                                     phase=phase)
+        parent = run.specialize_from(
+            ctx, parent, subset, method, seed=seed, name=f"cell-{cell_id(cell)}-stage{k}", phase=phase
+        )
     out |= _scores(run.evaluate(ctx, parent, final), "specialist")
     for short in _SHORT.values():
         out[f"d{short}"] = out[f"specialist_{short}"] - out[f"generalist_{short}"]
@@ -68,8 +69,14 @@ def plots(ctx, config, results: list[dict], out_dir: pathlib.Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(groups) * len(kinds) + 1.5), 3.6))
     for j, method in enumerate(kinds):
         vals = [by.get((g, method), [np.nan]) for g in groups]
-        ax.bar(np.arange(len(groups)) + j * width, [np.mean(v) for v in vals], width,
-               yerr=[np.std(v) for v in vals], label=method, capsize=3)
+        ax.bar(
+            np.arange(len(groups)) + j * width,
+            [np.mean(v) for v in vals],
+            width,
+            yerr=[np.std(v) for v in vals],
+            label=method,
+            capsize=3,
+        )
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(np.arange(len(groups)) + width * (len(kinds) - 1) / 2, groups, rotation=30, ha="right")
     ax.set(ylabel="ΔF = F(specialist) - F(generalist), points", title="Specialization gain per group")

@@ -24,10 +24,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 from jaxspec.data import pipeline  # noqa: E402
 from jaxspec.data.constrain import ConstrainedSource  # noqa: E402
 from jaxspec.experiments.grid import cell_id  # noqa: E402
+from jaxspec.experiments.kind import Kind  # noqa: E402
 from jaxspec.methods import generalist  # noqa: E402
 from jaxspec.train import driver, freeze, history  # noqa: E402
 from jaxspec.train.task import Outputs  # noqa: E402
-from jaxspec.experiments.kind import Kind  # noqa: E402
 
 PROBE_SIZE = 256
 _SERIES = ("irrelevant_bias", "relevant_bias", "irrelevant_prob")
@@ -45,8 +45,11 @@ def _probe(ctx, modeldef, subset, images):
         model.eval()
         probs = jax.nn.softmax(model(x))
         bias = state.params["head"]["bias"][...]
-        return {"irrelevant_bias": bias[~relevant].mean(), "relevant_bias": bias[relevant].mean(),
-                "irrelevant_prob": probs[:, ~relevant].sum(-1).mean()}
+        return {
+            "irrelevant_bias": bias[~relevant].mean(),
+            "relevant_bias": bias[relevant].mean(),
+            "irrelevant_prob": probs[:, ~relevant].sum(-1).mean(),
+        }
 
     return lambda state: {k: float(v) for k, v in stats(state).items()}
 
@@ -62,8 +65,17 @@ def run_cell(ctx, config, cell: dict) -> dict[str, float]:
     probe = _probe(ctx, gen.modeldef, subset, images[: min(PROBE_SIZE, len(val_s))])
     start = probe(gen.state)
     # S's labels index the first |S| of these columns; every output stays in the softmax.
-    d, s = driver.train_phase(ctx, f"forget-{cell_id(cell)}", gen.model, ConstrainedSource(ctx.train, subset), val_s,
-                              phase, seed, outputs=Outputs.of(columns=(*subset, *rest)), extra_eval=probe)
+    d, s = driver.train_phase(
+        ctx,
+        f"forget-{cell_id(cell)}",
+        gen.model,
+        ConstrainedSource(ctx.train, subset),
+        val_s,
+        phase,
+        seed,
+        outputs=Outputs.of(columns=(*subset, *rest)),
+        extra_eval=probe,
+    )
     end = probe(s)
     return {**{f"start_{k}": v for k, v in start.items()}, **{f"end_{k}": v for k, v in end.items()}}
 
@@ -78,8 +90,11 @@ def plots(ctx, config, results: list[dict], out_dir: pathlib.Path) -> list[str]:
             points = hist.get(f"{name}/{series}")
             if points:
                 start = rec["metrics"][f"start_{series}"]
-                ax.plot([0] + [p for p, _ in points], [start] + [v for _, v in points],
-                        label=f"{rec['cell']['group']} seed {rec['cell'].get('seed', 0)}")
+                ax.plot(
+                    [0] + [p for p, _ in points],
+                    [start] + [v for _, v in points],
+                    label=f"{rec['cell']['group']} seed {rec['cell'].get('seed', 0)}",
+                )
                 drawn = True
     if not drawn:
         plt.close(fig)

@@ -34,8 +34,8 @@ import numpy as np
 
 from jaxspec import classification, files, groupings, methods, tables, validate
 from jaxspec.classification import Classification
-from jaxspec.detection.task import Detection
 from jaxspec.data.constrain import ConstrainedSource
+from jaxspec.detection.task import Detection
 from jaxspec.experiments import stats
 from jaxspec.experiments.kind import KINDS, load
 from jaxspec.train import workdir as wdir
@@ -61,8 +61,10 @@ def add_groupings(ctx: RunContext, config: ml_collections.ConfigDict) -> RunCont
         new = groupings.make_groups(cfg, ctx.info, confusion)
         clash = sorted(g for g in new if g in ctx.groups and tuple(ctx.groups[g]) != tuple(new[g]))
         if clash:
-            raise ValueError(f"grouping {name!r} gives groups {clash} other classes than the groups of that "
-                             "name already known; rename the grouping")
+            raise ValueError(
+                f"grouping {name!r} gives groups {clash} other classes than the groups of that "
+                "name already known; rename the grouping"
+            )
         ctx = ctx.with_groups(new, {name: tuple(new)})
     return ctx
 
@@ -96,8 +98,14 @@ def _mean_std(records: list[dict], key_fn) -> list[dict]:
     for key, ms in by.items():
         names = [k for k in ms[0] if all(k in m for m in ms)]
         values = {k: np.array([m[k] for m in ms]) for k in names}
-        rows.append({"cell": dict(key), "n": len(ms), "mean": {k: float(v.mean()) for k, v in values.items()},
-                     "std": {k: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()}})
+        rows.append(
+            {
+                "cell": dict(key),
+                "n": len(ms),
+                "mean": {k: float(v.mean()) for k, v in values.items()},
+                "std": {k: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()},
+            }
+        )
     return rows
 
 
@@ -115,8 +123,10 @@ def aggregate(results: list[dict], group_sets: dict[str, set] | None = None) -> 
         sub = [r for r in results if r["cell"]["group"] in members]
         if len({r["cell"]["group"] for r in sub}) < 2:
             continue
-        averaged = [{"cell": {k: label if k == "group" else row["cell"][k] for k in axes}, "metrics": row["mean"]}
-                    for row in _mean_std(sub, lambda c: _without(c, "group"))]
+        averaged = [
+            {"cell": {k: label if k == "group" else row["cell"][k] for k in axes}, "metrics": row["mean"]}
+            for row in _mean_std(sub, lambda c: _without(c, "group"))
+        ]
         rows += _mean_std(averaged, lambda c: _without(c, "seed"))
     return rows
 
@@ -132,13 +142,18 @@ def group_sets(grid: dict, ctx: RunContext) -> dict[str, set] | None:
 def machine() -> dict:
     """Where the cells ran: host, processor, cores, devices, and the jaxspec commit when in a git checkout."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                                cwd=pathlib.Path(__file__).parent).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=pathlib.Path(__file__).parent
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    return {"host": socket.gethostname(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "devices": f"{jax.device_count()} {jax.default_backend()}",
-            "commit": commit}
+    return {
+        "host": socket.gethostname(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "devices": f"{jax.device_count()} {jax.default_backend()}",
+        "commit": commit,
+    }
 
 
 def run_grid(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -179,12 +194,17 @@ def _run_grid(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 done[cell_id(cell)] = json.loads(path.read_text())
                 continue
             if lead:
-                print(f"[experiment {config.experiment.kind}] cell {cells.index(cell) + 1}/{len(cells)}: "
-                      f"{cell_id(cell)}", flush=True)
+                print(
+                    f"[experiment {config.experiment.kind}] cell {cells.index(cell) + 1}/{len(cells)}: {cell_id(cell)}",
+                    flush=True,
+                )
             start = time.time()
             values = kind.run_cell(ctx, config, cell)
-            record = {"cell": cell, "metrics": {k: float(v) for k, v in values.items() if not k.endswith("_hits")},
-                      "seconds": time.time() - start}
+            record = {
+                "cell": cell,
+                "metrics": {k: float(v) for k, v in values.items() if not k.endswith("_hits")},
+                "seconds": time.time() - start,
+            }
             if any(k.endswith("_hits") for k in values):
                 record["hits"] = {k: stats.pack_hits(v) for k, v in values.items() if k.endswith("_hits")}
             done[cell_id(cell)] = record
@@ -207,17 +227,32 @@ def _run_grid(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
         panels = run_plots.DETECTION_PANELS if config.get("task") == "detect" else run_plots.PANELS
         plots += run_report.write_curves(ctx.workdir, ["generalist"], panels=panels)
-    summary = {"config": config.to_dict(), "groups": {k: list(ctx.groups[k]) for ks in ctx.groupings.values() for k in ks},
-               "cells": results, "rows": rows, "paired": paired, "plots": plots, "seconds": time.time() - t0,
-               "machine": where}
+    summary = {
+        "config": config.to_dict(),
+        "groups": {k: list(ctx.groups[k]) for ks in ctx.groupings.values() for k in ks},
+        "cells": results,
+        "rows": rows,
+        "paired": paired,
+        "plots": plots,
+        "seconds": time.time() - t0,
+        "machine": where,
+    }
     if lead:
         files.write_json(ctx.workdir / "results.json", summary, indent=1)
         title = config.experiment.get("title", config.experiment.kind)
-        report = [f"# {title}", "", config.experiment.get("description", ""), "",
-                  f"Data: {ctx.info.name} ({ctx.info.num_classes} classes), model {config.model.name} "
-                  f"(width {config.model.get('width_multiplier', '-')}), "
-                  f"seeds {sorted({c.get('seed') for c in cells})}; "
-                  "mean ± std over seeds (sample std), accuracies in %.", "", table, ""]
+        report = [
+            f"# {title}",
+            "",
+            config.experiment.get("description", ""),
+            "",
+            f"Data: {ctx.info.name} ({ctx.info.num_classes} classes), model {config.model.name} "
+            f"(width {config.model.get('width_multiplier', '-')}), "
+            f"seeds {sorted({c.get('seed') for c in cells})}; "
+            "mean ± std over seeds (sample std), accuracies in %.",
+            "",
+            table,
+            "",
+        ]
         report += [f"![{p}]({p})" for p in plots]
         files.write_atomic(ctx.workdir / "report.md", "\n".join(report) + "\n")
         print("\n" + table + f"\n\nreport: {ctx.workdir / 'report.md'}  ({summary['seconds']:.0f}s)", flush=True)
@@ -233,8 +268,7 @@ def _by_seed(cells: list[dict]) -> list[list[dict]]:
     return list(by.values())
 
 
-def _plan(workdir: pathlib.Path, cells: list[dict], where: dict, started: str, seconds: float,
-          finished: int) -> None:
+def _plan(workdir: pathlib.Path, cells: list[dict], where: dict, started: str, seconds: float, finished: int) -> None:
     """`plan.json`: every cell the grid will run, the machine, and each invocation's wall time so far, kept
     current after every cell (the compute behind the grid; `jaxspec.experiments.results --collect` copies it)."""
     path = workdir / "plan.json"
@@ -245,8 +279,9 @@ def _plan(workdir: pathlib.Path, cells: list[dict], where: dict, started: str, s
     files.write_json(path, plan, indent=1)
 
 
-def score(ctx: RunContext, trained: methods.Trained, subset, prefix: str, *, split: str = "test",
-          hits: bool = False) -> dict:
+def score(
+    ctx: RunContext, trained: methods.Trained, subset, prefix: str, *, split: str = "test", hits: bool = False
+) -> dict:
     """`{prefix}_top1`, `{prefix}_top2` of `trained` on the `split` ('test' or 'val') images of `subset`;
     `hits` adds `{prefix}_hits`, each image's top-1 outcome, for the paired bootstrap."""
     source = {"test": ctx.test, "val": ctx.val}[split]
@@ -283,11 +318,20 @@ def paired_markdown(rows: list[dict]) -> str:
     for row in rows:
         for metric, (mean, low, high) in row["t_interval"].items():
             boot = row["bootstrap"].get(metric)
-            lines.append(f"| {cell_id(row['cell'])} | {metric} | {row['n']} | {100 * mean:+.2f} | "
-                         f"[{100 * low:+.2f}, {100 * high:+.2f}] | "
-                         + (f"[{100 * boot[1]:+.2f}, {100 * boot[2]:+.2f}]" if boot else "-") + " | "
-                         + str(row["seeds_for_0.5"].get(metric, "-")) + " |")
+            lines.append(
+                f"| {cell_id(row['cell'])} | {metric} | {row['n']} | {100 * mean:+.2f} | "
+                f"[{100 * low:+.2f}, {100 * high:+.2f}] | "
+                + (f"[{100 * boot[1]:+.2f}, {100 * boot[2]:+.2f}]" if boot else "-")
+                + " | "
+                + str(row["seeds_for_0.5"].get(metric, "-"))
+                + " |"
+            )
     if not lines:
         return ""
-    return "\n".join(["| cells | effect | seeds | mean (points) | 95% t-interval | paired bootstrap (images) | "
-                      "seeds for ±0.5 |", "|---|---|---:|---:|---:|---:|---:|", *lines])
+    return "\n".join(
+        [
+            "| cells | effect | seeds | mean (points) | 95% t-interval | paired bootstrap (images) | seeds for ±0.5 |",
+            "|---|---|---:|---:|---:|---:|---:|",
+            *lines,
+        ]
+    )

@@ -37,10 +37,10 @@ from jaxspec import files, methods
 from jaxspec.analysis import lesion
 from jaxspec.data.constrain import ConstrainedSource
 from jaxspec.data.subsets import resolve_subset
+from jaxspec.experiments.kind import Kind
 from jaxspec.train import driver
 from jaxspec.train.state import to_model
 from jaxspec.train.task import Outputs
-from jaxspec.experiments.kind import Kind
 
 MODES = ("none", "init", "always")
 RETRAIN = ("A", "B", "both")
@@ -67,9 +67,18 @@ def tasks(config, info) -> dict[str, tuple[int, ...]]:
 def _evaluators(ctx, trained: methods.Trained, path: str, task_classes: dict) -> dict[str, lesion.LesionEval]:
     cfg = ctx.config
     return {
-        t: lesion.LesionEval(trained.modeldef, trained.state.params, path=path, columns=classes, mesh=ctx.mesh,
-                             data_cfg=cfg.data, batch_size=cfg.eval.batch_size, mean=ctx.info.mean, std=ctx.info.std,
-                             chunk=cfg.lesion.chunk)
+        t: lesion.LesionEval(
+            trained.modeldef,
+            trained.state.params,
+            path=path,
+            columns=classes,
+            mesh=ctx.mesh,
+            data_cfg=cfg.data,
+            batch_size=cfg.eval.batch_size,
+            mean=ctx.info.mean,
+            std=ctx.info.std,
+            chunk=cfg.lesion.chunk,
+        )
         for t, classes in task_classes.items()
     }
 
@@ -110,16 +119,25 @@ def run_cell(ctx, config, cell: dict) -> dict[str, float]:
         "always": lesion.hold_lesion(gen.model, path, units),
     }[mode]
     data = classes["A"] + classes["B"] if retrain == "both" else classes[retrain]
-    d, s = driver.train_phase(ctx, f"lesion-{mode}-{retrain}-seed{seed}", start, ConstrainedSource(ctx.train, data),
-                              ConstrainedSource(ctx.val, data), cfg.retrain, seed, outputs=Outputs.of(columns=data))
+    d, s = driver.train_phase(
+        ctx,
+        f"lesion-{mode}-{retrain}-seed{seed}",
+        start,
+        ConstrainedSource(ctx.train, data),
+        ConstrainedSource(ctx.val, data),
+        cfg.retrain,
+        seed,
+        outputs=Outputs.of(columns=data),
+    )
     model = to_model(d, s)
     if mode == "always":
         model = lesion.release_lesion(model, path)
     after = methods.frozen(ctx, model, gen.classes)
 
     live = np.setdiff1d(np.arange(evs["A"].num_units), units) if mode == "always" else None
-    _, drops = lesion.lesion_impact(evs["A"], after.state, ConstrainedSource(ctx.val, classes["A"]),
-                                    name=f"rank {path} after retraining")
+    _, drops = lesion.lesion_impact(
+        evs["A"], after.state, ConstrainedSource(ctx.val, classes["A"]), name=f"rank {path} after retraining"
+    )
     units_after = lesion.top_units(drops, cfg.fraction, candidates=live)
     now = {t: _per_class(ctx, evs[t], after.state, classes[t], units_after) for t in classes}
 
@@ -147,12 +165,17 @@ def plots(ctx, config, results: list[dict], out_dir: pathlib.Path) -> list[str]:
 
     from jaxspec.plots import save
 
-    conditions = [(m, t) for m in MODES for t in RETRAIN
-                  if any(x["cell"]["mode"] == m and x["cell"]["retrain"] == t for x in results)]
+    conditions = [
+        (m, t)
+        for m in MODES
+        for t in RETRAIN
+        if any(x["cell"]["mode"] == m and x["cell"]["retrain"] == t for x in results)
+    ]
 
     def stat(mode, retrain, key):  # in percentage points
-        v = 100 * np.array([x["metrics"][key] for x in results
-                            if x["cell"]["mode"] == mode and x["cell"]["retrain"] == retrain])
+        v = 100 * np.array(
+            [x["metrics"][key] for x in results if x["cell"]["mode"] == mode and x["cell"]["retrain"] == retrain]
+        )
         return v.mean(), (v.std(ddof=1) if len(v) > 1 else 0.0)
 
     pos = np.arange(len(conditions))

@@ -34,6 +34,7 @@ README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
 
 # -- reading -----------------------------------------------------------------------------------------------------
 
+
 def load_grid(directory: pathlib.Path) -> dict | None:
     """`{'name', 'meta', 'cells': [records]}` of one committed grid, or None if it has not run yet."""
     cells_dir = directory / "cells"
@@ -60,9 +61,15 @@ def contrasted(records: list[dict], contrast: tuple[str, str, str, str]) -> list
         other = b_cells.get(key(rec)) if rec["cell"].get(axis) == a else None
         if other is None:
             continue
-        new = {"cell": dict(key(rec)), "seconds": rec.get("seconds", 0) + other.get("seconds", 0),
-               "metrics": {f"{a}_vs_{b}_{metric}": rec["metrics"][metric] - other["metrics"][metric],
-                           f"{a}_{metric}": rec["metrics"][metric], f"{b}_{metric}": other["metrics"][metric]}}
+        new = {
+            "cell": dict(key(rec)),
+            "seconds": rec.get("seconds", 0) + other.get("seconds", 0),
+            "metrics": {
+                f"{a}_vs_{b}_{metric}": rec["metrics"][metric] - other["metrics"][metric],
+                f"{a}_{metric}": rec["metrics"][metric],
+                f"{b}_{metric}": other["metrics"][metric],
+            },
+        }
         hits = [next((v for k, v in r.get("hits", {}).items()), None) for r in (rec, other)]
         if None not in hits:
             new["hits"] = {f"{a}_hits": hits[0], f"{b}_hits": hits[1]}
@@ -83,16 +90,21 @@ def pooled(records: list[dict], axis: str, effect: str) -> list[dict]:
         cell = {k: ("all" if k == axis else v) for k, v in recs[0]["cell"].items()}
         new = {"cell": cell, "metrics": _means(recs)}
         if all(f"{m}_hits" in r.get("hits", {}) for r in recs for m in pair):
-            new["hits"] = {f"{m}_hits": stats.pack_hits(np.concatenate(
-                [stats.unpack_hits(r["hits"][f"{m}_hits"]) for r in recs])) for m in pair}
+            new["hits"] = {
+                f"{m}_hits": stats.pack_hits(np.concatenate([stats.unpack_hits(r["hits"][f"{m}_hits"]) for r in recs]))
+                for m in pair
+            }
         out.append(new)
     return out
 
 
 def _means(records: list[dict]) -> dict[str, float]:
     """The mean over `records` of each metric they all have."""
-    return {k: float(np.mean([r["metrics"][k] for r in records]))
-            for k in records[0]["metrics"] if all(k in r["metrics"] for r in records)}
+    return {
+        k: float(np.mean([r["metrics"][k] for r in records]))
+        for k in records[0]["metrics"]
+        if all(k in r["metrics"] for r in records)
+    }
 
 
 def paired_rows(records: list[dict], effect: str) -> list[dict]:
@@ -116,7 +128,7 @@ def _pair(effect: str) -> tuple[str, str]:
     if stem == "gain":
         return "specialist", "generalist"
     if stem.startswith("gain_vs_"):
-        return "specialist", stem[len("gain_vs_"):]
+        return "specialist", stem[len("gain_vs_") :]
     a, _, b = stem.partition("_vs_")
     return a, b
 
@@ -127,6 +139,7 @@ def choose(rows: list[dict], metric: str) -> dict:
 
 
 # -- writing -----------------------------------------------------------------------------------------------------
+
 
 def _pts(x: float) -> str:
     return f"{100 * x:+.2f}"
@@ -160,17 +173,33 @@ def effect_table(rows: list[dict], claim: Claim, chosen: dict | None = None) -> 
     fixed = {a: v for a, v in rows[0]["setting"].items() if all(r["setting"][a] == v for r in rows)}
     axes = [a for a in rows[0]["setting"] if a not in fixed or len(rows) == 1]
     cols = [c for c in claim.columns if all(c in r["means"] for r in rows)]
-    head = [*axes, "seeds", *[f"{c} (%)" for c in cols], f"{claim.effect}: per seed (points)", "mean",
-            "95% t-interval", "paired bootstrap", "verdict", "to resolve ±0.5"]
+    head = [
+        *axes,
+        "seeds",
+        *[f"{c} (%)" for c in cols],
+        f"{claim.effect}: per seed (points)",
+        "mean",
+        "95% t-interval",
+        "paired bootstrap",
+        "verdict",
+        "to resolve ±0.5",
+    ]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(axes) + "---:|" * (len(head) - len(axes))]
     for r in rows:
         cells = [str(r["setting"][a]) for a in axes]
         if chosen is not None and r["setting"] == chosen:
             cells[0] = f"**{cells[0]}** (chosen)"
         verdict = _verdict(r, claim.direction)
-        cells += [str(len(r["effect"].values)), *[f"{100 * r['means'][c]:.2f}" for c in cols],
-                  ", ".join(_pts(v) for v in r["effect"].values), _pts(r["effect"].t.mean), _ci(r["effect"].t), _ci(r["effect"].boot),
-                  verdict, _resolve(r) if verdict == "inconclusive" else ""]
+        cells += [
+            str(len(r["effect"].values)),
+            *[f"{100 * r['means'][c]:.2f}" for c in cols],
+            ", ".join(_pts(v) for v in r["effect"].values),
+            _pts(r["effect"].t.mean),
+            _ci(r["effect"].t),
+            _ci(r["effect"].boot),
+            verdict,
+            _resolve(r) if verdict == "inconclusive" else "",
+        ]
         out.append("| " + " | ".join(cells) + " |")
     if fixed and len(rows) > 1:
         out = [f"All cells: {', '.join(f'{k}={v}' for k, v in fixed.items())}.", "", *out]
@@ -202,10 +231,16 @@ def claim_section(claim: Claim, grids: dict[str, dict | None]) -> tuple[list[str
             continue
         meta, planned = grid["meta"], grid["meta"].get("cells")
         done = len(grid["cells"])
-        out += [f"### `{name}`", "", f"`{_command(meta)}`", "",
-                f"{done} of {planned or '?'} cells; commit {meta.get('commit', '?')[:7]}; "
-                f"{meta.get('machine', {}).get('cpus', '?')}-core {meta.get('machine', {}).get('processor', '?')} "
-                f"({meta.get('machine', {}).get('devices', '?')}); {_hours(grid_seconds(grid))} of wall time.", ""]
+        out += [
+            f"### `{name}`",
+            "",
+            f"`{_command(meta)}`",
+            "",
+            f"{done} of {planned or '?'} cells; commit {meta.get('commit', '?')[:7]}; "
+            f"{meta.get('machine', {}).get('cpus', '?')}-core {meta.get('machine', {}).get('processor', '?')} "
+            f"({meta.get('machine', {}).get('devices', '?')}); {_hours(grid_seconds(grid))} of wall time.",
+            "",
+        ]
         if not claim.effect or not grid["cells"]:
             continue
         records = contrasted(grid["cells"], claim.contrast) if claim.contrast else grid["cells"]
@@ -216,8 +251,11 @@ def claim_section(claim: Claim, grids: dict[str, dict | None]) -> tuple[list[str
         complete = planned is not None and done >= planned
         if choosing and complete:
             chosen = choose(rows, "specialist_val_top1")
-            out += [f"Chosen on validation (highest mean specialist validation top-1): "
-                    f"{', '.join(f'{k}={v}' for k, v in chosen.items() if k != 'group')}.", ""]
+            out += [
+                f"Chosen on validation (highest mean specialist validation top-1): "
+                f"{', '.join(f'{k}={v}' for k, v in chosen.items() if k != 'group')}.",
+                "",
+            ]
         elif choosing:
             out += ["The setting is chosen on validation once every cell has run.", ""]
         elif chosen is not None:
@@ -230,12 +268,18 @@ def claim_section(claim: Claim, grids: dict[str, dict | None]) -> tuple[list[str
             if primary and complete:
                 r = primary[0]
                 verdict = _verdict(r, claim.direction)
-                summary = (f"{claim.effect} {_pts(r['effect'].t.mean)} points, 95% CI {_ci(r['effect'].t)} over "
-                           f"{len(r['effect'].values)} seeds (bootstrap over test images {_ci(r['effect'].boot)})")
+                summary = (
+                    f"{claim.effect} {_pts(r['effect'].t.mean)} points, 95% CI {_ci(r['effect'].t)} over "
+                    f"{len(r['effect'].values)} seeds (bootstrap over test images {_ci(r['effect'].boot)})"
+                )
                 if verdict == "inconclusive":
-                    summary += f"; half-width {100 * r['effect'].t.half_width:.2f} points; {_resolve(r)} would resolve ±0.5"
-    out[1:1] = ["", f"**Verdict: {verdict}**" + (f": {summary}." if summary else
-                                                   " (the grids below have not all finished).")]
+                    summary += (
+                        f"; half-width {100 * r['effect'].t.half_width:.2f} points; {_resolve(r)} would resolve ±0.5"
+                    )
+    out[1:1] = [
+        "",
+        f"**Verdict: {verdict}**" + (f": {summary}." if summary else " (the grids below have not all finished)."),
+    ]
     return out, verdict
 
 
@@ -247,18 +291,25 @@ def render(results_dir: pathlib.Path) -> tuple[str, str]:
     for claim in CLAIMS:
         section, verdict = claim_section(claim, grids)
         body += section
-        summary.append(f"| [{claim.id}](RESULTS.md#{claim.id.lower()}-{_anchor(claim.title)}) {claim.title} "
-                       f"| {verdict} |")
-    head = ["# Reproduction results", "",
-            "Malashin & Ilyukhin, *Neural network task specialization via domain constraining*: each claim tested "
-            "on the embedded data with paired comparisons (same generalist per seed, same test images), 95% "
-            "t-intervals over seeds and a paired bootstrap over test images. Verdicts: **reproduced** (the "
-            "interval excludes 0 in the paper's direction), **contradicted** (in the other), **inconclusive** "
-            "(it includes 0), **pending** (not run to its budget yet). Effects are in top-1 points.", "",
-            f"Total compute so far: {_hours(total)} of wall time on the machines named per grid.", "",
-            "Generated by `python -m jaxspec.experiments.results` from `results/`; do not edit by hand. "
-            "Measurements made before this protocol (single generalists, 2-3 seeds): "
-            "[docs/results.md](docs/results.md).", ""]
+        summary.append(
+            f"| [{claim.id}](RESULTS.md#{claim.id.lower()}-{_anchor(claim.title)}) {claim.title} | {verdict} |"
+        )
+    head = [
+        "# Reproduction results",
+        "",
+        "Malashin & Ilyukhin, *Neural network task specialization via domain constraining*: each claim tested "
+        "on the embedded data with paired comparisons (same generalist per seed, same test images), 95% "
+        "t-intervals over seeds and a paired bootstrap over test images. Verdicts: **reproduced** (the "
+        "interval excludes 0 in the paper's direction), **contradicted** (in the other), **inconclusive** "
+        "(it includes 0), **pending** (not run to its budget yet). Effects are in top-1 points.",
+        "",
+        f"Total compute so far: {_hours(total)} of wall time on the machines named per grid.",
+        "",
+        "Generated by `python -m jaxspec.experiments.results` from `results/`; do not edit by hand. "
+        "Measurements made before this protocol (single generalists, 2-3 seeds): "
+        "[docs/results.md](docs/results.md).",
+        "",
+    ]
     return "\n".join(head + body).rstrip() + "\n", "\n".join(summary)
 
 
@@ -311,11 +362,15 @@ def main(argv=None) -> int:
     new_readme = readme_with(readme, summary)
     out = pathlib.Path(args.out)
     if args.check:
-        stale = [str(path) for path, new in ((out, text), (readme_path, new_readme))
-                 if not path.exists() or path.read_text() != new]
+        stale = [
+            str(path)
+            for path, new in ((out, text), (readme_path, new_readme))
+            if not path.exists() or path.read_text() != new
+        ]
         if stale:
-            print(f"results: {', '.join(stale)} out of date; run `python -m jaxspec.experiments.results`",
-                  file=sys.stderr)
+            print(
+                f"results: {', '.join(stale)} out of date; run `python -m jaxspec.experiments.results`", file=sys.stderr
+            )
             return 1
         return 0
     files.write_atomic(out, text)

@@ -18,8 +18,16 @@ from jaxspec.experiments.kind import Kind
 def _jobs(ctx, config, cell: dict) -> list[methods.Job]:
     """The group specialists of a cell, named as the `specialize` kind names the same specialist."""
     method, seed = cell.get("method", config.specialize.method), int(cell.get("seed", 0))
-    return [methods.Job(tuple(ctx.groups[g]), method, seed, f"cell-{cell_id({'group': g, 'method': method, 'seed': seed})}",
-                        config.specialize) for g in ctx.groupings[cell["grouping"]]]
+    return [
+        methods.Job(
+            tuple(ctx.groups[g]),
+            method,
+            seed,
+            f"cell-{cell_id({'group': g, 'method': method, 'seed': seed})}",
+            config.specialize,
+        )
+        for g in ctx.groupings[cell["grouping"]]
+    ]
 
 
 def prepare(ctx, config, cells: list[dict], max_k: int) -> None:
@@ -41,12 +49,23 @@ def run_cell(ctx, config, cell: dict) -> dict[str, float]:
         maps.append(label_map)
     system = route.build_routed(gen.model, models, maps, mean=ctx.info.mean, std=ctx.info.std, mesh=ctx.mesh)
     res = route.evaluate(system, ctx.test, config.data, batch_size=config.eval.batch_size)
-    out = {"routed_top1": res["top1"], "generalist_top1": res["generalist_top1"],
-           "routing_accuracy": res["routing_accuracy"], "fallback_rate": res["fallback_rate"],
-           "gain_top1": res["top1"] - res["generalist_top1"]}
+    out = {
+        "routed_top1": res["top1"],
+        "generalist_top1": res["generalist_top1"],
+        "routing_accuracy": res["routing_accuracy"],
+        "fallback_rate": res["fallback_rate"],
+        "gain_top1": res["top1"] - res["generalist_top1"],
+    }
     if config.specialize.control:
-        control = methods.specialize_from(ctx, gen, range(ctx.info.num_classes), "continued", seed=seed,
-                                          name=f"control-seed{seed}", phase=config.specialize)
+        control = methods.specialize_from(
+            ctx,
+            gen,
+            range(ctx.info.num_classes),
+            "continued",
+            seed=seed,
+            name=f"control-seed{seed}",
+            phase=config.specialize,
+        )
         evaluator = classification.evaluator(ctx, control.modeldef, ctx.info.num_classes)
         out["control_top1"] = evaluator(control.state, ctx.test)["top1"]
     return out

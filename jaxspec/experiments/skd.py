@@ -27,8 +27,8 @@ from flax import nnx
 
 from jaxspec import distill, methods, models, specialize
 from jaxspec.data.constrain import ConstrainedSource
-from jaxspec.train import driver
 from jaxspec.experiments.kind import Kind
+from jaxspec.train import driver
 
 STUDENTS = ("teacher", "generalist", "scratch", "finetuned", "skd", "skd_finetuned")
 
@@ -43,9 +43,15 @@ def draw_subset(num_classes: int, size: int, seed: int) -> tuple[int, ...]:
 def teacher(ctx, config) -> methods.Trained:
     """The large generalist, trained once per workdir (checkpoint `teacher`)."""
     t, n = config.skd.teacher, ctx.info.num_classes
-    model = models.get_model(t.name, n, rngs=nnx.Rngs(config.seed), width_multiplier=t.width_multiplier,
-                             dropout_rate=config.model.dropout_rate, depthwise=config.model.depthwise,
-                             dtype=config.model.dtype)
+    model = models.get_model(
+        t.name,
+        n,
+        rngs=nnx.Rngs(config.seed),
+        width_multiplier=t.width_multiplier,
+        dropout_rate=config.model.dropout_rate,
+        depthwise=config.model.depthwise,
+        dtype=config.model.dtype,
+    )
     d, s = driver.train_phase(ctx, "teacher", model, ctx.train, ctx.val, config.skd.teacher_phase, config.seed)
     return methods.Trained(d, s, tuple(range(n)))
 
@@ -58,8 +64,9 @@ def _student(ctx, config, student: str, subset, seed: int) -> methods.Trained:
     if student == "generalist":
         return methods.restricted(methods.generalist(ctx), subset)
     if student == "scratch":
-        d, s = driver.train_phase(ctx, name, ctx.task.new_model(ctx, len(subset), seed), train_s, val_s,
-                                  config.scratch, seed)
+        d, s = driver.train_phase(
+            ctx, name, ctx.task.new_model(ctx, len(subset), seed), train_s, val_s, config.scratch, seed
+        )
         return methods.Trained(d, s, subset)
     if student == "finetuned":
         return methods.specialize_from(ctx, methods.generalist(ctx), subset, "extract", seed=seed, name=name)
@@ -68,8 +75,9 @@ def _student(ctx, config, student: str, subset, seed: int) -> methods.Trained:
     else:
         start, phase = specialize.extract(methods.generalist(ctx).model, subset), config.specialize
     t = teacher(ctx, config)
-    d, s = driver.train_phase(ctx, name, start, train_s, val_s, phase, seed,
-                              task=distill.Distillation(t.modeldef, t.state, config.skd))
+    d, s = driver.train_phase(
+        ctx, name, start, train_s, val_s, phase, seed, task=distill.Distillation(t.modeldef, t.state, config.skd)
+    )
     return methods.Trained(d, s, subset)
 
 
@@ -80,8 +88,13 @@ def run_cell(ctx, config, cell: dict) -> dict[str, float]:
     subset = draw_subset(ctx.info.num_classes, int(cell["subset_size"]), seed)
     trained = _student(ctx, config, student, subset, seed)
     m = methods.evaluate_on(ctx, trained, ConstrainedSource(ctx.test, subset), per_example=True)
-    return {"top1": m["top1"], "top2": m["top2"], "loss": m["loss"],
-            "params": float(distill.student_params(trained.model)), "model_hits": m["hits"]}
+    return {
+        "top1": m["top1"],
+        "top2": m["top2"],
+        "loss": m["loss"],
+        "params": float(distill.student_params(trained.model)),
+        "model_hits": m["hits"],
+    }
 
 
 def plots(ctx, config, results: list[dict], out_dir: pathlib.Path) -> list[str]:
@@ -98,8 +111,15 @@ def plots(ctx, config, results: list[dict], out_dir: pathlib.Path) -> list[str]:
             continue
         sizes = sorted({x["cell"]["subset_size"] for x in rows})
         vals = [100 * np.array([x["metrics"]["top1"] for x in rows if x["cell"]["subset_size"] == k]) for k in sizes]
-        ax.errorbar(sizes, [v.mean() for v in vals], yerr=[v.std(ddof=1) if len(v) > 1 else 0 for v in vals],
-                    marker="o", capsize=3, label=student, ls="--" if student in ("teacher", "generalist") else "-")
+        ax.errorbar(
+            sizes,
+            [v.mean() for v in vals],
+            yerr=[v.std(ddof=1) if len(v) > 1 else 0 for v in vals],
+            marker="o",
+            capsize=3,
+            label=student,
+            ls="--" if student in ("teacher", "generalist") else "-",
+        )
     ax.set(xlabel="classes in S", ylabel="test top-1 on S (%)", title="specialists by subset size (± std over seeds)")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -32,8 +32,8 @@ import numpy as np  # noqa: E402
 
 from jaxspec import methods  # noqa: E402
 from jaxspec.experiments.grid import cell_id, score  # noqa: E402
-from jaxspec.train import history  # noqa: E402
 from jaxspec.experiments.kind import Kind  # noqa: E402
+from jaxspec.train import history  # noqa: E402
 
 _CELL_AXES = ("group", "method", "seed")
 CONTROL_FIELDS = ("steps", "batch_size", "label_smoothing", "optim", "freeze_bn_stats")
@@ -54,8 +54,9 @@ def phase_for(config: ml_collections.ConfigDict, cell: dict, fields=None) -> ml_
         for p in parents:
             node = node.get(p) if isinstance(node, ml_collections.ConfigDict) else None
         if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-            raise ValueError(f"grid axis {k!r} is neither one of {_CELL_AXES} nor a field of config.specialize "
-                             f"({sorted(phase)})")
+            raise ValueError(
+                f"grid axis {k!r} is neither one of {_CELL_AXES} nor a field of config.specialize ({sorted(phase)})"
+            )
         node[leaf] = v
     return phase
 
@@ -96,12 +97,20 @@ def run_cell(ctx, config, cell: dict) -> dict[str, float]:
     phase = phase_for(config, cell)
     method = cell.get("method", phase.method)
     gen = _generalist(ctx, config, seed)
-    models = {"generalist": methods.restricted(gen, subset),
-              "specialist": methods.specialize_from(ctx, gen, subset, method, seed=seed, name=_name(cell), phase=phase)}
+    models = {
+        "generalist": methods.restricted(gen, subset),
+        "specialist": methods.specialize_from(ctx, gen, subset, method, seed=seed, name=_name(cell), phase=phase),
+    }
     if config.specialize.control:
-        models["control"] = methods.specialize_from(ctx, gen, subset, "continued", seed=seed,
-                                                    name=_control_name(cell, seed),
-                                                    phase=phase_for(config, cell, CONTROL_FIELDS))
+        models["control"] = methods.specialize_from(
+            ctx,
+            gen,
+            subset,
+            "continued",
+            seed=seed,
+            name=_control_name(cell, seed),
+            phase=phase_for(config, cell, CONTROL_FIELDS),
+        )
     out = {}
     for prefix, trained in models.items():
         out |= score(ctx, trained, subset, prefix, hits=True)

@@ -38,8 +38,7 @@ def t_interval(differences, confidence: float = 0.95) -> Interval:
     return Interval(mean, mean - half, mean + half, n)
 
 
-def paired_bootstrap(hits_a, hits_b, *, resamples: int = 10_000, confidence: float = 0.95,
-                     seed: int = 0) -> Interval:
+def paired_bootstrap(hits_a, hits_b, *, resamples: int = 10_000, confidence: float = 0.95, seed: int = 0) -> Interval:
     """Percentile interval of mean(a) - mean(b) over images resampled with replacement, pairs kept together.
 
     `hits_a[i]`, `hits_b[i]`: the two models' outcomes (e.g. top-1 correct) on
@@ -54,7 +53,7 @@ def paired_bootstrap(hits_a, hits_b, *, resamples: int = 10_000, confidence: flo
     means = np.empty(resamples)
     for start in range(0, resamples, 1000):  # bounded memory for large test sets
         idx = rng.integers(0, len(d), size=(min(1000, resamples - start), len(d)))
-        means[start:start + len(idx)] = d[idx].mean(axis=1)
+        means[start : start + len(idx)] = d[idx].mean(axis=1)
     tail = (1 - confidence) / 2
     return Interval(float(d.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail)), len(d))
 
@@ -91,8 +90,10 @@ def by_setting(records: list[dict], axis: str = "seed") -> list[tuple[dict, list
     by: dict[tuple, list[dict]] = {}
     for rec in records:
         by.setdefault(tuple((k, v) for k, v in rec["cell"].items() if k != axis), []).append(rec)
-    return [(dict(key), sorted(recs, key=lambda r: r["cell"].get("seed", 0)))
-            for key, recs in sorted(by.items(), key=lambda kv: tuple((isinstance(v, str), v) for _, v in kv[0]))]
+    return [
+        (dict(key), sorted(recs, key=lambda r: r["cell"].get("seed", 0)))
+        for key, recs in sorted(by.items(), key=lambda kv: tuple((isinstance(v, str), v) for _, v in kv[0]))
+    ]
 
 
 @dataclasses.dataclass(frozen=True)

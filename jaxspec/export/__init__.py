@@ -78,8 +78,12 @@ def _save(serve, preprocess: dict, batch: int | None, path: pathlib.Path) -> Non
     import tensorflow as tf
     from jax.experimental import jax2tf
 
-    converted = jax2tf.convert(serve, with_gradient=False, native_serialization_platforms=("cpu",),
-                               polymorphic_shapes=None if batch else ["(b, ...)"])
+    converted = jax2tf.convert(
+        serve,
+        with_gradient=False,
+        native_serialization_platforms=("cpu",),
+        polymorphic_shapes=None if batch else ["(b, ...)"],
+    )
     fn = tf.function(converted, autograph=False, input_signature=[_input_spec(preprocess, batch)])
     # Only the signature: a module attribute holding the function too would store the weights twice.
     tf.saved_model.save(tf.Module(), str(path), signatures=fn.get_concrete_function())
@@ -110,11 +114,18 @@ def export_model(model, preprocess: dict, out: pathlib.Path, name: str, formats=
 
 def _model_record(member: Member, written: dict) -> dict:
     pre = member.spec["preprocess"]
-    return {"files": {k: os.path.basename(v) for k, v in written.items()}, "preprocess": pre,
-            "input": {"name": "images", "dtype": "uint8",
-                      "shape": [None, pre["image_size"], pre["image_size"], pre["channels"]]},
-            "outputs": ["logits", "probabilities"], "classes": [int(c) for c in member.classes],
-            "names": member.names}
+    return {
+        "files": {k: os.path.basename(v) for k, v in written.items()},
+        "preprocess": pre,
+        "input": {
+            "name": "images",
+            "dtype": "uint8",
+            "shape": [None, pre["image_size"], pre["image_size"], pre["channels"]],
+        },
+        "outputs": ["logits", "probabilities"],
+        "classes": [int(c) for c in member.classes],
+        "names": member.names,
+    }
 
 
 def export(model_dir: str | os.PathLike, out: str | os.PathLike, formats=FORMATS, specialists=None) -> dict:
@@ -131,16 +142,21 @@ def export(model_dir: str | os.PathLike, out: str | os.PathLike, formats=FORMATS
     record = {}
     if routed:
         tables = build_routed(src, members).tables  # the tables `jaxspec.route` routes with
-        record["routed"] = {"generalist": GENERALIST, "specialists": [n for n in members if n != GENERALIST],
-                            "label_maps": np.asarray(tables["label_maps"]).tolist(),
-                            "class_to_group": np.asarray(tables["class_to_group"]).tolist(),
-                            "class_names": members[GENERALIST].names}
+        record["routed"] = {
+            "generalist": GENERALIST,
+            "specialists": [n for n in members if n != GENERALIST],
+            "label_maps": np.asarray(tables["label_maps"]).tolist(),
+            "class_to_group": np.asarray(tables["class_to_group"]).tolist(),
+            "class_names": members[GENERALIST].names,
+        }
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        record["models"] = {name: _model_record(m, export_model(m.model, m.spec["preprocess"], tmp, name, formats))
-                            for name, m in members.items()}
+        record["models"] = {
+            name: _model_record(m, export_model(m.model, m.spec["preprocess"], tmp, name, formats))
+            for name, m in members.items()
+        }
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -4,8 +4,12 @@ from absl import flags
 
 from jaxspec.cli import run_main, start
 
-_MODEL = flags.DEFINE_string("model", None, "An exported classifier directory (WORKDIR/models/specialist) or a "
-                             "routed system's (WORKDIR/models: generalist/ beside specialist directories).")
+_MODEL = flags.DEFINE_string(
+    "model",
+    None,
+    "An exported classifier directory (WORKDIR/models/specialist) or a "
+    "routed system's (WORKDIR/models: generalist/ beside specialist directories).",
+)
 _OUT = flags.DEFINE_string("out", None, "Directory to write (new, or empty).")
 _FORMATS = flags.DEFINE_list("formats", ["savedmodel", "tflite"], "Any of savedmodel, tflite.")
 _SPECIALISTS = flags.DEFINE_list("specialists", [], "A routed system's specialists to export (default: all).")

@@ -22,8 +22,8 @@ from flax import nnx
 
 from jaxspec import sharding
 
-DepthwiseImpl = Literal['auto', 'conv', 'shift']
-COMPUTE_DTYPES = ('float32', 'bfloat16')
+DepthwiseImpl = Literal["auto", "conv", "shift"]
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 # Steps of the depthwise kernel gradient's loop (see `_kernel_grad`): at 224
 # px, batch 32, 8 steps of 4 images was fastest over the model's layers among
@@ -33,16 +33,16 @@ _KGRAD_STEPS = 8
 
 # torchvision initialises convolutions with kaiming-normal(fan_out), linears
 # with N(0, 0.01) and every bias with zeros; we follow it.
-conv_init = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 linear_init = nnx.initializers.normal(0.01)
 
 
 def compute_dtype(dtype) -> jnp.dtype:
     """Checks a model's activation dtype: float32, or bfloat16 for mixed
     precision on accelerators (no loss scaling needed, unlike float16)."""
-    name = dtype if isinstance(dtype, str) else getattr(jnp.dtype(dtype), 'name', None)
+    name = dtype if isinstance(dtype, str) else getattr(jnp.dtype(dtype), "name", None)
     if name not in COMPUTE_DTYPES:
-        raise ValueError(f'dtype must be one of {COMPUTE_DTYPES}, got {dtype!r}')
+        raise ValueError(f"dtype must be one of {COMPUTE_DTYPES}, got {dtype!r}")
     return jnp.dtype(name)
 
 
@@ -72,26 +72,30 @@ def _dot_bwd(residuals, dy):
     x, kernel = residuals
     dx = _matmul(dy, kernel.T).astype(x.dtype)
     rows = x.reshape(-1, x.shape[-1])
-    dk = jnp.einsum('nc,nd->cd', rows, dy.reshape(-1, dy.shape[-1]), preferred_element_type=jnp.float32,
-                    out_sharding=sharding.summed_over_rows(rows))
+    dk = jnp.einsum(
+        "nc,nd->cd",
+        rows,
+        dy.reshape(-1, dy.shape[-1]),
+        preferred_element_type=jnp.float32,
+        out_sharding=sharding.summed_over_rows(rows),
+    )
     return dx, dk.astype(kernel.dtype)
 
 
 dot.defvjp(_dot_fwd, _dot_bwd)
 
 
-def resolve_depthwise(impl: DepthwiseImpl) -> Literal['conv', 'shift']:
+def resolve_depthwise(impl: DepthwiseImpl) -> Literal["conv", "shift"]:
     """Maps `'auto'` to the faster depthwise path for the current backend.
 
     XLA:CPU lowers grouped convolutions to a slow generic loop, so on CPU a
     sum of k*k shifted multiply-adds wins by 5-15x; accelerators have fast
     native depthwise kernels.
     """
-    if impl == 'auto':
-        return 'shift' if jax.default_backend() == 'cpu' else 'conv'
-    if impl not in ('conv', 'shift'):
-        raise ValueError(
-            f"depthwise must be 'auto', 'conv' or 'shift', got {impl!r}")
+    if impl == "auto":
+        return "shift" if jax.default_backend() == "cpu" else "conv"
+    if impl not in ("conv", "shift"):
+        raise ValueError(f"depthwise must be 'auto', 'conv' or 'shift', got {impl!r}")
     return impl
 
 
@@ -107,8 +111,9 @@ class BatchNorm(nnx.Module):
     weights the new batch, i.e. flax momentum 0.99.
     """
 
-    def __init__(self, features: int, *, momentum: float = 0.99,
-                 epsilon: float = 1e-3, use_running_average: bool = False):
+    def __init__(
+        self, features: int, *, momentum: float = 0.99, epsilon: float = 1e-3, use_running_average: bool = False
+    ):
         self.scale = nnx.Param(jnp.ones((features,)))
         self.bias = nnx.Param(jnp.zeros((features,)))
         self.mean = nnx.BatchStat(jnp.zeros((features,)))
@@ -123,14 +128,11 @@ class BatchNorm(nnx.Module):
         else:
             axes = tuple(range(x.ndim - 1))
             mean = jnp.mean(x, axes, dtype=jnp.float32)
-            var = jnp.maximum(
-                jnp.mean(jnp.square(x.astype(jnp.float32)), axes) - mean**2, 0.0)
+            var = jnp.maximum(jnp.mean(jnp.square(x.astype(jnp.float32)), axes) - mean**2, 0.0)
             n = x.size // x.shape[-1]
             m = self.momentum
-            self.mean[...] = jax.lax.stop_gradient(
-                m * self.mean[...] + (1 - m) * mean)
-            self.var[...] = jax.lax.stop_gradient(
-                m * self.var[...] + (1 - m) * var * (n / max(n - 1, 1)))
+            self.mean[...] = jax.lax.stop_gradient(m * self.mean[...] + (1 - m) * mean)
+            self.var[...] = jax.lax.stop_gradient(m * self.var[...] + (1 - m) * var * (n / max(n - 1, 1)))
         gain = self.scale[...] * jax.lax.rsqrt(var + self.epsilon)
         return (x * gain + (self.bias[...] - mean * gain)).astype(x.dtype)
 
@@ -143,15 +145,13 @@ class Conv1x1(nnx.Module):
     `impl='conv'` computes it as a convolution (see `use_native_convolutions`).
     """
 
-    def __init__(self, in_features: int, out_features: int, *,
-                 use_bias: bool = False, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(
-            conv_init(rngs.params(), (1, 1, in_features, out_features)))
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = False, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(conv_init(rngs.params(), (1, 1, in_features, out_features)))
         self.bias = nnx.Param(jnp.zeros((out_features,))) if use_bias else None
-        self.impl = 'dot'
+        self.impl = "dot"
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = conv(x, self.kernel[...], 1, 0) if self.impl == 'conv' else dot(x, self.kernel[0, 0])
+        y = conv(x, self.kernel[...], 1, 0) if self.impl == "conv" else dot(x, self.kernel[0, 0])
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y
@@ -168,18 +168,16 @@ class PatchConv(nnx.Module):
     as a convolution (see `use_native_convolutions`).
     """
 
-    def __init__(self, in_features: int, out_features: int, kernel_size: int, *,
-                 stride: int = 1, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(
-            conv_init(rngs.params(), (kernel_size, kernel_size, in_features, out_features)))
+    def __init__(self, in_features: int, out_features: int, kernel_size: int, *, stride: int = 1, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(conv_init(rngs.params(), (kernel_size, kernel_size, in_features, out_features)))
         self.stride = stride
-        self.impl = 'dot'
+        self.impl = "dot"
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...]
         k, s = kernel.shape[0], self.stride
         pad = (k - 1) // 2
-        if self.impl == 'conv':
+        if self.impl == "conv":
             return conv(x, kernel, s, pad)
         ho, wo = _out_size(x.shape[1], k, s, pad), _out_size(x.shape[2], k, s, pad)
         x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
@@ -188,37 +186,38 @@ class PatchConv(nnx.Module):
         return dot(patches, kernel.reshape(-1, kernel.shape[-1]))
 
 
-def conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int,
-         groups: int = 1) -> jax.Array:
+def conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int, groups: int = 1) -> jax.Array:
     """XLA's NHWC/HWIO convolution with PyTorch's symmetric padding, in x's
     dtype and accumulated in float32 (as `dot`)."""
     return jax.lax.conv_general_dilated(
-        x, kernel.astype(x.dtype), window_strides=(stride, stride),
+        x,
+        kernel.astype(x.dtype),
+        window_strides=(stride, stride),
         padding=((pad, pad), (pad, pad)),
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
         feature_group_count=groups,
-        preferred_element_type=jnp.float32).astype(x.dtype)
+        preferred_element_type=jnp.float32,
+    ).astype(x.dtype)
 
 
-def _depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int,
-                    pad: int) -> jax.Array:
+def _depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
     return conv(x, kernel, stride, pad, groups=x.shape[-1])
 
 
-def _taps(x: jax.Array, k: int, stride: int,
-          out_hw: tuple[int, int]) -> list[jax.Array]:
+def _taps(x: jax.Array, k: int, stride: int, out_hw: tuple[int, int]) -> list[jax.Array]:
     """The k*k windows x[:, i + stride*h, j + stride*w, :] of a padded input, (i, j) row-major."""
     n, _, _, c = x.shape
     out_h, out_w = out_hw
-    return [jax.lax.slice(x, (0, i, j, 0),
-                          (n, i + stride * (out_h - 1) + 1,
-                           j + stride * (out_w - 1) + 1, c),
-                          (1, stride, stride, 1))
-            for i in range(k) for j in range(k)]
+    return [
+        jax.lax.slice(
+            x, (0, i, j, 0), (n, i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1, c), (1, stride, stride, 1)
+        )
+        for i in range(k)
+        for j in range(k)
+    ]
 
 
-def _shift_sum(x: jax.Array, kernel: jax.Array, stride: int,
-               out_hw: tuple[int, int]) -> jax.Array:
+def _shift_sum(x: jax.Array, kernel: jax.Array, stride: int, out_hw: tuple[int, int]) -> jax.Array:
     """sum_ij x[:, i + stride*h, j + stride*w, :] * kernel[i, j, 0], summed in float32."""
     k = kernel.shape[0]
     out = None
@@ -233,8 +232,7 @@ def _out_size(size: int, k: int, stride: int, pad: int) -> int:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _depthwise_shift(x: jax.Array, kernel: jax.Array, stride: int,
-                     pad: int) -> jax.Array:
+def _depthwise_shift(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
     """Depthwise conv as a sum over taps of strided slices times weights.
 
     Autodiff would give each tap's input gradient its own full-size padded
@@ -244,8 +242,7 @@ def _depthwise_shift(x: jax.Array, kernel: jax.Array, stride: int,
     k = kernel.shape[0]
     _, h, w, _ = x.shape
     x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    return _shift_sum(x, kernel, stride, (_out_size(h, k, stride, pad),
-                                          _out_size(w, k, stride, pad)))
+    return _shift_sum(x, kernel, stride, (_out_size(h, k, stride, pad), _out_size(w, k, stride, pad)))
 
 
 def _depthwise_shift_fwd(x, kernel, stride, pad):
@@ -260,11 +257,16 @@ def _depthwise_shift_bwd(stride, pad, residuals, dy):
     # pad so every tap lands inside, and correlate with the flipped kernel.
     lo = k - 1 - pad
     dy_h, dy_w = dy.shape[1:3]
-    spread = jax.lax.pad(dy, jnp.zeros((), dy.dtype), (
-        (0, 0, 0),
-        (lo, h + pad - (dy_h - 1) * stride - 1, stride - 1),
-        (lo, w + pad - (dy_w - 1) * stride - 1, stride - 1),
-        (0, 0, 0)))
+    spread = jax.lax.pad(
+        dy,
+        jnp.zeros((), dy.dtype),
+        (
+            (0, 0, 0),
+            (lo, h + pad - (dy_h - 1) * stride - 1, stride - 1),
+            (lo, w + pad - (dy_w - 1) * stride - 1, stride - 1),
+            (0, 0, 0),
+        ),
+    )
     dx = _shift_sum(spread, kernel[::-1, ::-1], 1, (h, w))
     # The barrier stops XLA from merging the kernel gradient's slices with
     # the forward ones and materialising each tap.
@@ -278,12 +280,10 @@ _depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
 
 def _split_batch(x: jax.Array, steps: int) -> jax.Array:
     """(N, ...) -> (N / steps, steps, ...), the leading axis keeping x's sharding."""
-    return x.reshape(x.shape[0] // steps, steps, *x.shape[1:],
-                     out_sharding=sharding.split_like_rows(x, x.ndim + 1))
+    return x.reshape(x.shape[0] // steps, steps, *x.shape[1:], out_sharding=sharding.split_like_rows(x, x.ndim + 1))
 
 
-def _kernel_grad(x: jax.Array, dy: jax.Array, k: int, stride: int,
-                 pad: int) -> jax.Array:
+def _kernel_grad(x: jax.Array, dy: jax.Array, k: int, stride: int, pad: int) -> jax.Array:
     """(k*k, C) sums over images and positions of each tap times dy.
 
     XLA:CPU computes each tap's reduction as its own pass over x and dy, so
@@ -303,11 +303,11 @@ def _kernel_grad(x: jax.Array, dy: jax.Array, k: int, stride: int,
         xi = jax.lax.dynamic_index_in_dim(xs, i, 1, keepdims=False)
         dyi = jax.lax.dynamic_index_in_dim(dys, i, 1, keepdims=False)
         xi = jnp.pad(xi, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-        return jnp.stack([jnp.sum(tap.astype(jnp.float32) * dyi, axis=(1, 2))
-                          for tap in _taps(xi, k, stride, dy.shape[1:3])], axis=1)
+        return jnp.stack(
+            [jnp.sum(tap.astype(jnp.float32) * dyi, axis=(1, 2)) for tap in _taps(xi, k, stride, dy.shape[1:3])], axis=1
+        )
 
-    zeros = jnp.zeros((n // iters, k * k, x.shape[-1]), jnp.float32,
-                      out_sharding=sharding.split_like_rows(x, 3))
+    zeros = jnp.zeros((n // iters, k * k, x.shape[-1]), jnp.float32, out_sharding=sharding.split_like_rows(x, 3))
     total = jax.lax.fori_loop(0, iters, lambda i, total: total + tap_sums(i), zeros)
     return jnp.sum(total, axis=0)
 
@@ -320,17 +320,17 @@ class DepthwiseConv(nnx.Module):
     `(k, k, 1, C)` kernel, as `nnx.Conv(feature_group_count=C)` stores it.
     """
 
-    def __init__(self, features: int, kernel_size: int, stride: int = 1, *,
-                 impl: DepthwiseImpl = 'auto', rngs: nnx.Rngs):
-        self.kernel = nnx.Param(
-            conv_init(rngs.params(), (kernel_size, kernel_size, 1, features)))
+    def __init__(
+        self, features: int, kernel_size: int, stride: int = 1, *, impl: DepthwiseImpl = "auto", rngs: nnx.Rngs
+    ):
+        self.kernel = nnx.Param(conv_init(rngs.params(), (kernel_size, kernel_size, 1, features)))
         self.stride = stride
         self.impl = resolve_depthwise(impl)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...]
         pad = (kernel.shape[0] - 1) // 2
-        fn = _depthwise_shift if self.impl == 'shift' else _depthwise_conv
+        fn = _depthwise_shift if self.impl == "shift" else _depthwise_conv
         return fn(x, kernel, self.stride, pad)
 
 
@@ -345,7 +345,7 @@ def use_native_convolutions(model: nnx.Module) -> nnx.Module:
     """
     for _, module in nnx.iter_modules(model):
         if isinstance(module, (Conv1x1, PatchConv, DepthwiseConv)):
-            module.impl = 'conv'
+            module.impl = "conv"
     return model
 
 
@@ -356,8 +356,7 @@ class ConvBN(nnx.Module):
     `1` map to `conv` and `bn` here.
     """
 
-    def __init__(self, conv: nnx.Module, features: int,
-                 activation: Callable[[jax.Array], jax.Array] | None):
+    def __init__(self, conv: nnx.Module, features: int, activation: Callable[[jax.Array], jax.Array] | None):
         self.conv = conv
         self.bn = BatchNorm(features)
         self.activation = activation
@@ -370,12 +369,9 @@ class ConvBN(nnx.Module):
 class SqueezeExcite(nnx.Module):
     """Channel gating: global pool, 1x1 ReLU bottleneck, hard-sigmoid scale."""
 
-    def __init__(self, features: int, squeeze_features: int, *,
-                 rngs: nnx.Rngs):
-        self.fc1 = Conv1x1(features, squeeze_features, use_bias=True,
-                           rngs=rngs)
-        self.fc2 = Conv1x1(squeeze_features, features, use_bias=True,
-                           rngs=rngs)
+    def __init__(self, features: int, squeeze_features: int, *, rngs: nnx.Rngs):
+        self.fc1 = Conv1x1(features, squeeze_features, use_bias=True, rngs=rngs)
+        self.fc2 = Conv1x1(squeeze_features, features, use_bias=True, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = jnp.mean(x, axis=(1, 2), keepdims=True)

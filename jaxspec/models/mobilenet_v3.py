@@ -15,7 +15,7 @@ from flax import nnx
 
 from jaxspec.models import layers
 
-ARCHS = ('mobilenet_v3_small', 'mobilenet_v3_large')
+ARCHS = ("mobilenet_v3_small", "mobilenet_v3_large")
 
 
 def make_divisible(value: float, divisor: int = 8) -> int:
@@ -32,6 +32,7 @@ def make_divisible(value: float, divisor: int = 8) -> int:
 @dataclasses.dataclass(frozen=True)
 class BlockConfig:
     """One inverted-residual block, channels already scaled by width."""
+
     in_channels: int
     kernel_size: int
     expanded_channels: int
@@ -88,15 +89,14 @@ _LARGE = (
     (160, 5, 960, 160, True, True, 1),
 )
 _TABLES = {
-    'mobilenet_v3_small': (_SMALL, 1024),
-    'mobilenet_v3_large': (_LARGE, 1280),
+    "mobilenet_v3_small": (_SMALL, 1024),
+    "mobilenet_v3_large": (_LARGE, 1280),
 }
 
 
 def check_arch(arch: str) -> None:
     if arch not in _TABLES:
-        raise ValueError(
-            f'Unknown architecture {arch!r}; choose from {ARCHS}.')
+        raise ValueError(f"Unknown architecture {arch!r}; choose from {ARCHS}.")
 
 
 def arch_config(arch: str, width_multiplier: float = 1.0) -> ArchConfig:
@@ -108,31 +108,24 @@ def arch_config(arch: str, width_multiplier: float = 1.0) -> ArchConfig:
         return make_divisible(channels * width_multiplier)
 
     blocks = tuple(
-        BlockConfig(scale(cin), k, scale(exp), scale(cout), se, hs, s)
-        for cin, k, exp, cout, se, hs, s in table)
+        BlockConfig(scale(cin), k, scale(exp), scale(cout), se, hs, s) for cin, k, exp, cout, se, hs, s in table
+    )
     return ArchConfig(blocks, scale(last_channel))
 
 
 class InvertedResidual(nnx.Module):
     """Expand (1x1) -> depthwise -> squeeze-excite -> project (1x1) block."""
 
-    def __init__(self, cfg: BlockConfig, *, depthwise: layers.DepthwiseImpl,
-                 rngs: nnx.Rngs):
+    def __init__(self, cfg: BlockConfig, *, depthwise: layers.DepthwiseImpl, rngs: nnx.Rngs):
         act = jax.nn.hard_swish if cfg.use_hardswish else jax.nn.relu
         cin, cout = cfg.in_channels, cfg.out_channels
         exp = cfg.expanded_channels
-        self.expand = layers.ConvBN(
-            layers.Conv1x1(cin, exp, rngs=rngs), exp,
-            act) if exp != cin else None
+        self.expand = layers.ConvBN(layers.Conv1x1(cin, exp, rngs=rngs), exp, act) if exp != cin else None
         self.depthwise = layers.ConvBN(
-            layers.DepthwiseConv(exp, cfg.kernel_size, cfg.stride,
-                                 impl=depthwise, rngs=rngs),
-            exp, act)
-        self.se = layers.SqueezeExcite(
-            exp, make_divisible(exp // 4),
-            rngs=rngs) if cfg.use_se else None
-        self.project = layers.ConvBN(
-            layers.Conv1x1(exp, cout, rngs=rngs), cout, None)
+            layers.DepthwiseConv(exp, cfg.kernel_size, cfg.stride, impl=depthwise, rngs=rngs), exp, act
+        )
+        self.se = layers.SqueezeExcite(exp, make_divisible(exp // 4), rngs=rngs) if cfg.use_se else None
+        self.project = layers.ConvBN(layers.Conv1x1(exp, cout, rngs=rngs), cout, None)
         self.use_residual = cfg.stride == 1 and cin == cout
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -154,64 +147,69 @@ class MobileNetV3(nnx.Module):
     losses and extracted specialists see the same logits either way.
     """
 
-    def __init__(self, arch: str, num_classes: int, *, rngs: nnx.Rngs,
-                 width_multiplier: float = 1.0, dropout_rate: float = 0.2,
-                 depthwise: layers.DepthwiseImpl = 'auto',
-                 in_channels: int = 3, dtype='float32'):
+    def __init__(
+        self,
+        arch: str,
+        num_classes: int,
+        *,
+        rngs: nnx.Rngs,
+        width_multiplier: float = 1.0,
+        dropout_rate: float = 0.2,
+        depthwise: layers.DepthwiseImpl = "auto",
+        in_channels: int = 3,
+        dtype="float32",
+    ):
         cfg = arch_config(arch, width_multiplier)
         self.dtype = layers.compute_dtype(dtype)
         self.arch = arch
         self.num_classes = num_classes
         self.width_multiplier = width_multiplier
         stem = cfg.stem_channels
-        self.stem = layers.ConvBN(
-            layers.PatchConv(in_channels, stem, 3, stride=2, rngs=rngs),
-            stem, jax.nn.hard_swish)
-        self.blocks = nnx.List([
-            InvertedResidual(b, depthwise=depthwise, rngs=rngs)
-            for b in cfg.blocks])
+        self.stem = layers.ConvBN(layers.PatchConv(in_channels, stem, 3, stride=2, rngs=rngs), stem, jax.nn.hard_swish)
+        self.blocks = nnx.List([InvertedResidual(b, depthwise=depthwise, rngs=rngs) for b in cfg.blocks])
         last = cfg.last_conv_channels
         self.last_conv = layers.ConvBN(
-            layers.Conv1x1(cfg.blocks[-1].out_channels, last, rngs=rngs),
-            last, jax.nn.hard_swish)
-        self.hidden = nnx.Linear(last, cfg.last_channel,
-                                 kernel_init=layers.linear_init, rngs=rngs)
+            layers.Conv1x1(cfg.blocks[-1].out_channels, last, rngs=rngs), last, jax.nn.hard_swish
+        )
+        self.hidden = nnx.Linear(last, cfg.last_channel, kernel_init=layers.linear_init, rngs=rngs)
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
-        self.head = nnx.Linear(cfg.last_channel, num_classes,
-                               kernel_init=layers.linear_init, rngs=rngs)
+        self.head = nnx.Linear(cfg.last_channel, num_classes, kernel_init=layers.linear_init, rngs=rngs)
         self.layer_names = (
-            'stem', *(f'block{i}' for i in range(len(cfg.blocks))),
-            'last_conv', 'pool', 'pre_logits', 'logits')
+            "stem",
+            *(f"block{i}" for i in range(len(cfg.blocks))),
+            "last_conv",
+            "pool",
+            "pre_logits",
+            "logits",
+        )
 
-    def _forward(self, x: jax.Array,
-                 rngs: nnx.Rngs | None) -> Iterator[tuple[str, jax.Array]]:
+    def _forward(self, x: jax.Array, rngs: nnx.Rngs | None) -> Iterator[tuple[str, jax.Array]]:
         """Yields `(name, activation)` in forward order; stop early at will."""
         x = self.stem(x.astype(self.dtype))
-        yield 'stem', x
+        yield "stem", x
         for i, block in enumerate(self.blocks):
             x = block(x)
-            yield f'block{i}', x
+            yield f"block{i}", x
         x = self.last_conv(x)
-        yield 'last_conv', x
+        yield "last_conv", x
         x = jnp.mean(x, axis=(1, 2), dtype=jnp.float32)
-        yield 'pool', x
+        yield "pool", x
         x = jax.nn.hard_swish(self.hidden(x))
-        yield 'pre_logits', x
-        yield 'logits', self.head(self.dropout(x, rngs=rngs))
+        yield "pre_logits", x
+        yield "logits", self.head(self.dropout(x, rngs=rngs))
 
-    def __call__(self, x: jax.Array, *,
-                 rngs: nnx.Rngs | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
         """Logits. `rngs` overrides the construction-time dropout stream."""
-        for _, x in self._forward(x, rngs):
-            pass
-        return x
+        *_, (_, logits) = self._forward(x, rngs)
+        return logits
 
     def features(self, x: jax.Array) -> jax.Array:
         """Penultimate features: hidden linear + hard-swish, before dropout."""
-        return self.intermediates(x, ['pre_logits'])['pre_logits']
+        return self.intermediates(x, ["pre_logits"])["pre_logits"]
 
-    def intermediates(self, x: jax.Array, names: Sequence[str] | None = None,
-                      *, rngs: nnx.Rngs | None = None) -> dict[str, jax.Array]:
+    def intermediates(
+        self, x: jax.Array, names: Sequence[str] | None = None, *, rngs: nnx.Rngs | None = None
+    ) -> dict[str, jax.Array]:
         """Activations by layer name in forward order, e.g. for CKA; float32
         whatever the model's dtype, for analyses and distillation losses.
 
@@ -220,9 +218,7 @@ class MobileNetV3(nnx.Module):
         wanted = set(self.layer_names if names is None else names)
         unknown = wanted.difference(self.layer_names)
         if unknown:
-            raise ValueError(
-                f'Unknown layer names {sorted(unknown)}; valid names are '
-                f'{list(self.layer_names)}.')
+            raise ValueError(f"Unknown layer names {sorted(unknown)}; valid names are {list(self.layer_names)}.")
         out = {}
         for name, value in self._forward(x, rngs):
             if name in wanted:
@@ -232,25 +228,47 @@ class MobileNetV3(nnx.Module):
         return out
 
 
-def mobilenet_v3_small(num_classes: int, *, rngs: nnx.Rngs,
-                       width_multiplier: float = 1.0,
-                       dropout_rate: float = 0.2,
-                       depthwise: layers.DepthwiseImpl = 'auto',
-                       in_channels: int = 3, dtype='float32') -> MobileNetV3:
+def mobilenet_v3_small(
+    num_classes: int,
+    *,
+    rngs: nnx.Rngs,
+    width_multiplier: float = 1.0,
+    dropout_rate: float = 0.2,
+    depthwise: layers.DepthwiseImpl = "auto",
+    in_channels: int = 3,
+    dtype="float32",
+) -> MobileNetV3:
     """MobileNetV3-Small; 2,542,856 parameters at 1000 classes, width 1."""
-    return MobileNetV3('mobilenet_v3_small', num_classes, rngs=rngs,
-                       width_multiplier=width_multiplier,
-                       dropout_rate=dropout_rate, depthwise=depthwise,
-                       in_channels=in_channels, dtype=dtype)
+    return MobileNetV3(
+        "mobilenet_v3_small",
+        num_classes,
+        rngs=rngs,
+        width_multiplier=width_multiplier,
+        dropout_rate=dropout_rate,
+        depthwise=depthwise,
+        in_channels=in_channels,
+        dtype=dtype,
+    )
 
 
-def mobilenet_v3_large(num_classes: int, *, rngs: nnx.Rngs,
-                       width_multiplier: float = 1.0,
-                       dropout_rate: float = 0.2,
-                       depthwise: layers.DepthwiseImpl = 'auto',
-                       in_channels: int = 3, dtype='float32') -> MobileNetV3:
+def mobilenet_v3_large(
+    num_classes: int,
+    *,
+    rngs: nnx.Rngs,
+    width_multiplier: float = 1.0,
+    dropout_rate: float = 0.2,
+    depthwise: layers.DepthwiseImpl = "auto",
+    in_channels: int = 3,
+    dtype="float32",
+) -> MobileNetV3:
     """MobileNetV3-Large; 5,483,032 parameters at 1000 classes, width 1."""
-    return MobileNetV3('mobilenet_v3_large', num_classes, rngs=rngs,
-                       width_multiplier=width_multiplier,
-                       dropout_rate=dropout_rate, depthwise=depthwise,
-                       in_channels=in_channels, dtype=dtype)
+    return MobileNetV3(
+        "mobilenet_v3_large",
+        num_classes,
+        rngs=rngs,
+        width_multiplier=width_multiplier,
+        dropout_rate=dropout_rate,
+        depthwise=depthwise,
+        in_channels=in_channels,
+        dtype=dtype,
+    )

@@ -23,48 +23,45 @@ from flax import nnx
 from jaxspec.models import layers
 
 # (depth multiple, width multiple) per scale, from the yolov5{n,s,m,l,x}.yaml files.
-SCALES = {'n': (0.33, 0.25), 's': (0.33, 0.50), 'm': (0.67, 0.75),
-          'l': (1.0, 1.0), 'x': (1.33, 1.25)}
+SCALES = {"n": (0.33, 0.25), "s": (0.33, 0.50), "m": (0.67, 0.75), "l": (1.0, 1.0), "x": (1.33, 1.25)}
 STRIDES = (8, 16, 32)
 # Default anchors in pixels, (scale, anchor, wh); tuples, so a module holds them as static metadata.
-ANCHORS = (((10, 13), (16, 30), (33, 23)),
-           ((30, 61), (62, 45), (59, 119)),
-           ((116, 90), (156, 198), (373, 326)))
+ANCHORS = (((10, 13), (16, 30), (33, 23)), ((30, 61), (62, 45), (59, 119)), ((116, 90), (156, 198), (373, 326)))
 NUM_OUTPUTS_PER_ANCHOR = 5  # x, y, w, h, objectness; class logits follow.
 
 # (from, repeats, module, args) with channels before width scaling, as in the
 # yaml; the comment is the YOLOv5 layer index.
 _ARCH = (
-    (-1, 1, 'Conv', (64, 6, 2, 2)),     # 0  P1/2
-    (-1, 1, 'Conv', (128, 3, 2)),       # 1  P2/4
-    (-1, 3, 'C3', (128,)),              # 2
-    (-1, 1, 'Conv', (256, 3, 2)),       # 3  P3/8
-    (-1, 6, 'C3', (256,)),              # 4
-    (-1, 1, 'Conv', (512, 3, 2)),       # 5  P4/16
-    (-1, 9, 'C3', (512,)),              # 6
-    (-1, 1, 'Conv', (1024, 3, 2)),      # 7  P5/32
-    (-1, 3, 'C3', (1024,)),             # 8
-    (-1, 1, 'SPPF', (1024, 5)),         # 9
-    (-1, 1, 'Conv', (512, 1, 1)),       # 10 neck
-    (-1, 1, 'Upsample', ()),            # 11
-    ((-1, 6), 1, 'Concat', ()),         # 12
-    (-1, 3, 'C3', (512, False)),        # 13
-    (-1, 1, 'Conv', (256, 1, 1)),       # 14
-    (-1, 1, 'Upsample', ()),            # 15
-    ((-1, 4), 1, 'Concat', ()),         # 16
-    (-1, 3, 'C3', (256, False)),        # 17 P3 out
-    (-1, 1, 'Conv', (256, 3, 2)),       # 18
-    ((-1, 14), 1, 'Concat', ()),        # 19
-    (-1, 3, 'C3', (512, False)),        # 20 P4 out
-    (-1, 1, 'Conv', (512, 3, 2)),       # 21
-    ((-1, 10), 1, 'Concat', ()),        # 22
-    (-1, 3, 'C3', (1024, False)),       # 23 P5 out
-    ((17, 20, 23), 1, 'Detect', ()),    # 24
+    (-1, 1, "Conv", (64, 6, 2, 2)),  # 0  P1/2
+    (-1, 1, "Conv", (128, 3, 2)),  # 1  P2/4
+    (-1, 3, "C3", (128,)),  # 2
+    (-1, 1, "Conv", (256, 3, 2)),  # 3  P3/8
+    (-1, 6, "C3", (256,)),  # 4
+    (-1, 1, "Conv", (512, 3, 2)),  # 5  P4/16
+    (-1, 9, "C3", (512,)),  # 6
+    (-1, 1, "Conv", (1024, 3, 2)),  # 7  P5/32
+    (-1, 3, "C3", (1024,)),  # 8
+    (-1, 1, "SPPF", (1024, 5)),  # 9
+    (-1, 1, "Conv", (512, 1, 1)),  # 10 neck
+    (-1, 1, "Upsample", ()),  # 11
+    ((-1, 6), 1, "Concat", ()),  # 12
+    (-1, 3, "C3", (512, False)),  # 13
+    (-1, 1, "Conv", (256, 1, 1)),  # 14
+    (-1, 1, "Upsample", ()),  # 15
+    ((-1, 4), 1, "Concat", ()),  # 16
+    (-1, 3, "C3", (256, False)),  # 17 P3 out
+    (-1, 1, "Conv", (256, 3, 2)),  # 18
+    ((-1, 14), 1, "Concat", ()),  # 19
+    (-1, 3, "C3", (512, False)),  # 20 P4 out
+    (-1, 1, "Conv", (512, 3, 2)),  # 21
+    ((-1, 10), 1, "Concat", ()),  # 22
+    (-1, 3, "C3", (1024, False)),  # 23 P5 out
+    ((17, 20, 23), 1, "Detect", ()),  # 24
 )
 NUM_LAYERS = len(_ARCH)
 
 # YOLOv5 leaves torch's default init: U(+-1/sqrt(fan_in)) for kernels and biases.
-torch_default_init = nnx.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+torch_default_init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
 def make_divisible(value: float, divisor: int = 8) -> int:
@@ -84,8 +81,7 @@ class ConvKernel(nnx.Module):
     XLA:CPU (see `layers.Conv1x1`); both read the same HWIO `kernel`.
     """
 
-    def __init__(self, in_features: int, out_features: int, kernel_size: int,
-                 stride: int, pad: int, *, rngs: nnx.Rngs):
+    def __init__(self, in_features: int, out_features: int, kernel_size: int, stride: int, pad: int, *, rngs: nnx.Rngs):
         shape = (kernel_size, kernel_size, in_features, out_features)
         self.kernel = nnx.Param(torch_default_init(rngs.params(), shape))
         self.stride = stride
@@ -101,8 +97,16 @@ class ConvKernel(nnx.Module):
 class Conv(nnx.Module):
     """YOLOv5's Conv: convolution, BatchNorm (eps 1e-3, torch momentum 0.03), SiLU."""
 
-    def __init__(self, in_features: int, out_features: int, kernel_size: int = 1,
-                 stride: int = 1, pad: int | None = None, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: int = 1,
+        stride: int = 1,
+        pad: int | None = None,
+        *,
+        rngs: nnx.Rngs,
+    ):
         pad = kernel_size // 2 if pad is None else pad
         self.conv = ConvKernel(in_features, out_features, kernel_size, stride, pad, rngs=rngs)
         self.bn = layers.BatchNorm(out_features, momentum=0.97, epsilon=1e-3)
@@ -114,8 +118,7 @@ class Conv(nnx.Module):
 class Bottleneck(nnx.Module):
     """1x1 then 3x3 Conv, with a residual when `shortcut` and shapes allow."""
 
-    def __init__(self, in_features: int, out_features: int, shortcut: bool, *,
-                 rngs: nnx.Rngs):
+    def __init__(self, in_features: int, out_features: int, shortcut: bool, *, rngs: nnx.Rngs):
         self.cv1 = Conv(in_features, out_features, 1, rngs=rngs)
         self.cv2 = Conv(out_features, out_features, 3, rngs=rngs)
         self.add = shortcut and in_features == out_features
@@ -128,14 +131,12 @@ class Bottleneck(nnx.Module):
 class C3(nnx.Module):
     """CSP block: Bottlenecks on one half-width branch, concat with a 1x1 branch."""
 
-    def __init__(self, in_features: int, out_features: int, repeats: int,
-                 shortcut: bool = True, *, rngs: nnx.Rngs):
+    def __init__(self, in_features: int, out_features: int, repeats: int, shortcut: bool = True, *, rngs: nnx.Rngs):
         hidden = out_features // 2
         self.cv1 = Conv(in_features, hidden, 1, rngs=rngs)
         self.cv2 = Conv(in_features, hidden, 1, rngs=rngs)
         self.cv3 = Conv(2 * hidden, out_features, 1, rngs=rngs)
-        self.m = nnx.List([Bottleneck(hidden, hidden, shortcut, rngs=rngs)
-                           for _ in range(repeats)])
+        self.m = nnx.List([Bottleneck(hidden, hidden, shortcut, rngs=rngs) for _ in range(repeats)])
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = self.cv1(x)
@@ -146,15 +147,13 @@ class C3(nnx.Module):
 
 def _max_pool_same(x: jax.Array, k: int) -> jax.Array:
     p = k // 2
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, k, k, 1), (1, 1, 1, 1),
-                                 ((0, 0), (p, p), (p, p), (0, 0)))
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, k, k, 1), (1, 1, 1, 1), ((0, 0), (p, p), (p, p), (0, 0)))
 
 
 class SPPF(nnx.Module):
     """Spatial pyramid pooling, fast: three chained k x k max-pools, concatenated."""
 
-    def __init__(self, in_features: int, out_features: int, k: int = 5, *,
-                 rngs: nnx.Rngs):
+    def __init__(self, in_features: int, out_features: int, k: int = 5, *, rngs: nnx.Rngs):
         hidden = in_features // 2
         self.cv1 = Conv(in_features, hidden, 1, rngs=rngs)
         self.cv2 = Conv(4 * hidden, out_features, 1, rngs=rngs)
@@ -184,8 +183,7 @@ class Concat(nnx.Module):
 class HeadConv(nnx.Module):
     """1x1 convolution with bias; one per detection scale."""
 
-    def __init__(self, in_features: int, out_features: int, bias_prior: np.ndarray, *,
-                 rngs: nnx.Rngs):
+    def __init__(self, in_features: int, out_features: int, bias_prior: np.ndarray, *, rngs: nnx.Rngs):
         self.kernel = nnx.Param(torch_default_init(rngs.params(), (1, 1, in_features, out_features)))
         bound = 1 / math.sqrt(in_features)
         noise = jax.random.uniform(rngs.params(), (out_features,), minval=-bound, maxval=bound)
@@ -193,8 +191,7 @@ class HeadConv(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # float32 out: box regression, objectness and class logits feed the losses.
-        return jnp.dot(x, self.kernel[0, 0].astype(x.dtype),
-                       preferred_element_type=jnp.float32) + self.bias[...]
+        return jnp.dot(x, self.kernel[0, 0].astype(x.dtype), preferred_element_type=jnp.float32) + self.bias[...]
 
 
 class Detect(nnx.Module):
@@ -204,8 +201,7 @@ class Detect(nnx.Module):
     (about 8 objects per 640 px image) and classes log(0.6 / (nc - 0.99999)).
     """
 
-    def __init__(self, in_features: tuple[int, ...], num_classes: int,
-                 num_anchors: int, *, rngs: nnx.Rngs):
+    def __init__(self, in_features: tuple[int, ...], num_classes: int, num_anchors: int, *, rngs: nnx.Rngs):
         self.num_classes = num_classes
         self.num_anchors = num_anchors
         no = NUM_OUTPUTS_PER_ANCHOR + num_classes
@@ -234,11 +230,11 @@ class YOLOv5(nnx.Module):
     the activation dtype (`layers.compute_dtype`); head outputs are float32.
     """
 
-    def __init__(self, scale: str, num_classes: int, *, rngs: nnx.Rngs, dtype='float32'):
+    def __init__(self, scale: str, num_classes: int, *, rngs: nnx.Rngs, dtype="float32"):
         if scale not in SCALES:
-            raise ValueError(f'Unknown YOLOv5 scale {scale!r}; choose from {list(SCALES)}.')
+            raise ValueError(f"Unknown YOLOv5 scale {scale!r}; choose from {list(SCALES)}.")
         if num_classes < 1:
-            raise ValueError(f'num_classes must be >= 1, got {num_classes}.')
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
         depth, width = SCALES[scale]
         self.dtype = layers.compute_dtype(dtype)
         self.scale = scale
@@ -249,24 +245,23 @@ class YOLOv5(nnx.Module):
         built, sources = [], []
         for source, repeats, kind, args in _ARCH:
             cin = channels[-1]
-            if kind == 'Conv':
+            if kind == "Conv":
                 cout = make_divisible(args[0] * width)
                 module = Conv(cin, cout, *args[1:], rngs=rngs)
-            elif kind == 'C3':
+            elif kind == "C3":
                 cout = make_divisible(args[0] * width)
                 module = C3(cin, cout, scaled_depth(repeats, depth), *args[1:], rngs=rngs)
-            elif kind == 'SPPF':
+            elif kind == "SPPF":
                 cout = make_divisible(args[0] * width)
                 module = SPPF(cin, cout, args[1], rngs=rngs)
-            elif kind == 'Upsample':
+            elif kind == "Upsample":
                 cout, module = cin, Upsample()
-            elif kind == 'Concat':
+            elif kind == "Concat":
                 cout = sum(channels[-1] if j == -1 else channels[j + 1] for j in source)
                 module = Concat()
             else:  # Detect
                 cout = None
-                module = Detect(tuple(channels[j + 1] for j in source), num_classes,
-                                len(ANCHORS[0]), rngs=rngs)
+                module = Detect(tuple(channels[j + 1] for j in source), num_classes, len(ANCHORS[0]), rngs=rngs)
             built.append(module)
             sources.append(source)
             channels.append(cout)
@@ -276,7 +271,7 @@ class YOLOv5(nnx.Module):
     def __call__(self, x: jax.Array) -> list[jax.Array]:
         h, w = x.shape[1:3]
         if h % STRIDES[-1] or w % STRIDES[-1]:
-            raise ValueError(f'Image sides must be multiples of {STRIDES[-1]}, got {h}x{w}.')
+            raise ValueError(f"Image sides must be multiples of {STRIDES[-1]}, got {h}x{w}.")
         x = x.astype(self.dtype)
         outputs = []
         for source, layer in zip(self.sources, self.layers):
@@ -288,14 +283,13 @@ class YOLOv5(nnx.Module):
         return x
 
 
-def yolov5(scale: str, num_classes: int, *, rngs: nnx.Rngs, dtype='float32') -> YOLOv5:
+def yolov5(scale: str, num_classes: int, *, rngs: nnx.Rngs, dtype="float32") -> YOLOv5:
     """YOLOv5{n,s,m,l,x}; at 80 classes 1,872,157 / 7,235,389 / 21,190,557 /
     46,563,709 / 86,749,405 parameters, as torch counts them."""
     return YOLOv5(scale, num_classes, rngs=rngs, dtype=dtype)
 
 
-def decode(outputs: list[jax.Array], anchors=ANCHORS, strides=STRIDES
-           ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def decode(outputs: list[jax.Array], anchors=ANCHORS, strides=STRIDES) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Raw head outputs -> (boxes [B, N, 4] xywh pixels, objectness [B, N], class probabilities [B, N, nc]).
 
     YOLOv5's inference transform: sigmoid everywhere, centre
@@ -308,12 +302,11 @@ def decode(outputs: list[jax.Array], anchors=ANCHORS, strides=STRIDES
     for out, anchor, stride in zip(outputs, anchors, strides, strict=True):
         b, h, w = out.shape[:3]
         p = jax.nn.sigmoid(out.astype(jnp.float32))
-        rows, cols = jnp.meshgrid(jnp.arange(h), jnp.arange(w), indexing='ij')
+        rows, cols = jnp.meshgrid(jnp.arange(h), jnp.arange(w), indexing="ij")
         cell = jnp.stack([cols, rows], axis=-1)[None, :, :, None, :].astype(jnp.float32)
         xy = (p[..., :2] * 2 - 0.5 + cell) * stride
         wh = (p[..., 2:4] * 2) ** 2 * anchor
         boxes.append(jnp.concatenate([xy, wh], axis=-1).reshape(b, -1, 4))
         objectness.append(p[..., 4].reshape(b, -1))
         classes.append(p[..., 5:].reshape(b, -1, out.shape[-1] - 5))
-    return (jnp.concatenate(boxes, axis=1), jnp.concatenate(objectness, axis=1),
-            jnp.concatenate(classes, axis=1))
+    return (jnp.concatenate(boxes, axis=1), jnp.concatenate(objectness, axis=1), jnp.concatenate(classes, axis=1))

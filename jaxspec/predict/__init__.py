@@ -52,8 +52,10 @@ def read_spec(directory: str | pathlib.Path) -> dict:
         raise UserError(f"model directory {directory} does not exist")
     path = directory / "model.json"
     if not path.exists():
-        raise UserError(f"{directory} is not an exported jaxspec model (no model.json) nor a routed system "
-                        f"(no {GENERALIST}/model.json)")
+        raise UserError(
+            f"{directory} is not an exported jaxspec model (no model.json) nor a routed system "
+            f"(no {GENERALIST}/model.json)"
+        )
     try:
         spec = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -63,8 +65,10 @@ def read_spec(directory: str | pathlib.Path) -> dict:
         raise UserError(f"{directory} is not a complete export: {problem}")
     missing = [k for k in ("preprocess", "classes") if k not in spec]
     if missing:
-        raise UserError(f"{path} has no {missing[0]!r} record (exported by an older jaxspec); rerun the command "
-                        "that trained it on the same workdir to add it")
+        raise UserError(
+            f"{path} has no {missing[0]!r} record (exported by an older jaxspec); rerun the command "
+            "that trained it on the same workdir to add it"
+        )
     return spec
 
 
@@ -90,8 +94,10 @@ def _as_uint8(array: np.ndarray, index: int) -> np.ndarray:
     if np.issubdtype(array.dtype, np.floating):
         lo, hi = float(array.min()), float(array.max())
         if lo < 0 or hi > 1:
-            raise UserError(f"image {index} is {array.dtype} with values in [{lo:g}, {hi:g}]; float images must "
-                            "lie in [0, 1] (or pass uint8)")
+            raise UserError(
+                f"image {index} is {array.dtype} with values in [{lo:g}, {hi:g}]; float images must "
+                "lie in [0, 1] (or pass uint8)"
+            )
         return np.round(array * 255).astype(np.uint8)
     raise UserError(f"image {index} has dtype {array.dtype}; expected uint8 or float in [0, 1]")
 
@@ -153,7 +159,7 @@ def _batched(fn, inputs: np.ndarray, batch_size: int, mesh) -> dict[str, np.ndar
     of its last image; outputs of the padding are dropped."""
     outs = []
     for start in range(0, len(inputs), batch_size):
-        chunk = inputs[start:start + batch_size]
+        chunk = inputs[start : start + batch_size]
         real = len(chunk)
         if real < batch_size:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - real, axis=0)])
@@ -230,8 +236,10 @@ def routed_members(directory: pathlib.Path, specialists: Sequence[str] | None = 
     pre = members[GENERALIST].spec["preprocess"]
     for name in names:
         if members[name].spec["preprocess"] != pre:
-            raise UserError(f"specialist {name!r} was fed differently from the generalist: "
-                            f"{members[name].spec['preprocess']} vs {pre}")
+            raise UserError(
+                f"specialist {name!r} was fed differently from the generalist: "
+                f"{members[name].spec['preprocess']} vs {pre}"
+            )
     return members
 
 
@@ -239,11 +247,18 @@ def build_routed(directory: pathlib.Path, members: dict[str, Member], mesh=None)
     """`route.build_routed` over `routed_members`; overlapping groups are the user's to resolve."""
     pre, specs = members[GENERALIST].spec["preprocess"], [m for n, m in members.items() if n != GENERALIST]
     try:
-        return route.build_routed(members[GENERALIST].model, [m.model for m in specs], [m.classes for m in specs],
-                                  mean=pre["mean"], std=pre["std"], mesh=mesh)
+        return route.build_routed(
+            members[GENERALIST].model,
+            [m.model for m in specs],
+            [m.classes for m in specs],
+            mean=pre["mean"],
+            std=pre["std"],
+            mesh=mesh,
+        )
     except ValueError as e:
-        raise UserError(f"{directory}: {e}; choose specialists whose groups do not overlap "
-                        "(specialists=, --specialists=)") from None
+        raise UserError(
+            f"{directory}: {e}; choose specialists whose groups do not overlap (specialists=, --specialists=)"
+        ) from None
 
 
 class Classifier:
@@ -267,8 +282,9 @@ class Classifier:
     def __call__(self, images, *, top_k: int = 5) -> Classification:
         ims = load_images(images, self.preprocess["channels"])
         batch = _batch_size(self.batch_size, len(ims), self.mesh.size)
-        probs = _batched(lambda im: self._forward(self._weights, im), _eval_batch(ims, self.preprocess), batch,
-                         self.mesh)["probabilities"]
+        probs = _batched(
+            lambda im: self._forward(self._weights, im), _eval_batch(ims, self.preprocess), batch, self.mesh
+        )["probabilities"]
         order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
         top = [[(self.names[j], float(p[j])) for j in row] for p, row in zip(probs, order)]
         return Classification(probs, self.names, self.classes, top)
@@ -287,20 +303,34 @@ class RoutedClassifier:
     def __call__(self, images) -> RoutedClassification:
         ims = load_images(images, self.preprocess["channels"])
         batch = _batch_size(self.batch_size, len(ims), self.mesh.size)
-        out = _batched(lambda im: {k: v for k, v in self.system.predict(im).items() if k != "chunks"},
-                       _eval_batch(ims, self.preprocess), batch, self.mesh)
+        out = _batched(
+            lambda im: {k: v for k, v in self.system.predict(im).items() if k != "chunks"},
+            _eval_batch(ims, self.preprocess),
+            batch,
+            self.mesh,
+        )
         deciders = [self.specialist_names[g] if used else None for g, used in zip(out["group"], out["used_specialist"])]
         names = [self.class_names[c] for c in out["pred"]]
-        return RoutedClassification(out["pred"], names, out["generalist_pred"],
-                                    [self.class_names[c] for c in out["generalist_pred"]], deciders)
+        return RoutedClassification(
+            out["pred"], names, out["generalist_pred"], [self.class_names[c] for c in out["generalist_pred"]], deciders
+        )
 
 
 class Detector:
     """One exported YOLOv5 detector: letterbox, detect + NMS (YOLOv5 detect.py's single-label
     defaults), boxes mapped back to each image (`augment.unletterbox`)."""
 
-    def __init__(self, directory: pathlib.Path, spec: dict, *, batch_size: int, mesh, conf_thres: float,
-                 iou_thres: float, max_det: int):
+    def __init__(
+        self,
+        directory: pathlib.Path,
+        spec: dict,
+        *,
+        batch_size: int,
+        mesh,
+        conf_thres: float,
+        iou_thres: float,
+        max_det: int,
+    ):
         entries = spec["classes"]
         self.classes = np.asarray([e["class"] for e in entries])
         self.names = [e["name"] for e in entries]
@@ -312,9 +342,18 @@ class Detector:
 
         @jax.jit
         def forward(weights, images):
-            found = det_train.detect(modeldef.merge(*weights), images, keep, mean=pre["mean"], std=pre["std"],
-                                     conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det, max_nms=30000,
-                                     multi_label=False)
+            found = det_train.detect(
+                modeldef.merge(*weights),
+                images,
+                keep,
+                mean=pre["mean"],
+                std=pre["std"],
+                conf_thres=conf_thres,
+                iou_thres=iou_thres,
+                max_det=max_det,
+                max_nms=30000,
+                multi_label=False,
+            )
             return found._asdict()
 
         self._forward = forward
@@ -329,14 +368,27 @@ class Detector:
         for i, (im, (_, _, scale, pad)) in enumerate(zip(ims, boxed)):
             valid = found["valid"][i]
             outputs = found["classes"][i][valid]
-            out.append(Detections(det_augment.unletterbox(found["boxes"][i][valid], scale, pad, im.shape[:2]),
-                                  found["scores"][i][valid], self.classes[outputs],
-                                  [self.names[j] for j in outputs]))
+            out.append(
+                Detections(
+                    det_augment.unletterbox(found["boxes"][i][valid], scale, pad, im.shape[:2]),
+                    found["scores"][i][valid],
+                    self.classes[outputs],
+                    [self.names[j] for j in outputs],
+                )
+            )
         return out
 
 
-def load(model_dir: str | os.PathLike, *, batch_size: int = 64, specialists: Sequence[str] | None = None,
-         conf_thres: float = 0.25, iou_thres: float = 0.45, max_det: int = 300, mesh=None):
+def load(
+    model_dir: str | os.PathLike,
+    *,
+    batch_size: int = 64,
+    specialists: Sequence[str] | None = None,
+    conf_thres: float = 0.25,
+    iou_thres: float = 0.45,
+    max_det: int = 300,
+    mesh=None,
+):
     """The predictor for `model_dir` (see the module docstring), compiled on first use; reuse it to
     predict many times. `specialists` picks a routed system's specialists (default: all of them)."""
     directory = pathlib.Path(model_dir).absolute()
@@ -345,13 +397,28 @@ def load(model_dir: str | os.PathLike, *, batch_size: int = 64, specialists: Seq
         return RoutedClassifier(directory, specialists, batch_size=batch_size, mesh=mesh)
     spec = read_spec(directory)
     if spec["name"].startswith("yolov5"):
-        return Detector(directory, spec, batch_size=batch_size, mesh=mesh, conf_thres=conf_thres,
-                        iou_thres=iou_thres, max_det=max_det)
+        return Detector(
+            directory,
+            spec,
+            batch_size=batch_size,
+            mesh=mesh,
+            conf_thres=conf_thres,
+            iou_thres=iou_thres,
+            max_det=max_det,
+        )
     return Classifier(directory, spec, batch_size=batch_size, mesh=mesh)
 
 
-def predict(model_dir: str | os.PathLike, images, *, top_k: int = 5, batch_size: int = 64,
-            specialists: Sequence[str] | None = None, conf_thres: float = 0.25, iou_thres: float = 0.45):
+def predict(
+    model_dir: str | os.PathLike,
+    images,
+    *,
+    top_k: int = 5,
+    batch_size: int = 64,
+    specialists: Sequence[str] | None = None,
+    conf_thres: float = 0.25,
+    iou_thres: float = 0.45,
+):
     """Applies the model (or routed system) in `model_dir` to `images`.
 
     `images`: a path, a PIL image or a NumPy array (HW / HWC one image, NHW / NHWC a batch), or a list of
@@ -359,8 +426,9 @@ def predict(model_dir: str | os.PathLike, images, *, top_k: int = 5, batch_size:
     `RoutedClassification`, or one `Detections` per image (boxes above `conf_thres` after NMS at
     `iou_thres`).
     """
-    predictor = load(model_dir, batch_size=batch_size, specialists=specialists, conf_thres=conf_thres,
-                     iou_thres=iou_thres)
+    predictor = load(
+        model_dir, batch_size=batch_size, specialists=specialists, conf_thres=conf_thres, iou_thres=iou_thres
+    )
     return predictor(images, top_k=top_k) if isinstance(predictor, Classifier) else predictor(images)
 
 
@@ -378,6 +446,8 @@ def format_result(labels: Sequence[str], result) -> str:
     else:
         for label, det in zip(labels, result):
             lines.append(f"{label}: {len(det.scores)} detection(s)")
-            lines += [f"  {name:<24} {score:6.3f}  [{', '.join(f'{v:.1f}' for v in box)}]"
-                      for name, score, box in zip(det.names, det.scores, det.boxes)]
+            lines += [
+                f"  {name:<24} {score:6.3f}  [{', '.join(f'{v:.1f}' for v in box)}]"
+                for name, score, box in zip(det.names, det.scores, det.boxes)
+            ]
     return "\n".join(lines)

@@ -4,8 +4,12 @@ from absl import flags
 
 from jaxspec.cli import UserError, run_main, start
 
-_MODEL = flags.DEFINE_string("model", None, "An exported model directory (WORKDIR/models/specialist) or a routed "
-                             "system's (WORKDIR/models: generalist/ beside specialist directories).")
+_MODEL = flags.DEFINE_string(
+    "model",
+    None,
+    "An exported model directory (WORKDIR/models/specialist) or a routed "
+    "system's (WORKDIR/models: generalist/ beside specialist directories).",
+)
 _TOP_K = flags.DEFINE_integer("top_k", 5, "Classes shown per image (classifiers).", lower_bound=1)
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Images per compiled batch.", lower_bound=1)
 _SPECIALISTS = flags.DEFINE_list("specialists", [], "A routed system's specialists to use (default: all).")
@@ -20,8 +24,15 @@ def main(argv):
         raise UserError("name at least one image: python -m jaxspec.predict --model=DIR IMAGE...")
     from jaxspec.predict import format_result, predict
 
-    result = predict(_MODEL.value, argv[1:], top_k=_TOP_K.value, batch_size=_BATCH.value,
-                             specialists=_SPECIALISTS.value or None, conf_thres=_CONF.value, iou_thres=_IOU.value)
+    result = predict(
+        _MODEL.value,
+        argv[1:],
+        top_k=_TOP_K.value,
+        batch_size=_BATCH.value,
+        specialists=_SPECIALISTS.value or None,
+        conf_thres=_CONF.value,
+        iou_thres=_IOU.value,
+    )
     print(format_result(argv[1:], result))
 
 

@@ -23,8 +23,9 @@ from jaxspec.models import layers
 from jaxspec.train.state import ModelDef, TrainState
 
 
-def reestimate(modeldef: ModelDef, state: TrainState, batches: Iterable[dict], *, mesh: jax.sharding.Mesh,
-               mean, std) -> TrainState:
+def reestimate(
+    modeldef: ModelDef, state: TrainState, batches: Iterable[dict], *, mesh: jax.sharding.Mesh, mean, std
+) -> TrainState:
     """`state` with its BatchNorm statistics replaced by the mean over `batches` of the batch statistics.
 
     `batches` are dicts with an `image` array (uint8 NHWC, the global batch of
@@ -48,8 +49,10 @@ def reestimate(modeldef: ModelDef, state: TrainState, batches: Iterable[dict], *
     total, count, padded = None, 0, None
     for batch in batches:
         if "mask" in batch and batch["mask"].shape != batch["image"].shape[:1]:
-            raise ValueError(f"BatchNorm re-estimation: batch 'mask' has shape {batch['mask'].shape}; "
-                             f"expected one flag per image, shape {batch['image'].shape[:1]}")
+            raise ValueError(
+                f"BatchNorm re-estimation: batch 'mask' has shape {batch['mask'].shape}; "
+                f"expected one flag per image, shape {batch['image'].shape[:1]}"
+            )
         if "mask" in batch and not batch["mask"].all():
             padded = padded or batch
             continue
@@ -62,6 +65,7 @@ def reestimate(modeldef: ModelDef, state: TrainState, batches: Iterable[dict], *
             raise ValueError("BatchNorm re-estimation got no batches")
         images = sharding.put_batch({"image": padded["image"]}, mesh)["image"]
         total, count = batch_statistics(state.params, state.batch_stats, images), 1
-    averaged = jax.tree.map(lambda t, old: jax.device_put((t / count).astype(old.dtype), old.sharding), total,
-                            state.batch_stats)
+    averaged = jax.tree.map(
+        lambda t, old: jax.device_put((t / count).astype(old.dtype), old.sharding), total, state.batch_stats
+    )
     return state.replace(batch_stats=averaged)

@@ -25,8 +25,11 @@ CHECKSUMS = "jaxspec_checksums.json"
 
 
 def _step_dirs(directory: pathlib.Path) -> list[int]:
-    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()) \
-        if directory.is_dir() else []
+    return (
+        sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+        if directory.is_dir()
+        else []
+    )
 
 
 def step_problem(step_dir: pathlib.Path) -> str:
@@ -50,8 +53,14 @@ class Checkpointer:
     `workdir.claim_phase`) ties the directory to the phase that made it.
     """
 
-    def __init__(self, directory: str | pathlib.Path, *, max_to_keep: int = 2, fingerprint: dict | None = None,
-                 overwrite: bool = False):
+    def __init__(
+        self,
+        directory: str | pathlib.Path,
+        *,
+        max_to_keep: int = 2,
+        fingerprint: dict | None = None,
+        overwrite: bool = False,
+    ):
         self.directory = pathlib.Path(directory).absolute()
         if fingerprint is not None:
             workdir.claim_phase(self.directory, fingerprint, overwrite=overwrite)
@@ -148,9 +157,7 @@ def _free_name(path: pathlib.Path) -> pathlib.Path:
 
 def abstract_like(state: TrainState) -> TrainState:
     """Shapes, dtypes and shardings of `state`, without its values."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-    )
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
 
 def classes_record(output_classes, class_names) -> list[dict]:
@@ -189,14 +196,20 @@ def export_model(directory: str | pathlib.Path, model, info: dict, *, preprocess
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(tmp / "weights", {"params": params, "batch_stats": batch_stats})
     checkpointer.wait_until_finished()
-    spec = {**models.describe(model), **info, **records, "weights_digest": digest,
-            "weights_files": files.tree_digest(tmp / "weights")}
+    spec = {
+        **models.describe(model),
+        **info,
+        **records,
+        "weights_digest": digest,
+        "weights_files": files.tree_digest(tmp / "weights"),
+    }
     files.write_json(tmp / "model.json", spec, indent=1)
     if directory.exists():
         problem = export_problem(directory, digest)
         moved = workdir.set_aside(directory)
-        workdir.warn(f"export {directory.name!r} did not match the trained model ({problem}); moved it aside to "
-                     f"{moved.name}")
+        workdir.warn(
+            f"export {directory.name!r} did not match the trained model ({problem}); moved it aside to {moved.name}"
+        )
     tmp.rename(directory)
 
 
@@ -221,9 +234,7 @@ def load_model(directory: str | pathlib.Path, dtype="float32"):
 
     directory = pathlib.Path(directory).absolute()
     if not (directory / "model.json").exists() or not (directory / "weights").exists():
-        raise FileNotFoundError(
-            f"{directory} is not an exported jaxspec model (expected model.json and weights/)"
-        )
+        raise FileNotFoundError(f"{directory} is not an exported jaxspec model (expected model.json and weights/)")
     spec = json.loads((directory / "model.json").read_text())
     model = models.from_spec(spec, rngs=nnx.Rngs(0), dtype=dtype)
     _, params, batch_stats, _ = nnx.split(model, nnx.Param, nnx.BatchStat, ...)

@@ -59,7 +59,17 @@ def open_context(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
         writer = metric_writers.MultiWriter([writer, history.JsonlWriter(workdir / "metrics.jsonl")])
     d = config.data
     train, val, test = (task.open_split(d, split) for split in (d.train_split, d.val_split, d.test_split))
-    return RunContext(config=config, workdir=workdir, mesh=sharding.make_mesh(fsdp=config.sharding.fsdp),
-                      writer=writer, task=task, train=train, val=val, test=test, info=train.info,
-                      stages=tuple(tuple(s) for s in parse_stages(config.specialize.subset, train.info)),
-                      groups=dict(train.info.groups), groupings={})
+    return RunContext(
+        config=config,
+        workdir=workdir,
+        mesh=sharding.make_mesh(fsdp=config.sharding.fsdp),
+        writer=writer,
+        task=task,
+        train=train,
+        val=val,
+        test=test,
+        info=train.info,
+        stages=tuple(tuple(s) for s in parse_stages(config.specialize.subset, train.info)),
+        groups=dict(train.info.groups),
+        groupings={},
+    )

@@ -41,21 +41,39 @@ class Member:
     seed: int
 
 
-def train_phase(ctx: RunContext, name: str, model: nnx.Module, source, val, phase, seed: int, *,
-                outputs: Outputs = Outputs(), task: Task | None = None,
-                extra_eval: Callable[[TrainState], dict] | None = None) -> tuple[ModelDef, TrainState]:
+def train_phase(
+    ctx: RunContext,
+    name: str,
+    model: nnx.Module,
+    source,
+    val,
+    phase,
+    seed: int,
+    *,
+    outputs: Outputs = Outputs(),
+    task: Task | None = None,
+    extra_eval: Callable[[TrainState], dict] | None = None,
+) -> tuple[ModelDef, TrainState]:
     """Trains `model` on `source` for `phase.steps` (validating on `val` every `eval.every_steps`),
     checkpointing under workdir/checkpoints/<name>: a started phase resumes, a finished one only restores.
 
     `outputs` says which outputs are scored (output suppression); `task`
     defaults to the run's. `extra_eval(state) -> {name: value}` adds values to each validation.
     """
-    return train_together(ctx, [Member(name, model, source, val, seed)], phase, outputs=outputs, task=task,
-                          extra_eval=extra_eval)[0]
+    return train_together(
+        ctx, [Member(name, model, source, val, seed)], phase, outputs=outputs, task=task, extra_eval=extra_eval
+    )[0]
 
 
-def train_together(ctx: RunContext, members: Sequence[Member], phase, *, outputs: Outputs = Outputs(),
-                   task: Task | None = None, extra_eval: Callable | None = None) -> list[tuple[ModelDef, TrainState]]:
+def train_together(
+    ctx: RunContext,
+    members: Sequence[Member],
+    phase,
+    *,
+    outputs: Outputs = Outputs(),
+    task: Task | None = None,
+    extra_eval: Callable | None = None,
+) -> list[tuple[ModelDef, TrainState]]:
     """`train_phase` for each member, all K in one vmapped step when K > 1; one (ModelDef, state) per member,
     replicated on `ctx.mesh` (or placed as `sharding.fsdp` says, for K = 1)."""
     task = task or ctx.task
@@ -71,27 +89,46 @@ def train_together(ctx: RunContext, members: Sequence[Member], phase, *, outputs
     place = sharding.place_state if len(members) == 1 else sharding.replicate
     states = [place(s, ctx.mesh) for _, s in created]
     iters = [task.train_iterator(ctx, m.source, phase.batch_size, m.seed) for m in members]
-    ckpts = [checkpoint.Checkpointer(
-        ctx.workdir / "checkpoints" / m.name, overwrite=cfg.get("overwrite", False),
-        fingerprint=workdir.phase_fingerprint(phase=phase, seed=m.seed, data_cfg=cfg.data, source=m.source, start=w,
-                                              spec=models.describe(m.model),
-                                              **task.fingerprint(ctx, phase, outputs)))
-        for m, w in zip(members, wrapped)]
+    ckpts = [
+        checkpoint.Checkpointer(
+            ctx.workdir / "checkpoints" / m.name,
+            overwrite=cfg.get("overwrite", False),
+            fingerprint=workdir.phase_fingerprint(
+                phase=phase,
+                seed=m.seed,
+                data_cfg=cfg.data,
+                source=m.source,
+                start=w,
+                spec=models.describe(m.model),
+                **task.fingerprint(ctx, phase, outputs),
+            ),
+        )
+        for m, w in zip(members, wrapped)
+    ]
     states = _restore(members, ckpts, states, iters, phase.steps)
     if int(states[0].step) < phase.steps:
         step_fn = task.train_step(ctx, modeldef, tx, schedule, phase, outputs)
         validate = task.validator(ctx, modeldef, outputs)
         evals = cfg.eval.every_steps if any(m.val is not None for m in members) else 0
-        common = dict(num_steps=phase.steps, batch_size=phase.batch_size, writer=ctx.writer,
-                      log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, eval_every=evals)
+        common = dict(
+            num_steps=phase.steps,
+            batch_size=phase.batch_size,
+            writer=ctx.writer,
+            log_every=cfg.log_every,
+            checkpoint_every=cfg.checkpoint_every,
+            eval_every=evals,
+        )
         if len(members) == 1:
             jitted = steps.jit_train_step(step_fn, ctx.mesh, sharding.state_shardings(states[0], ctx.mesh))
 
             def eval_fn(s):
                 return {**validate(s, first.val), **(extra_eval(s) if extra_eval else {})}
 
-            states = [loop.fit(first.name, states[0], jitted, iters[0], mesh=ctx.mesh, ckpt=ckpts[0],
-                               eval_fn=eval_fn, **common)]
+            states = [
+                loop.fit(
+                    first.name, states[0], jitted, iters[0], mesh=ctx.mesh, ckpt=ckpts[0], eval_fn=eval_fn, **common
+                )
+            ]
         else:
             smesh = sharding.spec_mesh(len(members), ctx.mesh.devices.flat)
             st = sharding.stacked_sharding(smesh)
@@ -100,8 +137,17 @@ def train_together(ctx: RunContext, members: Sequence[Member], phase, *, outputs
             def eval_fn(s):
                 return [validate(sharding.replicate(unstack(s, i), ctx.mesh), m.val) for i, m in enumerate(members)]
 
-            stacked = loop.fit(f"{len(members)} specialists", jax.device_put(stack(states), st), jitted, iters,
-                               mesh=smesh, ckpt=ckpts, eval_fn=eval_fn, members=[m.name for m in members], **common)
+            stacked = loop.fit(
+                f"{len(members)} specialists",
+                jax.device_put(stack(states), st),
+                jitted,
+                iters,
+                mesh=smesh,
+                ckpt=ckpts,
+                eval_fn=eval_fn,
+                members=[m.name for m in members],
+                **common,
+            )
             states = [sharding.replicate(unstack(stacked, i), ctx.mesh) for i in range(len(members))]
     for c in ckpts:
         c.close()
@@ -113,8 +159,14 @@ def final_bn_stats(ctx: RunContext, task: Task, modeldef: ModelDef, state: Train
     `phase.reestimate_bn` (models trained from scratch, whose running averages lag the weights)."""
     if not phase.get("reestimate_bn", False):
         return state
-    return batchnorm.reestimate(modeldef, state, task.eval_iterator(ctx, source, phase.batch_size), mesh=ctx.mesh,
-                                mean=ctx.info.mean, std=ctx.info.std)
+    return batchnorm.reestimate(
+        modeldef,
+        state,
+        task.eval_iterator(ctx, source, phase.batch_size),
+        mesh=ctx.mesh,
+        mean=ctx.info.mean,
+        std=ctx.info.std,
+    )
 
 
 def _check_members(members: Sequence[Member]) -> None:
@@ -124,11 +176,15 @@ def _check_members(members: Sequence[Member]) -> None:
     if len(members) > 1:
         groups = group_by_structure([m.model for m in members])
         if len(groups) > 1:
-            detail = "; ".join(f"{[names[i] for i in g]}: "
-                               f"{getattr(getattr(members[g[0]].model, 'head', None), 'out_features', '?')} outputs"
-                               for g in groups)
-            raise ValueError("Specialists trained together must share one architecture and head size; got groups "
-                             f"{detail}. Train each group separately (see group_by_structure).")
+            detail = "; ".join(
+                f"{[names[i] for i in g]}: "
+                f"{getattr(getattr(members[g[0]].model, 'head', None), 'out_features', '?')} outputs"
+                for g in groups
+            )
+            raise ValueError(
+                "Specialists trained together must share one architecture and head size; got groups "
+                f"{detail}. Train each group separately (see group_by_structure)."
+            )
 
 
 def group_by_structure(modules: Sequence[nnx.Module]) -> list[list[int]]:
@@ -154,6 +210,7 @@ def _restore(members, ckpts, states, iters, total: int) -> list[TrainState]:
             raise ValueError(
                 f"Cannot resume the specialists together: {m.name!r} has no checkpoint at step {step} "
                 f"(latest steps {dict(zip([m.name for m in members], latest))}); they were trained apart since. "
-                "Continue them separately or remove the newer checkpoints.") from None
+                "Continue them separately or remove the newer checkpoints."
+            ) from None
         loop.announce_restore(m.name, step, total)
     return restored

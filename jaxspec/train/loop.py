@@ -56,8 +56,7 @@ class Progress:
         eta = (self.total - step) * self.batch_size / rate if rate else float("nan")
         extra = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         line = (
-            f"[{self.name}] step {step}/{self.total}  {extra}  {rate:,.0f} img/s  "
-            f"ETA {_fmt_time(eta) if rate else '?'}"
+            f"[{self.name}] step {step}/{self.total}  {extra}  {rate:,.0f} img/s  ETA {_fmt_time(eta) if rate else '?'}"
         )
         self._stream.write(("\r" + line + "\033[K") if self._tty else line + "\n")
         self._stream.flush()
@@ -67,7 +66,9 @@ class Progress:
         if jax.process_index():
             return
         text = "  ".join(f"{k} {v:.4g}" for k, v in values.items())
-        self._stream.write(("\r" if self._tty else "") + f"[{self.name}] step {step}  {text}" + ("\033[K\n" if self._tty else "\n"))
+        self._stream.write(
+            ("\r" if self._tty else "") + f"[{self.name}] step {step}  {text}" + ("\033[K\n" if self._tty else "\n")
+        )
         self._stream.flush()
 
     def close(self) -> None:
@@ -80,16 +81,23 @@ def last_good(ckpts: list[Checkpointer]) -> str:
     out = []
     for c in ckpts:
         step = c.last_good_step()
-        out.append(f"{c.directory.name}: no checkpoint verifies, a rerun starts the phase over" if step is None
-                   else f"{c.directory.name}: step {step} verified, a rerun resumes there")
+        out.append(
+            f"{c.directory.name}: no checkpoint verifies, a rerun starts the phase over"
+            if step is None
+            else f"{c.directory.name}: step {step} verified, a rerun resumes there"
+        )
     return "; ".join(out)
 
 
 def _check_finite(step: int, metrics: dict, names: Sequence[str], ckpts: Sequence[Checkpointer]) -> None:
     bad = {k: v.tolist() for k, v in metrics.items() if k in ("loss", "grad_norm") and not np.all(np.isfinite(v))}
     if bad:
-        who = "" if len(names) == 1 else " for specialists " + str(
-            [n for i, n in enumerate(names) if not all(np.isfinite(v[i]) for v in bad.values())])
+        who = (
+            ""
+            if len(names) == 1
+            else " for specialists "
+            + str([n for i, n in enumerate(names) if not all(np.isfinite(v[i]) for v in bad.values())])
+        )
         raise FloatingPointError(f"Non-finite {bad}{who} at step {step}; stopping ({last_good(ckpts)}).")
 
 
@@ -167,8 +175,9 @@ def fit(
             values = values if stacked else [values]
             for member, v in zip(names, values):
                 writer.write_scalars(step, {f"{member}/{k}": x for k, x in v.items()})
-            progress.note(step, values[0] if not stacked else
-                          {f"{m}/{k}": x for m, v in zip(names, values) for k, x in v.items()})
+            progress.note(
+                step, values[0] if not stacked else {f"{m}/{k}": x for m, v in zip(names, values) for k, x in v.items()}
+            )
     flush()
     progress.close()
     writer.flush()

@@ -67,19 +67,25 @@ def make_train_step(
             return loss, (logits, nnx.state(model, nnx.BatchStat))
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        return apply_gradients(state, tx, schedule, grads, batch_stats, loss=loss,
-                               accuracy=accuracy(logits, batch["label"]))
+        return apply_gradients(
+            state, tx, schedule, grads, batch_stats, loss=loss, accuracy=accuracy(logits, batch["label"])
+        )
 
     return train_step
 
 
-def apply_gradients(state: TrainState, tx: optax.GradientTransformation, schedule: optax.Schedule, grads,
-                    batch_stats, **metrics) -> tuple[TrainState, dict]:
+def apply_gradients(
+    state: TrainState, tx: optax.GradientTransformation, schedule: optax.Schedule, grads, batch_stats, **metrics
+) -> tuple[TrainState, dict]:
     """What every train step ends with: the optimizer update, the new BatchNorm statistics, and `metrics`
     (loss, accuracy, ...) with the gradient norm and the learning rate added."""
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                              batch_stats=batch_stats, opt_state=opt_state)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+    )
     return new_state, {**metrics, "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step)}
 
 
@@ -127,8 +133,9 @@ def make_eval_step(
             "class_top1": (onehot * top1_hit[:, None]).sum(0),
         }
         if confusion:
-            out["confusion"] = jnp.matmul(onehot.T, jax.nn.one_hot(top2[:, 0], logits.shape[-1]),
-                                          out_sharding=sharding.summed_over_rows(onehot))
+            out["confusion"] = jnp.matmul(
+                onehot.T, jax.nn.one_hot(top2[:, 0], logits.shape[-1]), out_sharding=sharding.summed_over_rows(onehot)
+            )
         if per_example:
             out["hits"], out["mask"] = top1_hit > 0, mask > 0
         return out
@@ -156,8 +163,12 @@ def jit_stacked_train_step(train_step, mesh: jax.sharding.Mesh):
     """Compiles `train_step` vmapped over K stacked states and [K, B, ...] batches on a `sharding.spec_mesh`:
     states split over 'spec' (and donated), batches over ('spec', 'data'); metrics come back with a leading K."""
     st = sharding.stacked_sharding(mesh)
-    return jax.jit(jax.vmap(train_step), in_shardings=(st, sharding.stacked_batch_sharding(mesh)),
-                   out_shardings=(st, st), donate_argnums=0)
+    return jax.jit(
+        jax.vmap(train_step),
+        in_shardings=(st, sharding.stacked_batch_sharding(mesh)),
+        out_shardings=(st, st),
+        donate_argnums=0,
+    )
 
 
 def jit_eval_step(eval_step, mesh: jax.sharding.Mesh, state_sharding=None):
@@ -167,5 +178,6 @@ def jit_eval_step(eval_step, mesh: jax.sharding.Mesh, state_sharding=None):
     `sharding.replicate`, split by `sharding.place_state`), so one evaluator
     serves states of any optimizer and layout without gathering them.
     """
-    return jax.jit(eval_step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-                   out_shardings=sharding.replicated(mesh))
+    return jax.jit(
+        eval_step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)), out_shardings=sharding.replicated(mesh)
+    )

@@ -40,8 +40,10 @@ class Outputs:
 
     @staticmethod
     def of(classes: Sequence[int] | None = None, columns: Sequence[int] | None = None) -> Outputs:
-        return Outputs(None if classes is None else tuple(int(c) for c in classes),
-                       None if columns is None else tuple(int(c) for c in columns))
+        return Outputs(
+            None if classes is None else tuple(int(c) for c in classes),
+            None if columns is None else tuple(int(c) for c in columns),
+        )
 
 
 class Task(Protocol):

@@ -38,10 +38,22 @@ from jaxspec import files
 from jaxspec.data import custom
 
 # Settings that change how a run is carried out or reported, never its numbers.
-IGNORED = frozenset({
-    "overwrite", "smoke", "log_every", "checkpoint_every", "eval.batch_size", "eval.every_steps",
-    "data.data_dir", "data.num_threads", "data.num_workers", "data.prefetch", "sharding.fsdp", "experiment.grid",
-})
+IGNORED = frozenset(
+    {
+        "overwrite",
+        "smoke",
+        "log_every",
+        "checkpoint_every",
+        "eval.batch_size",
+        "eval.every_steps",
+        "data.data_dir",
+        "data.num_threads",
+        "data.num_workers",
+        "data.prefetch",
+        "sharding.fsdp",
+        "experiment.grid",
+    }
+)
 # Keys added after workdirs were written, at the values that change nothing: left out of the records
 # there, so a workdir written before they existed still resumes.
 ADDED_DEFAULTS = {f"data.{k}": v for k, v in custom.DEFAULTS.items()}
@@ -84,8 +96,9 @@ def _jsonable(value):
 def determinants(config_dict: dict) -> dict:
     """The flat config without `IGNORED` keys (nor keys under them) and `ADDED_DEFAULTS`, JSON-normalized."""
     flat = _flat(_jsonable(config_dict))
-    return {k: v for k, v in flat.items()
-            if not any(k == i or k.startswith(i + ".") for i in IGNORED) and not _added(k, v)}
+    return {
+        k: v for k, v in flat.items() if not any(k == i or k.startswith(i + ".") for i in IGNORED) and not _added(k, v)
+    }
 
 
 def differing(old: dict, new: dict) -> list[str]:
@@ -127,8 +140,10 @@ def check_run(workdir: str | pathlib.Path, config_dict: dict, *, overwrite: bool
         if diff and not overwrite:
             raise WorkdirError(f"{workdir} holds a run with another config: {', '.join(diff)}; {_ways_out(workdir)}")
         if diff:
-            warn(f"--config.overwrite: the config differs ({', '.join(diff)}); phases made with other settings "
-                 "will be moved aside as they are reached")
+            warn(
+                f"--config.overwrite: the config differs ({', '.join(diff)}); phases made with other settings "
+                "will be moved aside as they are reached"
+            )
     if jax.process_index() == 0:
         files.write_json(record, want, indent=1)
 
@@ -171,8 +186,9 @@ def data_fingerprint(data_cfg: dict, source) -> dict:
     return out
 
 
-def phase_fingerprint(*, phase, seed: int, data_cfg, source, start, spec: dict, extendable: bool = False,
-                      **extra) -> dict:
+def phase_fingerprint(
+    *, phase, seed: int, data_cfg, source, start, spec: dict, extendable: bool = False, **extra
+) -> dict:
     """Everything that determines a training phase, as a flat JSON dict.
 
     `phase` is its config section, `start` the model (or weights pytree) it
@@ -182,8 +198,11 @@ def phase_fingerprint(*, phase, seed: int, data_cfg, source, start, spec: dict, 
     schedule), so a rerun with more steps continues the same phase.
     """
     section = phase.to_dict() if hasattr(phase, "to_dict") else dict(phase)
-    out = {f"phase.{k}": v for k, v in _flat(_jsonable(section)).items()
-           if not (extendable and k == "steps") and not _added(f"phase.{k}", v)}
+    out = {
+        f"phase.{k}": v
+        for k, v in _flat(_jsonable(section)).items()
+        if not (extendable and k == "steps") and not _added(f"phase.{k}", v)
+    }
     out["seed"] = int(seed)
     out.update(data_fingerprint(data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else data_cfg, source))
     out.update({f"model.{k}": v for k, v in _jsonable(spec).items()})
@@ -210,8 +229,10 @@ def claim_phase(directory: pathlib.Path, fingerprint: dict, *, overwrite: bool) 
         if not diff:
             return
         if not overwrite:
-            raise WorkdirError(f"phase {directory.name!r} in {directory.parent} was made by another setup: "
-                               f"{', '.join(diff)}; {_ways_out(directory.parent.parent)}")
+            raise WorkdirError(
+                f"phase {directory.name!r} in {directory.parent} was made by another setup: "
+                f"{', '.join(diff)}; {_ways_out(directory.parent.parent)}"
+            )
         moved = set_aside(directory)
         warn(f"--config.overwrite: moved phase {directory.name!r} aside to {moved.name} ({', '.join(diff)})")
     if jax.process_index() == 0:
@@ -235,14 +256,25 @@ class Lock:
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise WorkdirError(f"{self.path.parent} is in use by {_describe(holder)} (lock file {self.path}); "
-                               "wait for that run to end, or use another --workdir") from None
+            raise WorkdirError(
+                f"{self.path.parent} is in use by {_describe(holder)} (lock file {self.path}); "
+                "wait for that run to end, or use another --workdir"
+            ) from None
         stale = os.pread(fd, 4096, 0).decode(errors="replace").strip()
         if stale:
             warn(f"taking over the lock of {_describe(stale)}, which is no longer running")
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                  "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode(), 0)
+        os.pwrite(
+            fd,
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                }
+            ).encode(),
+            0,
+        )
         os.fsync(fd)
         self._fd = fd
 
