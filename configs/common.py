@@ -75,7 +75,9 @@ def phase(
     `freeze_bn_stats`: BatchNorm uses (and keeps) its running statistics;
     `reestimate_bn`: after training, BatchNorm's running statistics are
     recomputed for the final weights on the phase's data (on for models
-    trained from random init, whose running averages trail their weights).
+    trained from random init, whose running averages trail their weights);
+    `ema_decay` > 0: validate, evaluate and export a moving average of the
+    weights (`jaxspec.train.ema`; YOLOv5 uses 0.9999), ramped up over `ema_tau` steps.
     """
     return ml_collections.ConfigDict(
         dict(
@@ -86,6 +88,8 @@ def phase(
             freeze="",
             freeze_bn_stats=False,
             reestimate_bn=reestimate_bn,
+            ema_decay=0.0,
+            ema_tau=2000.0,
         )
     )
 

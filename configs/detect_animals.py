@@ -24,7 +24,9 @@ from jaxspec.detection.loss import DEFAULT_HYP
 def phase(*, batch_size: int, optim, epochs: float = 0.0, steps: int = 0) -> ml_collections.ConfigDict:
     """A detection training phase of `epochs` over its data (counted when the data are known), or of `steps`
     when epochs is 0. `freeze`: YOLOv5 layer ranges (`layers:10-12`) or regexes on parameter paths;
-    `freeze_bn_stats`: BatchNorm uses (and keeps) its running statistics."""
+    `freeze_bn_stats`: BatchNorm uses (and keeps) its running statistics; `reestimate_bn`: BatchNorm statistics
+    recomputed for the final weights; `ema_decay` > 0: a moving average of the weights is validated, evaluated and
+    exported (YOLOv5's ModelEMA: 0.9999, ramped up over `ema_tau` steps)."""
     return ml_collections.ConfigDict(
         {
             "epochs": float(epochs),
@@ -33,6 +35,9 @@ def phase(*, batch_size: int, optim, epochs: float = 0.0, steps: int = 0) -> ml_
             "optim": optim,
             "freeze": "",
             "freeze_bn_stats": False,
+            "reestimate_bn": False,
+            "ema_decay": 0.0,
+            "ema_tau": 2000.0,
         }
     )
 
@@ -76,6 +81,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.specialize.subset = "animals"  # group names, class names or indices; 'animals>horse' is gradual
     config.specialize.method = "suppress"  # suppress | slice (see jaxspec.detection.specialize)
     config.specialize.scratch = False  # also train a detector from scratch on D_S (config.scratch; Table 4)
+    # The backbone pre-trained as a 30-class classifier on the images the scenes are made of, at about the
+    # objects' size (jaxspec.detection.backbone); epochs > 0 starts every new detector from it.
+    config.backbone = common.phase(
+        steps=0,
+        batch_size=128,
+        label_smoothing=0.1,
+        optim=common.optimizer(optimizer="adam", lr=1e-3, schedule="cosine", warmup_steps=100),
+    )
+    config.backbone.epochs = 0.0
+    config.backbone.data = common.data(image_size=32, num_threads=2, prefetch=8)
+    config.backbone.eval_batch_size = 256
     # The generalist's recipe and epochs, on the animal scenes only.
     config.scratch = phase(
         epochs=5,

@@ -62,6 +62,18 @@ def _phases(config: ml_collections.ConfigDict, prefix: str = ""):
             yield from _phases(v, f"{prefix}{k}.")
 
 
+def check_backbone(config: ml_collections.ConfigDict) -> None:
+    """The detector's backbone pre-training (`jaxspec.detection.backbone`): a classifier on the scenes' images."""
+    bb = config.backbone
+    if config.data.name != "scenes":
+        fail("backbone.epochs", bb.epochs, "0 unless data.name='scenes' (pre-training reads the scenes' images)")
+    if bb.optim.optimizer not in optimizers.OPTIMIZERS:
+        fail("backbone.optim.optimizer", bb.optim.optimizer, f"one of {list(optimizers.OPTIMIZERS)}")
+    size = bb.data.image_size
+    if isinstance(size, bool) or not isinstance(size, int) or size < 32 or size % 32:
+        fail("backbone.data.image_size", size, "a multiple of 32 (YOLOv5's largest stride)")
+
+
 def check_phase(key: str, phase: ml_collections.ConfigDict, *, detect: bool = False) -> None:
     epochs = phase.get("epochs", 0)
     if epochs:
@@ -77,6 +89,9 @@ def check_phase(key: str, phase: ml_collections.ConfigDict, *, detect: bool = Fa
         fail(f"{key}.batch_size", phase.batch_size, f"a multiple of the {jax.process_count()} processes")
     if "label_smoothing" in phase:
         _number_in(f"{key}.label_smoothing", phase.label_smoothing, 0.0, 1.0)
+    if "ema_decay" in phase:
+        _number_in(f"{key}.ema_decay", phase.ema_decay, 0.0, 1.0)
+        _number_in(f"{key}.ema_tau", phase.get("ema_tau", 2000.0), 1.0, math.inf)
     optim = phase.get("optim")
     if optim is not None:
         allowed = optimizers.OPTIMIZERS + (DETECTION_OPTIMIZERS if detect else ())
@@ -241,7 +256,11 @@ def check(config: ml_collections.ConfigDict) -> None:
         if custom.is_own(config.data.name):
             check_batches_fit(config)
     for key, phase in _phases(config):
+        if key == "backbone" and not phase.get("epochs", 0):
+            continue  # off
         check_phase(key, phase, detect=config.get("task") == "detect")
+    if config.get("task") == "detect" and config.get("backbone") is not None and config.backbone.epochs:
+        check_backbone(config)
     init = config.get("generalist", {}).get("init", "")
     if init:
         check_init("generalist.init", init)

@@ -13,7 +13,7 @@ from flax import nnx
 
 from jaxspec import models, tables
 from jaxspec.data.constrain import label_map
-from jaxspec.detection import data
+from jaxspec.detection import backbone, data
 from jaxspec.detection import specialize as dspec
 from jaxspec.detection import train as dtrain
 from jaxspec.train.context import RunContext
@@ -62,7 +62,9 @@ class Detection(Defaults):
         return data.get_source(data_cfg, split)
 
     def new_model(self, ctx: RunContext, num_classes: int, seed: int) -> nnx.Module:
-        return models.get_model(ctx.config.model.name, num_classes, rngs=nnx.Rngs(seed), dtype=ctx.config.model.dtype)
+        """A YOLOv5 at random init, or with the backbone pre-trained on the scenes' images (`config.backbone`)."""
+        model = models.get_model(ctx.config.model.name, num_classes, rngs=nnx.Rngs(seed), dtype=ctx.config.model.dtype)
+        return backbone.start(ctx, model, seed)
 
     def resolve(self, phase, source):
         return with_steps(phase, len(source))

@@ -10,12 +10,13 @@ from jaxspec.models.mobilenet_v3 import (
     mobilenet_v3_small,
 )
 from jaxspec.models.torchvision import from_torchvision, load_torchvision_file
-from jaxspec.models.yolov5 import YOLOv5, yolov5
+from jaxspec.models.yolov5 import YOLOv5, YOLOv5Classifier, yolov5
 
 _FACTORIES = {
     "mobilenet_v3_small": mobilenet_v3_small,
     "mobilenet_v3_large": mobilenet_v3_large,
     **{f"yolov5{s}": functools.partial(yolov5, s) for s in "nsmlx"},
+    **{f"yolov5{s}-cls": functools.partial(YOLOv5Classifier, s) for s in "nsmlx"},
 }
 
 
@@ -38,7 +39,9 @@ def describe(model: nnx.Module) -> dict:
         }
     if isinstance(model, YOLOv5):
         return {"name": f"yolov5{model.scale}", "num_classes": model.num_classes}
-    raise TypeError(f"Cannot describe a {type(model).__name__}; expected a MobileNetV3 or a YOLOv5")
+    if isinstance(model, YOLOv5Classifier):
+        return {"name": f"yolov5{model.scale}-cls", "num_classes": model.head.out_features}
+    raise TypeError(f"Cannot describe a {type(model).__name__}; expected a MobileNetV3 or a YOLOv5 (classifier)")
 
 
 def from_spec(spec: dict, *, rngs: nnx.Rngs, **kwargs) -> nnx.Module:
@@ -50,6 +53,7 @@ def from_spec(spec: dict, *, rngs: nnx.Rngs, **kwargs) -> nnx.Module:
 __all__ = [
     "MobileNetV3",
     "YOLOv5",
+    "YOLOv5Classifier",
     "describe",
     "from_spec",
     "from_torchvision",

@@ -221,6 +221,37 @@ class Detect(nnx.Module):
         return outs
 
 
+def _build(scale: str, num_classes: int, count: int, rngs: nnx.Rngs) -> tuple[list, list, list[int]]:
+    """The first `count` layers of YOLOv5`scale` as the yaml builds them: modules, their inputs, and the
+    output channels of every layer (`channels[i + 1]` is layer i's)."""
+    depth, width = SCALES[scale]
+    channels = [3]  # output channels per layer; channels[-1] is the running input
+    built, sources = [], []
+    for source, repeats, kind, args in _ARCH[:count]:
+        cin = channels[-1]
+        if kind == "Conv":
+            cout = make_divisible(args[0] * width)
+            module = Conv(cin, cout, *args[1:], rngs=rngs)
+        elif kind == "C3":
+            cout = make_divisible(args[0] * width)
+            module = C3(cin, cout, scaled_depth(repeats, depth), *args[1:], rngs=rngs)
+        elif kind == "SPPF":
+            cout = make_divisible(args[0] * width)
+            module = SPPF(cin, cout, args[1], rngs=rngs)
+        elif kind == "Upsample":
+            cout, module = cin, Upsample()
+        elif kind == "Concat":
+            cout = sum(channels[-1] if j == -1 else channels[j + 1] for j in source)
+            module = Concat()
+        else:  # Detect
+            cout = None
+            module = Detect(tuple(channels[j + 1] for j in source), num_classes, len(ANCHORS[0]), rngs=rngs)
+        built.append(module)
+        sources.append(source)
+        channels.append(cout)
+    return built, sources, channels
+
+
 class YOLOv5(nnx.Module):
     """YOLOv5 detector on NHWC float images whose sides are multiples of 32.
 
@@ -235,36 +266,12 @@ class YOLOv5(nnx.Module):
             raise ValueError(f"Unknown YOLOv5 scale {scale!r}; choose from {list(SCALES)}.")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
-        depth, width = SCALES[scale]
         self.dtype = layers.compute_dtype(dtype)
         self.scale = scale
         self.num_classes = num_classes
         self.anchors = ANCHORS
         self.strides = STRIDES
-        channels = [3]  # output channels per layer; channels[-1] is the running input
-        built, sources = [], []
-        for source, repeats, kind, args in _ARCH:
-            cin = channels[-1]
-            if kind == "Conv":
-                cout = make_divisible(args[0] * width)
-                module = Conv(cin, cout, *args[1:], rngs=rngs)
-            elif kind == "C3":
-                cout = make_divisible(args[0] * width)
-                module = C3(cin, cout, scaled_depth(repeats, depth), *args[1:], rngs=rngs)
-            elif kind == "SPPF":
-                cout = make_divisible(args[0] * width)
-                module = SPPF(cin, cout, args[1], rngs=rngs)
-            elif kind == "Upsample":
-                cout, module = cin, Upsample()
-            elif kind == "Concat":
-                cout = sum(channels[-1] if j == -1 else channels[j + 1] for j in source)
-                module = Concat()
-            else:  # Detect
-                cout = None
-                module = Detect(tuple(channels[j + 1] for j in source), num_classes, len(ANCHORS[0]), rngs=rngs)
-            built.append(module)
-            sources.append(source)
-            channels.append(cout)
+        built, sources, _ = _build(scale, num_classes, NUM_LAYERS, rngs)
         self.layers = nnx.List(built)
         self.sources = tuple(sources)
 
@@ -287,6 +294,43 @@ def yolov5(scale: str, num_classes: int, *, rngs: nnx.Rngs, dtype="float32") -> 
     """YOLOv5{n,s,m,l,x}; at 80 classes 1,872,157 / 7,235,389 / 21,190,557 /
     46,563,709 / 86,749,405 parameters, as torch counts them."""
     return YOLOv5(scale, num_classes, rngs=rngs, dtype=dtype)
+
+
+BACKBONE = 10  # layers 0-9 (the CSP backbone through SPPF): what a classifier pre-trains for a detector
+
+
+class YOLOv5Classifier(nnx.Module):
+    """YOLOv5's backbone (layers 0-9, parameter paths as in `YOLOv5`) with global average pooling and a
+    linear head: the classifier whose backbone a detector starts from (`transplant_backbone`), as the
+    paper's detectors start from an ImageNet-pretrained one."""
+
+    def __init__(self, scale: str, num_classes: int, *, rngs: nnx.Rngs, dtype="float32", dropout_rate: float = 0.0):
+        if scale not in SCALES:
+            raise ValueError(f"Unknown YOLOv5 scale {scale!r}; choose from {list(SCALES)}.")
+        self.dtype = layers.compute_dtype(dtype)
+        self.scale = scale
+        self.num_classes = num_classes
+        built, _, channels = _build(scale, num_classes, BACKBONE, rngs)
+        self.layers = nnx.List(built)
+        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+        self.head = nnx.Linear(channels[-1], num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+        x = x.astype(self.dtype)
+        for layer in self.layers:  # every backbone layer reads the one before it
+            x = layer(x)
+        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        return self.head(self.dropout(x, rngs=rngs))
+
+
+def transplant_backbone(detector: YOLOv5, classifier: YOLOv5Classifier) -> YOLOv5:
+    """`detector` with layers 0-9 (parameters and BatchNorm statistics) replaced by copies of `classifier`'s
+    (copies: training donates the detector's buffers)."""
+    if detector.scale != classifier.scale:
+        raise ValueError(f"a yolov5{classifier.scale} backbone does not fit a yolov5{detector.scale} detector")
+    for i in range(BACKBONE):
+        nnx.update(detector.layers[i], jax.tree.map(jnp.copy, nnx.state(classifier.layers[i])))
+    return detector
 
 
 def decode(outputs: list[jax.Array], anchors=ANCHORS, strides=STRIDES) -> tuple[jax.Array, jax.Array, jax.Array]:

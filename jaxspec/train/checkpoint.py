@@ -7,6 +7,7 @@ restores the newest step that verifies, data position included.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -41,6 +42,12 @@ def step_problem(step_dir: pathlib.Path) -> str:
     except (OSError, json.JSONDecodeError):
         return f"its {CHECKSUMS} is unreadable"
     return files.tree_problem(step_dir, expected, skip=(CHECKSUMS,))
+
+
+def _fields(state: TrainState) -> dict:
+    """The state as saved: its fields by name, without those that are off (None), so a checkpoint written
+    before an optional field existed (`ema`) has the layout of one written with it off."""
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if getattr(state, f.name) is not None}
 
 
 class Checkpointer:
@@ -100,7 +107,7 @@ class Checkpointer:
         self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
+                state=ocp.args.StandardSave(_fields(state)),
                 data=grain.checkpoint.CheckpointSave(data_iter),
             ),
             force=force,
@@ -137,10 +144,10 @@ class Checkpointer:
         problem = step_problem(self.directory / str(step))
         if problem:
             raise ValueError(f"checkpoint step {step} in {self.directory} cannot be used: {problem}")
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        items = {"state": ocp.args.StandardRestore(_fields(abstract_state))}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-        return self._manager.restore(step, args=ocp.args.Composite(**items)).state
+        return abstract_state.replace(**self._manager.restore(step, args=ocp.args.Composite(**items)).state)
 
     def close(self) -> None:
         self.seal()

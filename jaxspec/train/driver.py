@@ -6,6 +6,9 @@ checkpointer whose fingerprint says what the phase is, a restore when the
 phase was started before, the task's pure step jitted with explicit
 shardings, `loop.fit` with the task's validation, and, with
 `phase.reestimate_bn`, BatchNorm statistics recomputed for the final weights.
+With `phase.ema_decay` > 0 the step also keeps a moving average of the
+weights (`jaxspec.train.ema`), which validation and the returned state (hence
+evaluation, export, the next phase and BatchNorm re-estimation) use.
 
 K members of equal architecture and phase (specialists of one parent) train
 together: their states stack along a new leading axis and `jax.vmap` turns
@@ -24,7 +27,7 @@ import jax
 from flax import nnx
 
 from jaxspec import models, sharding
-from jaxspec.train import batchnorm, checkpoint, loop, steps, workdir
+from jaxspec.train import batchnorm, checkpoint, ema, loop, steps, workdir
 from jaxspec.train.context import RunContext
 from jaxspec.train.state import ModelDef, TrainState, stack, unstack
 from jaxspec.train.task import Outputs, Task
@@ -86,6 +89,9 @@ def train_together(
     tx, schedule = task.optimizer(ctx, phase, wrapped[0], first.source)
     created = [task.init_state(ctx, w, tx, m.seed) for w, m in zip(wrapped, members)]
     modeldef = created[0][0]
+    decay = float(phase.get("ema_decay", 0.0))
+    if decay:
+        created = [(d, ema.init(s)) for d, s in created]
     place = sharding.place_state if len(members) == 1 else sharding.replicate
     states = [place(s, ctx.mesh) for _, s in created]
     iters = [task.train_iterator(ctx, m.source, phase.batch_size, m.seed) for m in members]
@@ -108,7 +114,13 @@ def train_together(
     states = _restore(members, ckpts, states, iters, phase.steps)
     if int(states[0].step) < phase.steps:
         step_fn = task.train_step(ctx, modeldef, tx, schedule, phase, outputs)
-        validate = task.validator(ctx, modeldef, outputs)
+        if decay:
+            step_fn = ema.with_ema(step_fn, decay, float(phase.get("ema_tau", ema.TAU)))
+        scores = task.validator(ctx, modeldef, outputs)
+
+        def validate(state, source):
+            return scores(ema.averaged(state), source)
+
         evals = cfg.eval.every_steps if any(m.val is not None for m in members) else 0
         common = dict(
             num_steps=phase.steps,
@@ -151,6 +163,7 @@ def train_together(
             states = [sharding.replicate(unstack(stacked, i), ctx.mesh) for i in range(len(members))]
     for c in ckpts:
         c.close()
+    states = [ema.averaged(s) for s in states]
     return [(modeldef, final_bn_stats(ctx, task, modeldef, s, m.source, phase)) for s, m in zip(states, members)]
 
 

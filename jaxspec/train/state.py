@@ -25,6 +25,8 @@ class TrainState:
     batch_stats: nnx.State
     opt_state: optax.OptState
     rng: jax.Array  # raw uint32 key; per-step keys are fold_in(rng, step)
+    # {'params', 'batch_stats'}: their moving average (`jaxspec.train.ema`), or None (off: not checkpointed)
+    ema: Any = flax.struct.field(default=None, kw_only=True)
 
 
 @dataclasses.dataclass(frozen=True)

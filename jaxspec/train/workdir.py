@@ -57,7 +57,10 @@ IGNORED = frozenset(
 # Keys added after workdirs were written, at the values that change nothing: left out of the records
 # there, so a workdir written before they existed still resumes.
 ADDED_DEFAULTS = {f"data.{k}": v for k, v in custom.DEFAULTS.items()}
-ADDED_PHASE_DEFAULTS = {"reestimate_bn": False}  # a field of every training phase section
+# fields of every training phase section
+ADDED_PHASE_DEFAULTS = {"reestimate_bn": False, "ema_decay": 0.0, "ema_tau": 2000.0}
+# Sections that are off while their switch is 0 (added later, too): then none of their keys changes anything.
+SWITCHED_SECTIONS = {"backbone": "epochs"}
 
 
 def _added(key: str, value) -> bool:
@@ -96,8 +99,10 @@ def _jsonable(value):
 def determinants(config_dict: dict) -> dict:
     """The flat config without `IGNORED` keys (nor keys under them) and `ADDED_DEFAULTS`, JSON-normalized."""
     flat = _flat(_jsonable(config_dict))
+    off = [s for s, switch in SWITCHED_SECTIONS.items() if not flat.get(f"{s}.{switch}", 0)]
+    ignored = (*IGNORED, *off)
     return {
-        k: v for k, v in flat.items() if not any(k == i or k.startswith(i + ".") for i in IGNORED) and not _added(k, v)
+        k: v for k, v in flat.items() if not any(k == i or k.startswith(i + ".") for i in ignored) and not _added(k, v)
     }
 
 
