@@ -39,7 +39,9 @@ def test_quick_cli_writes_json_with_every_benchmark(tmp_path):
     assert len(by_bench["train"]) == len(by_bench["eval"]) == 2
     assert all(r["xla_temp_mib"] > 0 and r["compile_seconds"] > 0 for r in by_bench["train"])
     # the in-memory pipelines are compared with the train step at its resolution
-    in_memory, jpeg = by_bench["pipeline"][:2], by_bench["pipeline"][2:]
+    detection = [r for r in by_bench["pipeline"] if "detection input pipeline" in r["setting"]]
+    in_memory = by_bench["pipeline"][:2]
+    jpeg = [r for r in by_bench["pipeline"][2:] if r not in detection]
     for p, t in zip(in_memory, by_bench["train"]):
         assert p["ratio"] == pytest.approx(p["jaxspec"] / t["jaxspec"])
     # the JPEG pipeline with tf.data's on 1 (and 2) cores, and 2 workers against 1
@@ -58,6 +60,9 @@ def test_quick_cli_writes_json_with_every_benchmark(tmp_path):
         assert rt["reference"] == "generalist" and rt["ratio"] == pytest.approx(rt["generalist"] / rt["jaxspec"])
         assert 1 <= rt["specialist_examples_per_image"] <= 1 + rt["chunk"]
     assert len(by_bench["export"]) == 2
+    # the detector's train step and its input pipeline, compared
+    (d,), (dp,) = by_bench["detect"], detection
+    assert dp["ratio"] == pytest.approx(dp["jaxspec"] / d["jaxspec"]) and dp["train_step_img_s"] == d["jaxspec"]
     for ex in by_bench["export"]:  # LiteRT latency of the exported specialist vs its generalist, and file sizes
         assert ex["reference"] == "generalist" and ex["specialist_ms"] > 0 and ex["generalist_ms"] > 0
         assert ex["specialist_tflite_bytes"] > 0 and ex["generalist_savedmodel_bytes"] > 0

@@ -7,7 +7,8 @@ input pipeline with domain constraining, the ImageNet recipe from JPEGs beside
 a tf.data pipeline of the same transforms on as many cores (`tf_ref`,
 `pipeline_side`), K vmapped specialists against K sequential steps, the routed
 system against its generalist, and an exported generalist against its
-specialist in LiteRT (`--only=export`: latency and file sizes), plus peak
+specialist in LiteRT (`--only=export`: latency and file sizes), YOLOv5n's train step
+against the detection input pipeline (`--only=detect`), plus peak
 memory. JSON goes to stdout (and to `--out`), a readable table to stderr.
 
   python -m jaxspec.bench --out=bench.json                      # torch in this venv, or no torch rows
@@ -28,7 +29,7 @@ More benchmarks plug in with `@register("name")`: a function of `Settings`
 returning rows (dicts with at least `benchmark`, `setting`, `jaxspec`, `unit`).
 """
 
-from jaxspec.bench import benchmarks  # noqa: F401  (registers the benchmarks)
+from jaxspec.bench import benchmarks, detect  # noqa: F401  (registers the benchmarks)
 from jaxspec.bench.core import (  # noqa: F401
     AT_MOST,
     BENCHMARKS,
