@@ -62,22 +62,27 @@ def _phase(steps, decay):
     return phase
 
 
-def _train(workdir, phase):
+def _train(workdir, phase, extra_eval=None):
     src, val = toy_source(), toy_source(48, seed=1)
-    return driver.train_phase(_context(workdir), "m", specialists()[0], src, val, phase, 1)[1]
+    ctx = _context(workdir)
+    ctx.config.eval.every_steps = 1
+    return driver.train_phase(ctx, "m", specialists()[0], src, val, phase, 1, extra_eval=extra_eval)[1]
 
 
 def test_the_driver_returns_the_average_and_resumes_it(tmp_path):
-    # The raw weights after each step: an average-free run extended one step at a time.
-    raw = [jax.device_get(_train(tmp_path / "raw", _phase(n, 0.0))) for n in (1, 2, 3)]
-    whole = jax.device_get(_train(tmp_path / "whole", _phase(3, 0.9)))
-    assert whole.ema is None and int(whole.step) == 3
-    # The average differs from the raw weights and is the ramped average of the raw trajectory.
+    raw = []  # the raw weights after each step, as validation sees the state
+
+    def capture(state):
+        raw.append(jax.device_get(state.params))
+        return {}
+
+    whole = jax.device_get(_train(tmp_path / "whole", _phase(3, 0.9), capture))
+    assert whole.ema is None and int(whole.step) == 3 and len(raw) == 3
+    # The returned weights are the ramped average of the raw trajectory, not the raw weights.
     init_params = jax.device_get(nnx.state(specialists()[0], nnx.Param))
-    trajectory = [init_params, *[r.params for r in raw]]
-    want = jax.tree.map(lambda *xs: _reference(list(xs), 0.9, 2.0), *trajectory)
+    want = jax.tree.map(lambda *xs: _reference(list(xs), 0.9, 2.0), init_params, *raw)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), whole.params, want)
-    assert not np.allclose(jax.tree.leaves(whole.params)[0], jax.tree.leaves(raw[-1].params)[0])
+    assert not np.allclose(jax.tree.leaves(whole.params)[0], jax.tree.leaves(raw[-1])[0])
     # Stopped after step 2 and resumed: the average was checkpointed beside the raw weights.
     _train(tmp_path / "resumed", _phase(2, 0.9))
     resumed = jax.device_get(_train(tmp_path / "resumed", _phase(3, 0.9)))
