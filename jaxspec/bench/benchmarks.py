@@ -104,10 +104,14 @@ def bench_eval(s: Settings) -> list[dict]:
     return [_eval_row(s, mesh, *setting) for setting in _model_settings(s)]
 
 
+def embedded_cached() -> bool:
+    """Whether the embedded data are cached: benchmarks read them then, and never fetch them."""
+    return os.path.exists(os.path.join(embedded_files.default_data_dir(), f"embedded-{embedded.cache_key({})}.npz"))
+
+
 def _small_source(quick: bool):
     """The embedded training split if it is already cached (never fetched here), else a synthetic stand-in."""
-    path = os.path.join(embedded_files.default_data_dir(), f"embedded-{embedded.cache_key({})}.npz")
-    if os.path.exists(path) and not quick:
+    if embedded_cached() and not quick:
         images, labels = embedded.load("train")
         return ArraySource(images, labels, get_info("embedded")), "embedded train split"
     rng = np.random.default_rng(0)

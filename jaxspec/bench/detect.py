@@ -17,8 +17,9 @@ import optax
 from flax import nnx
 
 from jaxspec import models, sharding
+from jaxspec.bench.benchmarks import embedded_cached
 from jaxspec.bench.core import Settings, _compile, _rounds, _row, _timed, register
-from jaxspec.data import embedded, embedded_files
+from jaxspec.data import embedded
 from jaxspec.detection import data, scenes
 from jaxspec.detection import train as dtrain
 from jaxspec.detection.loss import DEFAULT_HYP
@@ -43,8 +44,7 @@ class _Scenes:
 
 def _scenes(quick: bool) -> tuple[_Scenes, str]:
     cfg = scenes.SceneConfig(canvas=(72, 120), scale=(12, 48))  # the default run's recipe
-    path = os.path.join(embedded_files.default_data_dir(), f"embedded-{embedded.cache_key({})}.npz")
-    if os.path.exists(path) and not quick:
+    if embedded_cached() and not quick:
         images, labels = embedded.load("train")
         what = "scenes of the embedded train images"
     else:

@@ -224,6 +224,8 @@ class Detect(nnx.Module):
 def _build(scale: str, num_classes: int, count: int, rngs: nnx.Rngs) -> tuple[list, list, list[int]]:
     """The first `count` layers of YOLOv5`scale` as the yaml builds them: modules, their inputs, and the
     output channels of every layer (`channels[i + 1]` is layer i's)."""
+    if scale not in SCALES:
+        raise ValueError(f"Unknown YOLOv5 scale {scale!r}; choose from {list(SCALES)}.")
     depth, width = SCALES[scale]
     channels = [3]  # output channels per layer; channels[-1] is the running input
     built, sources = [], []
@@ -262,8 +264,6 @@ class YOLOv5(nnx.Module):
     """
 
     def __init__(self, scale: str, num_classes: int, *, rngs: nnx.Rngs, dtype="float32"):
-        if scale not in SCALES:
-            raise ValueError(f"Unknown YOLOv5 scale {scale!r}; choose from {list(SCALES)}.")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
         self.dtype = layers.compute_dtype(dtype)
@@ -305,8 +305,6 @@ class YOLOv5Classifier(nnx.Module):
     paper's detectors start from an ImageNet-pretrained one."""
 
     def __init__(self, scale: str, num_classes: int, *, rngs: nnx.Rngs, dtype="float32", dropout_rate: float = 0.0):
-        if scale not in SCALES:
-            raise ValueError(f"Unknown YOLOv5 scale {scale!r}; choose from {list(SCALES)}.")
         self.dtype = layers.compute_dtype(dtype)
         self.scale = scale
         self.num_classes = num_classes
