@@ -54,8 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
 
     config.eval = dict(batch_size=500, every_steps=500)
-    # fsdp > 1 (or -1: all devices) splits params and optimizer state over an 'fsdp' mesh axis.
-    config.sharding = dict(fsdp=1)
+    config.sharding = common.sharding()
     config.log_every = 50
     config.checkpoint_every = 500
     config.overwrite = False  # True: move a workdir's phases made with other settings aside, then rerun

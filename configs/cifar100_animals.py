@@ -49,8 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         reestimate_bn=True,
     )
     config.eval = dict(batch_size=1000, every_steps=1000)
-    # fsdp > 1 (or -1: all devices) splits params and optimizer state over an 'fsdp' mesh axis.
-    config.sharding = dict(fsdp=1)
+    config.sharding = common.sharding()
     config.log_every = 100
     config.checkpoint_every = 1000
     config.overwrite = False  # True: move a workdir's phases made with other settings aside, then rerun

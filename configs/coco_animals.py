@@ -72,7 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.scratch = detect_animals.phase(epochs=arg.epochs, batch_size=batch, optim=yolov5_sgd())
     # YOLOv5 (and the paper) report val2017; nothing is selected on it (the last checkpoint is scored).
     config.eval = detect_animals.evaluation(batch_size=32, every_steps=10 * (TRAIN_IMAGES // batch))
-    config.sharding = dict(fsdp=1)  # e.g. -1 on a pod: YOLOv5l/x params and optimizer state split over all chips
+    config.sharding = common.sharding()  # fsdp=-1 on a pod: YOLOv5l/x params and optimizer state split
     config.log_every = 100
     config.checkpoint_every = 2000
     config.overwrite = False  # True: move a workdir's phases made with other settings aside, then rerun

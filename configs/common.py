@@ -115,6 +115,15 @@ def specialize(
     return cfg
 
 
+def sharding(**overrides) -> ml_collections.ConfigDict:
+    """How a run spreads over devices (`jaxspec.sharding.run_mesh`). `fsdp` > 1 (or -1: all devices) splits
+    params and optimizer state over an 'fsdp' mesh axis (large models); `devices` 0 uses every device, N the
+    first N (one process only)."""
+    cfg = ml_collections.ConfigDict({"fsdp": 1, "devices": 0})
+    cfg.update(overrides)
+    return cfg
+
+
 def steps_for(epochs: float, num_examples: int, batch_size: int) -> int:
     return max(1, round(epochs * num_examples / batch_size))
 

@@ -86,8 +86,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.scratch.optim.warmup_steps = 5 * sub_epoch
     config.scratch.optim.decay_every = 2 * sub_epoch
     config.eval = dict(batch_size=1000, every_steps=5 * epoch)
-    # fsdp > 1 (or -1: all devices) splits params and optimizer state over an 'fsdp' mesh axis.
-    config.sharding = dict(fsdp=1)
+    config.sharding = common.sharding()
     config.log_every = 500
     config.checkpoint_every = 5000
     config.overwrite = False  # True: move a workdir's phases made with other settings aside, then rerun

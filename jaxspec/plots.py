@@ -30,6 +30,7 @@ DETECTION_PANELS = (
     ("validation", "%", [("val_fitness", "F"), ("val_mAP50", "mAP@0.5"), ("val_mAP50_95", "mAP@0.5:0.95")], True, True),
     PANELS[2],
 )
+DRAWN_SCORE = 0.25  # detections drawn: those scoring at least this (YOLOv5 detect.py's default confidence)
 MAX_NAMED_CLASSES = 40  # beyond this, class names on the axis are unreadable: bars are sorted instead
 
 
@@ -248,7 +249,8 @@ def boxes_figure(
 ) -> Figure:
     """Images with their boxes (xyxy pixels) named by class, and scores when given (detections).
 
-    Per image i: `boxes[i]` [n_i, 4], `labels[i]` [n_i], `scores[i]` [n_i]; one colour per class.
+    Per image i: `boxes[i]` [n_i, 4], `labels[i]` [n_i], `scores[i]` [n_i] (None: not a detection); one colour
+    per class.
     """
     if not len(images) == len(boxes) == len(labels):
         raise ValueError(f"{len(images)} images, {len(boxes)} box sets and {len(labels)} label sets differ")
@@ -264,7 +266,9 @@ def boxes_figure(
         for k, ((x1, y1, x2, y2), c) in enumerate(zip(np.asarray(boxes[i]).reshape(-1, 4), labels[i], strict=True)):
             color = colors[int(c)]
             ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linewidth=1.2))
-            text = class_names[int(c)] + (f" {scores[i][k]:.2f}" if scores is not None else "")
+            text = class_names[int(c)] + (
+                f" {scores[i][k]:.2f}" if scores is not None and scores[i] is not None else ""
+            )
             ax.text(
                 x1,
                 y1,
@@ -277,3 +281,33 @@ def boxes_figure(
         if titles is not None:
             ax.set_title(titles[i], fontsize=8)
     return fig
+
+
+def truth_and_detections_figure(
+    records: Sequence[Mapping[str, np.ndarray]],
+    found: Mapping[str, np.ndarray],
+    output_classes: Sequence[int],
+    class_names: Sequence[str],
+    *,
+    min_score: float = DRAWN_SCORE,
+    top: int = 10,
+    pairs_per_row: int = 2,
+) -> Figure:
+    """Each record's ground truth (global labels) beside a detector's detections on it.
+
+    `records` are the first images of the source `found` was collected on (image ids 0, 1, ...); detection
+    labels are output positions, named through `output_classes`; detections scoring at least `min_score`
+    are drawn, best first, at most `top` per image.
+    """
+    boxes, labels, scores = per_image(found, range(len(records)), min_score=min_score, top=top)
+    to_global = np.asarray(output_classes, np.int64)
+    images, all_boxes, all_labels, all_scores, titles = [], [], [], [], []
+    for i, record in enumerate(records):
+        images += [record["image"], record["image"]]
+        all_boxes += [record["boxes"], boxes[i]]
+        all_labels += [record["labels"], to_global[labels[i]]]
+        all_scores += [None, scores[i]]
+        titles += [f"scene {i}: ground truth", f"scene {i}: {len(boxes[i])} detections ≥ {min_score:g}"]
+    return boxes_figure(
+        images, all_boxes, all_labels, class_names, scores=all_scores, cols=2 * pairs_per_row, titles=titles
+    )

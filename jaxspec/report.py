@@ -43,6 +43,11 @@ def class_change_image(k: int) -> str:
     return f"{PLOTS_DIR}/class_change_{k + 1}.png"
 
 
+def detections_image(k: int) -> str:
+    """Where a detection run draws stage k's specialist's detections beside the ground truth."""
+    return f"{PLOTS_DIR}/detections_{k + 1}.png"
+
+
 def stage_title(results: dict, k: int) -> str:
     """The results table's title for stage `k`, as printed at the end of a run."""
     spec = str(results["config"]["specialize"]["subset"]).split(">")[k]
@@ -288,6 +293,19 @@ def write_run_report(workdir: str | pathlib.Path, results: dict) -> pathlib.Path
             ]
         else:
             out += ["(per-class scores of every row: results.json)", ""]
+
+    drawn = [k for k in range(len(stages)) if detection and (workdir / detections_image(k)).exists()]
+    if drawn:
+        out += ["## The specialist's detections", ""]
+    for k in drawn:
+        spec = subset.split(">")[k]
+        out += [
+            f"![detections, S = {spec}]({detections_image(k)})",
+            "",
+            f"The first test scenes of S = {spec}: ground truth (left) and the tuned specialist's detections "
+            f"scoring at least {plots.DRAWN_SCORE:g} (right), in each scene's own pixels.",
+            "",
+        ]
 
     out += ["## Training curves", ""]
     curves = write_curves(workdir, panels=panels)

@@ -119,6 +119,21 @@ def make_mesh(devices=None, *, fsdp: int = 1) -> jax.sharding.Mesh:
     return jax.make_mesh((n // size, size), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
+def run_mesh(cfg) -> jax.sharding.Mesh:
+    """The mesh of a run's `sharding` section: `devices` 0 is every device of every process, N the first N
+    (one process only: a smoke run or a comparison on fewer devices, which also compiles faster), split
+    as `fsdp` says (`make_mesh`)."""
+    n, count = cfg.get("devices", 0), jax.device_count()
+    if n == 0:
+        return make_mesh(fsdp=cfg.fsdp)
+    if not isinstance(n, int) or not 0 < n <= count or jax.process_count() > 1:
+        raise ValueError(
+            f"sharding.devices={n!r} must be 0 (every device) or 1..{count} (the first N; one process only, "
+            f"this run has {jax.process_count()})"
+        )
+    return make_mesh(jax.devices()[:n], fsdp=cfg.fsdp)
+
+
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

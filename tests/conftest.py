@@ -12,9 +12,15 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # The 8 fake devices are threads: on a loaded 2-core machine they can reach a collective far apart, and
-# XLA:CPU aborts the whole process after 40 s by default. Notebook kernels and worker processes inherit this.
+# XLA:CPU aborts the whole process after 40 s by default. Compiling, not running, is most of the suite's time,
+# so the CPU backend skips LLVM's optimisation passes (-O0): executables are built faster, run slower. Notebook
+# kernels and worker processes inherit both.
 os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), "--xla_cpu_collective_call_terminate_timeout_seconds=600"]
+    [
+        os.environ.get("XLA_FLAGS", ""),
+        "--xla_cpu_collective_call_terminate_timeout_seconds=600",
+        "--xla_backend_optimization_level=0",
+    ]
 ).strip()
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "jaxspec-test-xla-cache"))
 # Every executable goes to the cache, not only those over a second: a fresh process (a CLI run, a notebook
@@ -58,9 +64,9 @@ def tiny_main_run(embedded_manifest, tmp_path_factory) -> types.SimpleNamespace:
     finished workdir, which restores it: the config, the workdir, both runs' results and terminal output."""
     from configs import animals
     from jaxspec import run
-    from tests.synthetic_embedded import point_at
+    from tests.synthetic_embedded import on_fixture
 
-    config = point_at(animals.get_config("tiny"), embedded_manifest)
+    config = on_fixture(animals.get_config("tiny"), embedded_manifest)
     config.eval.every_steps = 10
     workdir = tmp_path_factory.mktemp("tiny_main")
     results, out, err = _captured(lambda: run.run(config, str(workdir)))

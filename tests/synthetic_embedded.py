@@ -110,13 +110,19 @@ def write_deb(path: str, members: dict[str, bytes]) -> None:
                 f.write(b"\n")
 
 
-def point_at(config, manifest: str):
-    """Points `config.data` at the fixture behind `manifest` (its cache beside it); returns `config`."""
+def on_fixture(config, manifest: str):
+    """`config` as the tests run it: on the fixture behind `manifest` (its cache beside it) and one device.
+
+    One device because a step sharded over the 8 fake devices compiles about 1.7 times slower (measured on
+    the tiny main job), and compiling is most of an end-to-end test's time; the sharded paths have tests of
+    their own (test_fsdp, test_multi, test_train, test_route, test_detection_train), with `devices=0`.
+    """
     config.data.manifest = manifest
     config.data.data_dir = os.path.join(os.path.dirname(manifest), "cache")
+    config.sharding.devices = 1
     return config
 
 
 def use_fixture(config, directory: str, per_class: int = 20):
-    """`point_at` a fixture written into `directory`."""
-    return point_at(config, write_fixture(directory, per_class=per_class))
+    """`on_fixture` a fixture written into `directory`."""
+    return on_fixture(config, write_fixture(directory, per_class=per_class))

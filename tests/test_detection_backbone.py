@@ -10,7 +10,7 @@ from jaxspec import methods, validate
 from jaxspec.detection import backbone, run
 from jaxspec.models.yolov5 import BACKBONE, YOLOv5Classifier, transplant_backbone, yolov5
 from jaxspec.train import workdir
-from tests.synthetic_embedded import point_at
+from tests.synthetic_embedded import on_fixture
 
 pytestmark = pytest.mark.xdist_group("detect_run")
 
@@ -33,7 +33,7 @@ def test_the_classifier_is_the_detectors_backbone_and_transplants_into_it():
 
 
 def _config(manifest, epochs):
-    config = point_at(detect_animals.get_config("tiny"), manifest)
+    config = on_fixture(detect_animals.get_config("tiny"), manifest)
     config.backbone.epochs = epochs
     config.backbone.batch_size = 16
     config.backbone.eval_batch_size = 16

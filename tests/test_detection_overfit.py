@@ -33,7 +33,7 @@ from jaxspec.detection.task import Detection
 from jaxspec.models.yolov5 import yolov5
 from jaxspec.train import batchnorm, driver, steps
 from jaxspec.train.state import create_state
-from tests.synthetic_embedded import point_at, write_fixture
+from tests.synthetic_embedded import on_fixture, write_fixture
 
 NUM_SCENES, SIZE, STEPS, LR = 16, 64, 100, 3e-3
 
@@ -63,7 +63,7 @@ def manifest(tmp_path_factory):
 
 
 def _fixed_scenes_config(manifest):
-    config = point_at(detect_animals.get_config("tiny"), manifest)
+    config = on_fixture(detect_animals.get_config("tiny"), manifest)
     config.data.update(
         image_size=SIZE,
         mosaic=0.0,

@@ -19,6 +19,7 @@ from jaxspec.detection.task import evaluator
 from jaxspec.experiments import grid
 from jaxspec.methods import generalist, restricted
 from jaxspec.train import checkpoint
+from tests.synthetic_embedded import on_fixture
 
 pytestmark = pytest.mark.xdist_group("detect_run")  # the tests share one finished run: one worker (tests/conftest.py)
 
@@ -28,12 +29,6 @@ ANIMALS = tuple(range(10))
 @pytest.fixture(scope="module")
 def manifest(embedded_manifest):
     return embedded_manifest
-
-
-def tiny(config, manifest):
-    config.data.manifest = manifest
-    config.data.data_dir = str(pathlib.Path(manifest).parent / "cache")
-    return config
 
 
 SPECIALIZE = {"method": "slice", "freeze": "layers:10-12", "freeze_bn_stats": True}
@@ -66,7 +61,7 @@ def finished(manifest, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
     proc = _cli(workdir, manifest, **SPECIALIZE)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    config = tiny(detect_animals.get_config("tiny"), manifest)
+    config = on_fixture(detect_animals.get_config("tiny"), manifest)
     config.specialize.update(SPECIALIZE)
     return config, workdir, json.loads((workdir / "results.json").read_text()), proc
 
@@ -139,6 +134,12 @@ def test_frozen_layers_and_statistics_are_the_generalists(finished):
     x = np.random.default_rng(0).random((2, config.data.image_size, config.data.image_size, 3)).astype(np.float32)
     for a, b in zip(spec.model(x), loaded(x), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # report.md draws the tuned specialist's detections: those its results row scored.
+    scores, found = run.detect(r, spec, ANIMALS)
+    assert scores == finished[2]["stages"][0]["test_on_S"]["specialist (slice), tuned"]
+    assert len(found.detections()["scores"]) > 0
+    assert (workdir / "plots" / "detections_1.png").stat().st_size > 0
+    assert "![detections, S = animals](plots/detections_1.png)" in (workdir / "report.md").read_text()
     r.writer.close()
 
 
@@ -195,7 +196,7 @@ def test_evaluator_agrees_with_pycocotools_on_the_scenes_json(finished):
 
 
 def test_a_bad_method_is_named(manifest, tmp_path):
-    config = tiny(detect_animals.get_config("tiny"), manifest)
+    config = on_fixture(detect_animals.get_config("tiny"), manifest)
     config.specialize.method = "extract"
     with pytest.raises(
         ValueError, match=r"^specialize.method='extract' is not allowed: one of \['suppress', 'slice'\]"
@@ -206,7 +207,7 @@ def test_a_bad_method_is_named(manifest, tmp_path):
 
 def test_gradual_experiment_cell_and_plot(finished, manifest, tmp_path):
     _, workdir, *_ = finished
-    config = tiny(table5.get_config("tiny"), manifest)
+    config = on_fixture(table5.get_config("tiny"), manifest)
     config.experiment.bars = True
     shutil.copytree(workdir / "checkpoints" / "generalist", tmp_path / "checkpoints" / "generalist")  # reuse it
     out = grid.run_grid(config, str(tmp_path))

@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import pathlib
 import types
 
 import numpy as np
@@ -12,6 +11,7 @@ from configs.experiments import c1_sweep, forgetting, table1, table2
 from configs.experiments import methods as methods_cfg
 from jaxspec import tables
 from jaxspec.experiments import grid, stats
+from tests.synthetic_embedded import on_fixture
 
 
 def test_aggregate_is_mean_and_sample_std_over_seeds_with_group_average():
@@ -51,9 +51,7 @@ def fixture_data(embedded_manifest):
 
 
 def tiny(module, manifest, **grid_axes):
-    config = module.get_config("tiny")
-    config.data.manifest = manifest
-    config.data.data_dir = str(pathlib.Path(manifest).parent / "cache")
+    config = on_fixture(module.get_config("tiny"), manifest)
     for phase in (config.generalist, config.specialize, config.scratch):
         phase.steps = 4
     config.specialize.head_steps = 2

@@ -18,7 +18,7 @@ from jaxspec.export import export
 from jaxspec.models import layers
 from jaxspec.predict import predict
 from jaxspec.train import checkpoint
-from tests.synthetic_embedded import point_at, write_fixture
+from tests.synthetic_embedded import on_fixture, write_fixture
 
 
 def _models_dir(tmp, config, info, images):
@@ -62,7 +62,7 @@ def _check(out, models_dir, name, images, info):
 
 
 def test_a_routed_export_computes_jax_logits_and_routes_like_jaxspec_route(tmp_path):
-    config = point_at(animals.get_config("tiny"), write_fixture(str(tmp_path / "raw"), per_class=20))
+    config = on_fixture(animals.get_config("tiny"), write_fixture(str(tmp_path / "raw"), per_class=20))
     test = datasets.get_source("embedded", "test", data_dir=config.data.data_dir, manifest=config.data.manifest)
     batch = next(pipeline.eval_iterator(test, config.data, batch_size=64))["image"]
     models_dir = _models_dir(tmp_path, config, test.info, batch)

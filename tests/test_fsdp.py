@@ -1,6 +1,7 @@
 """FSDP on 8 fake CPU devices: the state split over `fsdp`, the same training as pure data parallel."""
 
 import jax
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -37,6 +38,20 @@ def test_make_mesh_axes_and_errors():
     for bad in (3, 0, -2, 16):
         with pytest.raises(ValueError, match=f"fsdp={bad}"):
             sharding.make_mesh(fsdp=bad)
+
+
+def test_run_mesh_takes_every_device_or_the_first_n():
+    from configs.common import sharding as sharding_config
+
+    assert sharding.run_mesh(sharding_config()).shape == {"data": 8}
+    two = sharding.run_mesh(sharding_config(devices=2, fsdp=2))
+    assert two.shape == {"data": 1, "fsdp": 2} and list(two.devices.flat) == jax.devices()[:2]
+    assert list(sharding.run_mesh(sharding_config(devices=1)).devices.flat) == jax.devices()[:1]
+    for bad in (9, -1, 2.0):
+        with pytest.raises(ValueError, match=rf"sharding.devices={bad!r} must be 0 \(every device\) or 1..8"):
+            sharding.run_mesh(ml_collections.ConfigDict({"fsdp": 1, "devices": bad}))
+    with pytest.raises(ValueError, match="sharding.fsdp=4 must be -1 .* divisor of the 2 devices"):
+        sharding.run_mesh(sharding_config(devices=2, fsdp=4))
 
 
 def test_batch_split_over_every_device():
@@ -112,7 +127,7 @@ def test_runner_trains_the_same_with_config_sharding_fsdp(tmp_path):
     out = {}
     for fsdp in (1, 4):
         config = use_fixture(animals.get_config("tiny"), str(tmp_path / "raw"), per_class=8)
-        config.sharding.fsdp = fsdp
+        config.sharding.update(fsdp=fsdp, devices=0)  # every fake device: this is the sharded path
         config.specialize.steps, config.specialize.optim.optimizer = 3, "sgd"
         r = run.open_run(config, str(tmp_path / f"w{fsdp}"))
         assert r.mesh.shape == ({"data": 8} if fsdp == 1 else {"data": 2, "fsdp": 4})
@@ -136,7 +151,7 @@ def test_skd_students_train_through_the_driver_under_fsdp_and_freeze(tmp_path):
     out = {}
     for fsdp in (1, 4):
         config = use_fixture(skd_config.get_config("tiny"), str(tmp_path / "raw"), per_class=8)
-        config.sharding.fsdp = fsdp
+        config.sharding.update(fsdp=fsdp, devices=0)  # every fake device: this is the sharded path
         phase = config.scratch
         phase.steps, phase.batch_size, phase.optim.optimizer = 3, 16, "sgd"
         phase.freeze, phase.reestimate_bn = "blocks:0-1", False

@@ -113,6 +113,7 @@ def test_the_coco_recipes_pipeline_in_worker_processes_is_the_in_process_one(dat
 def test_imagenet_config_end_to_end(data_dir, tmp_path):
     config = imagenet_animals.get_config("tiny")
     config.data.data_dir = data_dir
+    config.sharding.devices = 1  # as tests/synthetic_embedded.on_fixture says why
     results = run.run(config, str(tmp_path))
     stage = results["stages"][0]
     assert stage["extraction_exact"]
@@ -126,6 +127,7 @@ def test_imagenet_config_end_to_end(data_dir, tmp_path):
 def test_coco_config_end_to_end(data_dir, tmp_path):
     config = coco_animals.get_config("tiny")
     config.data.data_dir = data_dir
+    config.sharding.devices = 1  # as tests/synthetic_embedded.on_fixture says why
     results = det_run.run(config, str(tmp_path))
     rows = results["stages"][0]["test_on_S"]
     assert list(rows) == ["generalist restricted to S", "specialist (suppress), tuned"]

@@ -8,14 +8,14 @@ import pytest
 
 from configs import animals
 from jaxspec import run
-from tests.synthetic_embedded import point_at
+from tests.synthetic_embedded import on_fixture
 
 # The tests of the tiny main run share the session's run (tests/conftest.py) with the others of their group.
 SHARED = pytest.mark.xdist_group("tiny_main")
 
 
 def tiny_config(manifest):
-    config = point_at(animals.get_config("tiny"), manifest)
+    config = on_fixture(animals.get_config("tiny"), manifest)
     return config
 
 

@@ -137,6 +137,7 @@ def tiny_config(name: str, **data) -> ml_collections.ConfigDict:
     config.specialize.subset = "0"
     config.specialize.control = False
     config.generalist.steps, config.specialize.steps, config.specialize.head_steps = 12, 6, 2
+    config.sharding.devices = 1  # as tests/synthetic_embedded.on_fixture says why
     return config
 
 

@@ -23,7 +23,7 @@ from jaxspec.detection import train as det_train
 from jaxspec.models import layers
 from jaxspec.predict import Classification, Detections, RoutedClassification, format_result, predict
 from jaxspec.train import checkpoint
-from tests.synthetic_embedded import point_at, write_fixture
+from tests.synthetic_embedded import on_fixture, write_fixture
 
 pytestmark = pytest.mark.xdist_group("predict")  # the tests share `setup`'s models: one worker (tests/conftest.py)
 
@@ -33,7 +33,7 @@ def setup(tmp_path_factory):
     """A routed system laid out as WORKDIR/models: a generalist, an extracted `animals` specialist whose head
     was changed (so it overrules the generalist now and then) and a suppressed `clothing` one."""
     tmp = tmp_path_factory.mktemp("predict")
-    config = point_at(animals.get_config("tiny"), write_fixture(str(tmp / "raw"), per_class=20))
+    config = on_fixture(animals.get_config("tiny"), write_fixture(str(tmp / "raw"), per_class=20))
     test = datasets.get_source("embedded", "test", data_dir=config.data.data_dir, manifest=config.data.manifest)
     info = test.info
     generalist = models.mobilenet_v3_small(30, rngs=nnx.Rngs(0), width_multiplier=0.25)

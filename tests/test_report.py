@@ -330,3 +330,27 @@ def test_per_image_groups_filters_and_sorts_detections():
     assert [s.tolist() for s in plots.per_image(found, [3], top=1)[2]] == [[0.8]]
     with pytest.raises(ValueError, match="5 image ids, 5 scores, 5 boxes and 4 labels"):
         plots.per_image({**found, "labels": found["labels"][:4]}, [0])
+
+
+def test_truth_and_detections_pairs_each_scene_with_its_detections_named_globally():
+    records = [
+        {"image": np.zeros((8, 8, 1), np.uint8), "boxes": np.array([[0.0, 0, 4, 4]]), "labels": np.array([5])},
+        {"image": np.zeros((6, 9, 1), np.uint8), "boxes": np.zeros((0, 4)), "labels": np.zeros(0, int)},
+    ]
+    found = {  # labels are output positions of a model whose outputs are global classes (5, 2)
+        "image_id": np.array([1, 0, 0, 7]),
+        "boxes": np.array([[1.0, 1, 3, 3], [0, 0, 4, 4], [2, 2, 6, 6], [0, 0, 1, 1]]),
+        "labels": np.array([1, 0, 1, 0]),
+        "scores": np.array([0.9, 0.8, 0.1, 0.99]),
+    }
+    names = ["a", "b", "c", "d", "e", "f"]
+    fig = plots.truth_and_detections_figure(records, found, (5, 2), names, min_score=0.25, pairs_per_row=1)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == [
+        "scene 0: ground truth",
+        "scene 0: 1 detections ≥ 0.25",
+        "scene 1: ground truth",
+        "scene 1: 1 detections ≥ 0.25",
+    ]
+    texts = [[t.get_text() for t in ax.texts] for ax in fig.axes]
+    assert texts == [["f"], ["f 0.80"], [], ["c 0.90"]]  # image 7 is not drawn; 0.1 is below min_score

@@ -17,7 +17,7 @@ from jaxspec.analysis import features, umap_plot
 from jaxspec.data import datasets, pipeline
 from jaxspec.data.sources import ArraySource, DatasetInfo
 from jaxspec.train import checkpoint
-from tests.synthetic_embedded import point_at
+from tests.synthetic_embedded import on_fixture
 
 NAMES = ("ant", "bee", "cod", "eel", "fox")
 
@@ -84,7 +84,7 @@ def manifest(embedded_manifest):
 
 
 def tiny_config(manifest):
-    config = point_at(animals.get_config("tiny"), manifest)
+    config = on_fixture(animals.get_config("tiny"), manifest)
     config.specialize.control = False
     return config
 

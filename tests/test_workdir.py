@@ -22,7 +22,7 @@ from jaxspec.detection import data as det_data
 from jaxspec.detection import scenes
 from jaxspec.train import checkpoint, history, loop, workdir
 from jaxspec.train.state import TrainState
-from tests.synthetic_embedded import point_at
+from tests.synthetic_embedded import on_fixture
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def manifest(embedded_manifest):
 
 
 def tiny(manifest, **overrides):
-    config = point_at(animals.get_config("tiny"), manifest)
+    config = on_fixture(animals.get_config("tiny"), manifest)
     config.specialize.control = False
     config.update_from_flattened_dict(overrides)
     return config

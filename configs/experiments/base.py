@@ -35,12 +35,13 @@ def classification(arg: str | None, **defaults) -> tuple[ml_collections.ConfigDi
 def detection(arg: str | None, **defaults) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
     """The run config a detection experiment grid builds on, and the parsed config-path argument.
 
-    `data=embedded` (default; `tiny` for tests) or `data=coco` (`configs/coco_animals.py`, the paper's
-    recipe; not run in CI); `seeds=N`. `arg.subset` is the specialization group of the chosen data.
+    `data=embedded` (default; `full` for the results recipe, `tiny` for tests) or `data=coco`
+    (`configs/coco_animals.py`, the paper's recipe; not run in CI); `seeds=N`. `arg.subset` is the
+    specialization group of the chosen data.
     """
-    arg = common.parse_arg(arg, data="embedded", tiny=False, seeds=3, **defaults)
+    arg = common.parse_arg(arg, data="embedded", tiny=False, full=False, seeds=3, **defaults)
     if arg.data == "embedded":
-        config = detect_animals.get_config("tiny" if arg.tiny else None)
+        config = detect_animals.get_config(f"tiny={arg.tiny},full={arg.full}")
     elif arg.data == "coco":
         config = coco_animals.get_config()
     else:

@@ -32,6 +32,7 @@ from jaxspec.train.context import RunContext, open_context
 from jaxspec.train.task import Outputs
 
 METHODS = ("suppress", "slice", "scratch")
+EXAMPLES = 8  # test scenes drawn with the specialist's detections in report.md
 
 
 def open_run(config: ml_collections.ConfigDict, workdir: str) -> RunContext:
@@ -48,8 +49,25 @@ def constrained(ctx: RunContext, source, subset: Sequence[int] | None):
 
 def evaluate(ctx: RunContext, trained: methods.Trained, subset: Sequence[int] | None, source=None) -> dict:
     """F, mAP@0.5, mAP@0.5:0.95 and per-class AP of `trained` on `subset`'s test images."""
+    return detect(ctx, trained, subset, source)[0]
+
+
+def detect(ctx: RunContext, trained: methods.Trained, subset: Sequence[int] | None, source=None):
+    """(`evaluate`'s scores, the detections they score) of `trained` on `subset`'s test images."""
     source = constrained(ctx, ctx.test if source is None else source, subset)
-    return evaluator(ctx, trained.modeldef)(trained.state, source, classes=trained.classes, columns=trained.columns)
+    ev = evaluator(ctx, trained.modeldef)
+    found = ev.collect(trained.state, source, classes=trained.classes, columns=trained.columns)
+    return ev.score(found, source, trained.classes), found
+
+
+def draw_detections(ctx: RunContext, trained: methods.Trained, subset: Sequence[int], found, path) -> None:
+    """The first EXAMPLES test scenes of S: ground truth beside `trained`'s detections (`found`, from `detect`)."""
+    from jaxspec import plots
+
+    source = constrained(ctx, ctx.test, subset)
+    records = [source[i] for i in range(min(EXAMPLES, len(source)))]
+    fig = plots.truth_and_detections_figure(records, found.detections(), trained.classes, ctx.info.class_names)
+    plots.save(fig, path)
 
 
 def train_phase(
@@ -117,8 +135,9 @@ def specialize_from(
     return methods.Trained(d, s, subset)
 
 
-def specialize_stage(ctx: RunContext, parent: methods.Trained, subset, k: int) -> tuple[methods.Trained, list]:
-    """One stage of (possibly gradual) specialization and its rows of the results table."""
+def specialize_stage(ctx: RunContext, parent: methods.Trained, subset, k: int) -> tuple[methods.Trained, list, object]:
+    """One stage of (possibly gradual) specialization: its specialist, its rows of the results table and the
+    tuned specialist's detections on the test scenes of S."""
     cfg, seed = ctx.config.specialize, ctx.config.seed + 1 + k
     suffix = "" if k == 0 else f"_{k + 1}"
     rows = [("generalist restricted to S", restricted(methods.generalist(ctx), subset))]
@@ -128,12 +147,14 @@ def specialize_stage(ctx: RunContext, parent: methods.Trained, subset, k: int) -
         untuned = dspec.slice_head(parent.model, compose_subsets(parent.classes, subset))
         rows.append(("sliced specialist, untuned", methods.frozen(ctx, untuned, subset)))
     trained = specialize_from(ctx, parent, subset, cfg.method, seed=seed, name=f"specialist{suffix}")
-    rows.append((f"specialist ({cfg.method}), tuned", trained))
+    tuned = f"specialist ({cfg.method}), tuned"
+    rows.append((tuned, trained))
     if cfg.scratch:
         scratch = specialize_from(ctx, parent, subset, "scratch", seed=seed, name=f"scratch{suffix}")
         rows.append(("scratch specialist (same data)", scratch))
     export(ctx, f"specialist{suffix}", trained)
-    return trained, [(row, evaluate(ctx, t, subset)) for row, t in rows]
+    scored = {row: detect(ctx, t, subset) for row, t in rows}
+    return trained, [(row, scores) for row, (scores, _) in scored.items()], scored[tuned][1]
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -157,9 +178,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         )
     generalist = methods.generalist(ctx)
     export(ctx, "generalist", generalist)
-    parent, stages, printed = generalist, [], []
+    parent, stages, printed, drawn = generalist, [], [], []
     for k, subset in enumerate(ctx.stages):
-        parent, rows = specialize_stage(ctx, parent, subset, k)
+        parent, rows, found = specialize_stage(ctx, parent, subset, k)
+        drawn.append((parent, subset, found))
         metrics = dict(rows)
         stage = {
             "subset": list(subset),
@@ -183,6 +205,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if lead:
         from jaxspec import report  # matplotlib is imported only once a report is written
 
+        for k, (trained, subset, found) in enumerate(drawn):
+            draw_detections(ctx, trained, subset, found, ctx.workdir / report.detections_image(k))
         report.finish(
             ctx.workdir,
             results,

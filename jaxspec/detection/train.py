@@ -312,7 +312,11 @@ class Evaluator:
     def __call__(self, state: TrainState, source, *, classes: Sequence[int], columns=None) -> dict:
         """mAP50, mAP50_95, fitness and per-class AP of a model whose output j is global class `classes[j]`,
         on `source`; `columns` suppresses the other outputs."""
-        found = self.collect(state, source, classes=classes, columns=columns)
+        return self.score(self.collect(state, source, classes=classes, columns=columns), source, classes)
+
+    @staticmethod
+    def score(found: metrics.Evaluator, source, classes: Sequence[int]) -> dict:
+        """The scores of `collect`'s detections, so one pass over `source` can be both scored and drawn."""
         m = found.result()
         per_class = {
             source.info.class_names[c]: float(m["AP50_95_per_class"][j])

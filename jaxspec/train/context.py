@@ -62,7 +62,7 @@ def open_context(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     return RunContext(
         config=config,
         workdir=workdir,
-        mesh=sharding.make_mesh(fsdp=config.sharding.fsdp),
+        mesh=sharding.run_mesh(config.sharding),
         writer=writer,
         task=task,
         train=train,

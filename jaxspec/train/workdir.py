@@ -51,6 +51,7 @@ IGNORED = frozenset(
         "data.num_workers",
         "data.prefetch",
         "sharding.fsdp",
+        "sharding.devices",
         "experiment.grid",
     }
 )
