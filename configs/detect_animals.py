@@ -122,12 +122,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 def full(config: ml_collections.ConfigDict) -> None:
     """The results config (`:full`): a generalist that detects, about 75 minutes on 2 CPU cores (issue 15;
     BENCHMARKS.md, "Detection", has the A/B behind each choice): twice the training scenes, no mosaic, the
-    backbone pre-trained as a classifier, 120 epochs at a 3x higher peak learning rate, the weights' moving
+    backbone pre-trained as a classifier, 100 epochs at a 3x higher peak learning rate, the weights' moving
     average evaluated and exported; the scratch detector gets the same recipe, the specialist the paper's."""
     config.data.scenes.num_scenes = (6000, 500, 1000)  # the same validation and test scenes
     config.data.mosaic = 0.0
     config.backbone.epochs = 10.0
-    config.generalist.update(epochs=120.0, ema_decay=0.9999)
+    config.generalist.update(epochs=100.0, ema_decay=0.9999)
     config.generalist.optim.lr = 3e-3
     config.scratch = ml_collections.ConfigDict(config.generalist.to_dict())
     config.eval.every_steps = 20 * 6000 // config.generalist.batch_size  # every 20 epochs
