@@ -82,6 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.specialize.subset = "animals"  # group names, class names or indices; 'animals>horse' is gradual
     config.specialize.method = "suppress"  # suppress | slice (see jaxspec.detection.specialize)
     config.specialize.scratch = False  # also train a detector from scratch on D_S (config.scratch; Table 4)
+    config.specialize.control = False  # experiments: also the `continued` control (jaxspec.experiments.detect)
     # The backbone pre-trained as a 30-class classifier on the images the scenes are made of, at about the
     # objects' size (jaxspec.detection.backbone); epochs > 0 starts every new detector from it.
     config.backbone = common.phase(

@@ -124,3 +124,33 @@ def test_perfect_and_bad_input():
         metrics.coco_map(dt, {**gt, "boxes": np.array([[0, 0, 10, 10], [20, 20, 40, 50], [5, 5, 4, 9.0]])}, 3)
     with pytest.raises(ValueError, match=r"detections lacks \['scores'\]"):
         metrics.coco_map(gt, gt, 3)
+
+
+def _resampled(arrays: dict, copies: np.ndarray) -> dict:
+    """The rows of `arrays` of image copies[j], for every j, as image j."""
+    parts = [{**{k: v[arrays["image_id"] == i] for k, v in arrays.items()}} for i in copies]
+    for j, part in enumerate(parts):
+        part["image_id"] = np.full(len(part["image_id"]), j)
+    return {k: np.concatenate([p[k] for p in parts]) for k in arrays}
+
+
+def test_a_bootstrap_resample_scores_as_cocoeval_on_the_resampled_images():
+    """`accumulate` with image weights == COCOeval on the resample written out (each copy a new image),
+    so the bootstrap needs one matching per model, not one per resample."""
+    dt, gt, num_images = _random_problem(4, crowd=True)
+    matches = metrics.match(dt, gt, NUM_CLASSES, image_ids=range(num_images))
+    assert metrics.accumulate(matches)["mAP50_95"] == metrics.coco_map(dt, gt, NUM_CLASSES)["mAP50_95"]
+    weights = metrics.resample_weights(num_images, 3, seed=7)
+    assert (weights.sum(axis=1) == num_images).all() and (weights == 0).any() and (weights > 1).any()
+    boot = metrics.bootstrap_scores(matches, weights)
+    for r, w in enumerate(weights):
+        copies = np.repeat(np.arange(num_images), w)
+        ev = _cocoeval(_resampled(dt, copies), _resampled(gt, copies), len(copies))
+        ours = metrics.accumulate(matches, w)
+        np.testing.assert_allclose(ours["precision"], ev.eval["precision"][:, :, :, 0, -1], atol=1e-9)
+        assert boot["mAP50_95"][r] == ours["mAP50_95"] == pytest.approx(ev.stats[0], abs=1e-9)
+        assert boot["mAP50"][r] == pytest.approx(ev.stats[1], abs=1e-9)
+    # the same arguments, the same resamples: every model on these images is resampled alike
+    np.testing.assert_array_equal(weights, metrics.resample_weights(num_images, 3, seed=7))
+    with pytest.raises(ValueError, match="image 39 has boxes or detections but is not in image_ids"):
+        metrics.match(dt, gt, NUM_CLASSES, image_ids=range(num_images - 1))

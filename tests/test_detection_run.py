@@ -16,7 +16,7 @@ from configs.experiments import table5
 from jaxspec.detection import data, run
 from jaxspec.detection import specialize as dspec
 from jaxspec.detection.task import evaluator
-from jaxspec.experiments import grid
+from jaxspec.experiments import grid, stats
 from jaxspec.methods import generalist, restricted
 from jaxspec.train import checkpoint
 from tests.synthetic_embedded import on_fixture
@@ -205,16 +205,46 @@ def test_a_bad_method_is_named(manifest, tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_gradual_experiment_cell_and_plot(finished, manifest, tmp_path):
+def test_gradual_vs_direct_grid_at_equal_steps_with_controls_per_seed_generalists_and_a_paired_bootstrap(
+    finished, manifest, tmp_path
+):
+    """Table 5's grid in small: `horse` directly and through `animals`, each with its `continued` control,
+    two seeds, each seed's own generalist; the direct specialist trains as many steps as both stages."""
     _, workdir, *_ = finished
     config = on_fixture(table5.get_config("tiny"), manifest)
-    config.experiment.bars = True
-    shutil.copytree(workdir / "checkpoints" / "generalist", tmp_path / "checkpoints" / "generalist")  # reuse it
+    config.experiment.update(bars=True)
+    config.experiment.grid.update(group=["horse", "animals>horse"], seed=[0, 1])
+    config.specialize.control = True
+    shutil.copytree(workdir / "checkpoints" / "generalist", tmp_path / "checkpoints" / "generalist")  # seed 0's
     out = grid.run_grid(config, str(tmp_path))
-    (cell,) = out["cells"]
-    assert cell["cell"]["group"] == "animals>horse"
-    m = cell["metrics"]
-    assert m["dF"] == pytest.approx(m["specialist_F"] - m["generalist_F"])
-    assert (tmp_path / "checkpoints" / f"cell-{grid.cell_id(cell['cell'])}-stage1").exists()
+    test = data.get_source(config.data, "test")
+    with_horses = sum(bool((labels == test.info.class_names.index("horse")).any()) for labels in test.box_labels)
+    ckpt = tmp_path / "checkpoints"
+    assert (ckpt / "generalist-seed1").is_dir()  # seed 1 replicates the whole pipeline
+    steps = config.specialize.steps
+    for rec in out["cells"]:
+        cell, m = rec["cell"], rec["metrics"]
+        assert m["dF"] == pytest.approx(m["specialist_F"] - m["generalist_F"])
+        assert m["dF_vs_control"] == pytest.approx(m["specialist_F"] - m["control_F"])
+        name = f"cell-{grid.cell_id(cell)}"
+        if ">" in cell["group"]:  # the chain: its steps in each stage
+            assert (ckpt / f"{name}-stage0" / str(steps)).is_dir() and (ckpt / f"{name}-stage1" / str(steps)).is_dir()
+        else:  # direct: as many steps as the chain's two stages together
+            assert (ckpt / f"{name}-stage0" / str(2 * steps)).is_dir()
+        control = ckpt / f"control-group={cell['group']},seed={cell['seed']}"
+        assert (control / str(2 * steps)).is_dir()  # the control trains as long as its specialist
+        replicates = {k: stats.unpack_floats(v) for k, v in rec["replicates"].items()}
+        assert sorted(replicates) == sorted(
+            f"{p}_{s}" for p in ("generalist", "specialist", "control") for s in ("F", "mAP50", "mAP50_95")
+        )
+        assert {len(v) for v in replicates.values()} == {stats.RESAMPLES}
+        assert m["test_images"] == with_horses  # every test scene with a horse, resampled
+    paired = {row["cell"]["group"]: row for row in out["paired"]}
+    for group, row in paired.items():
+        assert row["n"] == 2
+        values = [c["metrics"]["dF"] for c in out["cells"] if c["cell"]["group"] == group]
+        assert row["t_interval"]["dF"][0] == pytest.approx(np.mean(values))
+        mean, low, high = row["bootstrap"]["dF"]
+        assert mean == pytest.approx(np.mean(values)) and low <= high
     assert out["plots"] == ["delta_f.png"] and (tmp_path / "delta_f.png").stat().st_size > 0
-    assert f"| animals>horse | {config.specialize.method} | 1 |" in (tmp_path / "report.md").read_text()
+    assert f"| animals>horse | {config.specialize.method} | 2 |" in (tmp_path / "report.md").read_text()

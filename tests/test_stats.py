@@ -53,3 +53,34 @@ def test_seeds_to_resolve_is_the_smallest_n_reaching_the_half_width():
 )
 def test_verdicts(low, high, direction, expected):
     assert stats.verdict(stats.Interval((low + high) / 2, low, high, 5), direction) == expected
+
+
+def test_replicates_give_the_paired_bootstrap_of_a_score_that_is_not_a_mean():
+    """Per resample, the seeds' differences are averaged (as the effect is); the interval is its quantiles."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0.6, 0.02, (3, 400)), rng.normal(0.5, 0.02, (3, 400))  # 3 seeds x 400 resamples
+    got = stats.replicate_interval(a, b, observed=0.1, num_images=50)
+    means = (a - b).mean(axis=0)
+    assert (got.mean, got.n) == (0.1, 150)
+    assert (got.low, got.high) == (np.quantile(means, 0.025), np.quantile(means, 0.975))
+    with pytest.raises(ValueError, match="equal shapes"):
+        stats.replicate_interval(a, b[:2], observed=0.1, num_images=50)
+    # through a grid's cell records: replicates round-trip through the JSON's packed form
+    records = [
+        {
+            "cell": {"seed": s},
+            "metrics": {"dF": 0.1 + 0.01 * s, "test_images": 50},
+            "replicates": {"specialist_F": stats.pack_floats(a[s]), "generalist_F": stats.pack_floats(b[s])},
+        }
+        for s in range(3)
+    ]
+    np.testing.assert_array_equal(
+        stats.unpack_floats(records[0]["replicates"]["generalist_F"]), b[0].astype(np.float32)
+    )
+    effect = stats.paired_effect(records, "dF", ("specialist_F", "generalist_F"))
+    want = stats.replicate_interval(
+        a.astype(np.float32), b.astype(np.float32), observed=float(np.mean(effect.values)), num_images=50
+    )
+    assert [effect.boot.mean, effect.boot.low, effect.boot.high] == pytest.approx([want.mean, want.low, want.high])
+    assert effect.boot.n == 150
+    assert effect.t.mean == pytest.approx(0.11)

@@ -11,6 +11,7 @@ from configs.experiments import base
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config, arg = base.detection(arg)
+    config.specialize.control = True
     config.experiment = {
         "kind": "detect",
         "title": "Table 4: generalist vs scratch vs specialized detectors",
@@ -21,6 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "method": ["slice"] if arg.tiny else ["scratch", "suppress", "slice"],
             "seed": list(range(1 if arg.tiny else arg.seeds)),
         },
-        "columns": ["generalist_F", "specialist_F", "dF", "specialist_mAP50", "specialist_mAP50_95", "dmAP50_95"],
+        "columns": ["generalist_F", "control_F", "specialist_F", "dF", "dF_vs_control", "dmAP50_95"],
+        "generalist_per_seed": True,
     }
     return config

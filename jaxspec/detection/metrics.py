@@ -19,6 +19,8 @@ the detection rank within an image, at most `max_dets` steps).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from jaxspec.detection.augment import unletterbox
@@ -130,16 +132,25 @@ def _check(name: str, arrays: dict, required: tuple[str, ...], optional: tuple[s
     return out
 
 
-def coco_map(detections: dict, ground_truth: dict, num_classes: int, *, max_dets: int = 100) -> dict:
-    """COCO bbox evaluation of flat arrays.
+@dataclasses.dataclass(frozen=True)
+class Matches:
+    """What COCOeval's per-image matching leaves for accumulation: per class with ground truth, its counted
+    detections in COCOeval's ranking (score, descending, stable) as (image row, true positive [T, D], false
+    positive [T, D]); and each image's count of regular ground-truth boxes per class [I, K].
 
-    detections: image_id [D], boxes [D, 4] xyxy, scores [D], labels [D].
-    ground_truth: image_id [G], boxes [G, 4] xyxy, labels [G], optional crowd [G] bool.
-    Labels are 0..num_classes-1; coordinates in any common frame (IoU is all that matters).
-
-    Returns mAP50, mAP50_95, fitness, per-class AP50 / AP50_95 [num_classes] (-1 where a class has
-    no ground truth, as COCOeval), per-class ground-truth counts and precision [T, R, num_classes].
+    Matching never looks across images, so a resample of the images (the bootstrap) only repeats these
+    rows: `accumulate` with per-image weights scores it without matching again.
     """
+
+    num_classes: int
+    image_ids: np.ndarray  # [I] the evaluated images, sorted
+    gt_counts: np.ndarray  # [I, K]
+    ranked: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def match(detections: dict, ground_truth: dict, num_classes: int, *, max_dets: int = 100, image_ids=None) -> Matches:
+    """COCO bbox matching of flat arrays (see `coco_map`); `image_ids`: every evaluated image, also those
+    with neither boxes nor detections (default: the images that have either)."""
     dt = _check("detections", detections, ("image_id", "boxes", "scores", "labels"))
     gt = _check("ground_truth", ground_truth, ("image_id", "boxes", "labels"), ("crowd",))
     crowd = gt["crowd"].astype(bool) if "crowd" in gt else np.zeros(len(gt["labels"]), bool)
@@ -152,14 +163,19 @@ def coco_map(detections: dict, ground_truth: dict, num_classes: int, *, max_dets
         raise ValueError(
             f"ground_truth box {gt['boxes'][inverted[0]].tolist()} (row {inverted[0]}) has x2 < x1 or y2 < y1"
         )
-    precision = np.full((len(IOU_THRESHOLDS), len(RECALL_POINTS), num_classes), -1.0)
-    num_gt = np.bincount(gt["labels"][~crowd], minlength=num_classes)
+    seen = np.union1d(dt["image_id"], gt["image_id"])
+    images = seen if image_ids is None else np.unique(np.asarray(image_ids, np.int64))
+    if not np.isin(seen, images).all():
+        raise ValueError(f"image {seen[~np.isin(seen, images)][0]} has boxes or detections but is not in image_ids")
+    counts = np.zeros((len(images), num_classes), np.int64)
+    np.add.at(counts, (np.searchsorted(images, gt["image_id"][~crowd]), gt["labels"][~crowd]), 1)
     # One sort for all classes: by class, image, then score (stable); crowd boxes last within an image.
     d_all = np.lexsort((-dt["scores"], dt["image_id"], dt["labels"]))
     d_bounds = np.searchsorted(dt["labels"][d_all], np.arange(num_classes + 1))
     g_all = np.lexsort((crowd, gt["image_id"], gt["labels"]))
     g_bounds = np.searchsorted(gt["labels"][g_all], np.arange(num_classes + 1))
-    for k in np.flatnonzero(num_gt):
+    ranked = {}
+    for k in np.flatnonzero(counts.sum(axis=0)):
         d = d_all[d_bounds[k] : d_bounds[k + 1]]
         img = dt["image_id"][d]
         d = d[np.arange(len(d)) - np.searchsorted(img, img, side="left") < max_dets]
@@ -177,7 +193,19 @@ def coco_map(detections: dict, ground_truth: dict, num_classes: int, *, max_dets
         ignored |= ~tp & ~((wh[:, 0] * wh[:, 1] >= AREA_ALL[0]) & (wh[:, 0] * wh[:, 1] <= AREA_ALL[1]))
         order = np.argsort(-dt["scores"][d], kind="mergesort")  # COCOeval's ranking over all images
         tp, ignored = tp[:, order], ignored[:, order]
-        precision[:, :, k] = _precision_at_recalls(tp & ~ignored, ~tp & ~ignored, int(num_gt[k]))
+        ranked[int(k)] = (np.searchsorted(images, dt["image_id"][d][order]), tp & ~ignored, ~tp & ~ignored)
+    return Matches(num_classes, images, counts, ranked)
+
+
+def accumulate(matches: Matches, weights=None) -> dict:
+    """`coco_map`'s scores from `match`'s rows; `weights` [I]: how often each image counts (a bootstrap
+    resample; None: once each). Equal to matching the resampled images again (`tests/test_det_metrics.py`)."""
+    w = np.ones(len(matches.image_ids)) if weights is None else np.asarray(weights, np.float64)
+    num_gt = w @ matches.gt_counts
+    precision = np.full((len(IOU_THRESHOLDS), len(RECALL_POINTS), matches.num_classes), -1.0)
+    for k, (rows, tp, fp) in matches.ranked.items():
+        if num_gt[k] > 0:
+            precision[:, :, k] = _precision_at_recalls(tp * w[rows], fp * w[rows], num_gt[k])
     has_gt = num_gt > 0
     ap = np.where(has_gt, precision.mean(axis=1), -1.0)  # [T, K]
     map50 = float(ap[0, has_gt].mean()) if has_gt.any() else -1.0  # IOU_THRESHOLDS[0] == 0.5
@@ -188,9 +216,40 @@ def coco_map(detections: dict, ground_truth: dict, num_classes: int, *, max_dets
         "fitness": fitness(map50, map50_95),
         "AP50_per_class": ap[0],
         "AP50_95_per_class": np.where(has_gt, ap.mean(axis=0), -1.0),
-        "num_gt_per_class": num_gt,
+        "num_gt_per_class": num_gt.astype(np.int64) if weights is None else num_gt,
         "precision": precision,
     }
+
+
+def coco_map(detections: dict, ground_truth: dict, num_classes: int, *, max_dets: int = 100) -> dict:
+    """COCO bbox evaluation of flat arrays.
+
+    detections: image_id [D], boxes [D, 4] xyxy, scores [D], labels [D].
+    ground_truth: image_id [G], boxes [G, 4] xyxy, labels [G], optional crowd [G] bool.
+    Labels are 0..num_classes-1; coordinates in any common frame (IoU is all that matters).
+
+    Returns mAP50, mAP50_95, fitness, per-class AP50 / AP50_95 [num_classes] (-1 where a class has
+    no ground truth, as COCOeval), per-class ground-truth counts and precision [T, R, num_classes].
+    """
+    return accumulate(match(detections, ground_truth, num_classes, max_dets=max_dets))
+
+
+def resample_weights(num_images: int, resamples: int, seed: int = 0) -> np.ndarray:
+    """[resamples, num_images] multiplicities of images drawn with replacement. They depend only on the
+    arguments, so every model scored on the same test images gets the same resamples: a paired bootstrap,
+    also across the cells and seeds of a grid."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(num_images, np.full(num_images, 1.0 / num_images), size=resamples)
+
+
+def bootstrap_scores(matches: Matches, weights: np.ndarray) -> dict[str, np.ndarray]:
+    """mAP50, mAP50_95 and fitness [R] of `matches` under each row of `weights` (`resample_weights`)."""
+    out = {k: np.empty(len(weights)) for k in ("mAP50", "mAP50_95", "fitness")}
+    for r, w in enumerate(weights):
+        scores = accumulate(matches, w)
+        for k in out:
+            out[k][r] = scores[k]
+    return out
 
 
 class Evaluator:
@@ -206,6 +265,7 @@ class Evaluator:
         self.num_classes, self.max_dets = num_classes, max_dets
         self._dt: list[dict] = []
         self._gt: list[dict] = []
+        self._images: list[int] = []
 
     def add(self, detections, batch: dict) -> None:
         """detections: boxes [B, K, 4] xyxy in the letterboxed frame, scores, classes, valid [B, K]."""
@@ -214,6 +274,7 @@ class Evaluator:
             k: np.asarray(batch[k]) for k in ("valid", "index", "boxes", "labels", "mask", "scale", "pad", "size")
         } | {"crowd": np.asarray(batch["crowd"]) if "crowd" in batch else np.zeros_like(batch["mask"])}
         for b in np.flatnonzero(batch["valid"]):
+            self._images.append(int(batch["index"][b]))
             frame = batch["scale"][b], batch["pad"][b], batch["size"][b]
             keep, real = det["valid"][b], batch["mask"][b]
             self._dt.append(
@@ -250,5 +311,12 @@ class Evaluator:
     def ground_truth(self) -> dict:
         return self._concat(self._gt, ("image_id", "boxes", "labels", "crowd"))
 
+    def matches(self) -> Matches:
+        """`match` over every image added, those without boxes or detections included (the bootstrap
+        resamples them too)."""
+        return match(
+            self.detections(), self.ground_truth(), self.num_classes, max_dets=self.max_dets, image_ids=self._images
+        )
+
     def result(self) -> dict:
-        return coco_map(self.detections(), self.ground_truth(), self.num_classes, max_dets=self.max_dets)
+        return accumulate(self.matches())

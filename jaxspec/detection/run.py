@@ -135,6 +135,13 @@ def specialize_from(
     return methods.Trained(d, s, subset)
 
 
+def continued(ctx: RunContext, parent: methods.Trained, *, seed: int, name: str, phase) -> methods.Trained:
+    """The `continued` control: `parent` trained further on all scenes and classes with `phase` (give it as
+    many steps as the specialist it controls for); restrict it to S to compare them."""
+    d, s = train_phase(ctx, name, parent.model, parent.classes, parent.columns, None, phase, seed)
+    return methods.Trained(d, s, parent.classes, parent.columns)
+
+
 def specialize_stage(ctx: RunContext, parent: methods.Trained, subset, k: int) -> tuple[methods.Trained, list, object]:
     """One stage of (possibly gradual) specialization: its specialist, its rows of the results table and the
     tuned specialist's detections on the test scenes of S."""

@@ -4,9 +4,17 @@ Cell axes: `group` (a subset spec: a group or class name, or a chain such as
 `animals>horse` for gradual specialization), `method` (suppress | slice |
 scratch, see `jaxspec.detection.run`), `seed`, and any field of
 `config.specialize` (e.g. `freeze`, `freeze_bn_stats`). Metrics on the final
-subset's test images: the generalist restricted to S, the specialist, and
-the differences `dF`, `dmAP50`, `dmAP50_95` (specialist - generalist), as
-fractions. With `experiment.bars`, `plots` draws dF per group.
+subset's test images: the generalist restricted to S, the specialist, with
+`specialize.control` the `continued` control (the generalist trained on all
+scenes for the specialist's steps, restricted to S), and the differences
+`dF`, `dmAP50`, `dmAP50_95` (specialist - generalist; `..._vs_control`:
+specialist - control), as fractions. `experiment.generalist_per_seed`
+trains one generalist per seed, so seeds replicate the whole pipeline.
+`experiment.equal_steps` (a chain, e.g. `animals>horse`) gives one-stage
+cells as many steps as that chain's stages take together (Table 5 at equal
+total steps). mAP is not a mean over images, so each model's scores under
+`stats.RESAMPLES` resamples of the test images (the same for every cell) are
+kept for the paired bootstrap. With `experiment.bars`, `plots` draws dF per group.
 """
 
 from __future__ import annotations
@@ -17,23 +25,46 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import ml_collections
 import numpy as np
 
 from jaxspec.data.subsets import parse_stages
-from jaxspec.detection import run
+from jaxspec.detection import metrics, run
+from jaxspec.detection.task import with_steps
+from jaxspec.experiments import stats
 from jaxspec.experiments.grid import cell_id
-from jaxspec.experiments.kind import Kind
-from jaxspec.experiments.specialize import phase_for
-from jaxspec.methods import generalist, restricted
+from jaxspec.experiments.kind import REPLICATES, Kind
+from jaxspec.experiments.specialize import ALIASES, CONTROL_FIELDS, phase_for, seed_generalist
+from jaxspec.methods import restricted
 
 _SHORT = {"fitness": "F", "mAP50": "mAP50", "mAP50_95": "mAP50_95"}
+PAIRED = {f"d{s}": (f"specialist_{s}", f"generalist_{s}") for s in _SHORT.values()} | {
+    f"d{s}_vs_control": (f"specialist_{s}", f"control_{s}") for s in _SHORT.values()
+}
 
 
 def _scores(metrics: dict, prefix: str) -> dict[str, float]:
     return {f"{prefix}_{short}": metrics[key] for key, short in _SHORT.items()}
 
 
-def run_cell(ctx, config, cell: dict) -> dict[str, float]:
+def _steps(ctx, phase, stages) -> int:
+    """Training steps of `phase` through `stages`, each stage's epochs counted over its own D_S."""
+    return sum(with_steps(phase, len(run.constrained(ctx, ctx.train, s))).steps for s in stages)
+
+
+def _fixed(phase, steps: int) -> ml_collections.ConfigDict:
+    out = ml_collections.ConfigDict(phase.to_dict())
+    out.steps, out.epochs = steps, 0.0
+    return out
+
+
+def _control_name(cell: dict) -> str:
+    """One control per group, seed and length: the methods of a cell share it."""
+    own = {k: v for k, v in cell.items() if k in ("group", "seed") or ALIASES.get(k, k).split(".")[0] in CONTROL_FIELDS}
+    return f"control-{cell_id(own)}"
+
+
+def run_cell(ctx, config, cell: dict) -> dict:
     if "group" not in cell:
         raise ValueError(f"a `detect` grid needs a `group` axis; got axes {list(cell)}")
     stages = parse_stages(cell["group"], ctx.info)
@@ -41,17 +72,36 @@ def run_cell(ctx, config, cell: dict) -> dict[str, float]:
     if method == "scratch" and len(stages) > 1:
         raise ValueError(f"method 'scratch' trains one detector on the final subset; got the chain {cell['group']!r}")
     phase = phase_for(config, cell)
-    gen = generalist(ctx)
+    equal = config.experiment.get("equal_steps", "")
+    if equal and len(stages) == 1 and method != "scratch":
+        phase = _fixed(phase, _steps(ctx, phase, parse_stages(equal, ctx.info)))
+    gen = seed_generalist(ctx, config, seed)
     final = stages[-1]
-    out = _scores(run.evaluate(ctx, restricted(gen, final), final), "generalist")
+    models = {"generalist": restricted(gen, final)}
     parent = gen
     for k, subset in enumerate(stages if method != "scratch" else stages[-1:]):
         parent = run.specialize_from(
             ctx, parent, subset, method, seed=seed, name=f"cell-{cell_id(cell)}-stage{k}", phase=phase
         )
-    out |= _scores(run.evaluate(ctx, parent, final), "specialist")
-    for short in _SHORT.values():
-        out[f"d{short}"] = out[f"specialist_{short}"] - out[f"generalist_{short}"]
+    models["specialist"] = parent
+    if config.specialize.get("control", False):
+        control = phase_for(config, cell, CONTROL_FIELDS)
+        control = _fixed(control, phase.steps if equal and len(stages) == 1 else _steps(ctx, control, stages))
+        trained = run.continued(ctx, gen, seed=seed, name=_control_name(cell), phase=control)
+        models["control"] = restricted(trained, final)
+    out, weights = {}, None
+    for prefix, trained in models.items():
+        scores, found = run.detect(ctx, trained, final)
+        out |= _scores(scores, prefix)
+        matches = found.matches()
+        if weights is None:
+            weights = metrics.resample_weights(len(matches.image_ids), stats.RESAMPLES)
+            out["test_images"] = len(matches.image_ids)
+        for key, values in metrics.bootstrap_scores(matches, weights).items():
+            out[f"{prefix}_{_SHORT[key]}{REPLICATES}"] = values
+    for effect, (a, b) in PAIRED.items():
+        if a in out and b in out:
+            out[effect] = out[a] - out[b]
     return out
 
 
@@ -88,4 +138,4 @@ def plots(ctx, config, results: list[dict], out_dir: pathlib.Path) -> list[str]:
     return ["delta_f.png"]
 
 
-KIND = Kind(run_cell, task="detect", plots=plots)
+KIND = Kind(run_cell, task="detect", plots=plots, paired=PAIRED)

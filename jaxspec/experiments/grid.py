@@ -37,7 +37,7 @@ from jaxspec.classification import Classification
 from jaxspec.data.constrain import ConstrainedSource
 from jaxspec.detection.task import Detection
 from jaxspec.experiments import stats
-from jaxspec.experiments.kind import KINDS, load
+from jaxspec.experiments.kind import KINDS, REPLICATES, load
 from jaxspec.train import workdir as wdir
 from jaxspec.train.context import RunContext, open_context
 
@@ -202,11 +202,17 @@ def _run_grid(config: ml_collections.ConfigDict, workdir: str) -> dict:
             values = kind.run_cell(ctx, config, cell)
             record = {
                 "cell": cell,
-                "metrics": {k: float(v) for k, v in values.items() if not k.endswith("_hits")},
+                "metrics": {k: float(v) for k, v in values.items() if not k.endswith(("_hits", REPLICATES))},
                 "seconds": time.time() - start,
             }
             if any(k.endswith("_hits") for k in values):
                 record["hits"] = {k: stats.pack_hits(v) for k, v in values.items() if k.endswith("_hits")}
+            if any(k.endswith(REPLICATES) for k in values):
+                record["replicates"] = {
+                    k.removesuffix(REPLICATES): stats.pack_floats(v)
+                    for k, v in values.items()
+                    if k.endswith(REPLICATES)
+                }
             done[cell_id(cell)] = record
             if lead:
                 files.write_json(path, record, indent=1)

@@ -19,8 +19,11 @@ from jaxspec.train.context import RunContext
 
 KINDS = ("detect", "forgetting", "lesion", "routed", "skd", "specialize")
 
-# run_cell(ctx, config, cell) -> {metric: number, or `<name>_hits`: each test image's top-1 outcome}
+# run_cell(ctx, config, cell) -> {metric: number, or `<name>_hits`: each test image's top-1 outcome, or
+# `<name>_replicates`: a score under each of `stats.RESAMPLES` resamples of the test images, the same for
+# every cell (a score that is not a mean over images, such as mAP: `jaxspec.detection.metrics.bootstrap_scores`)}
 RunCell = Callable[[RunContext, ml_collections.ConfigDict, dict], dict]
+REPLICATES = "_replicates"
 # prepare(ctx, config, cells not yet done, max_k): trains the cells' specialists ahead, K per vmapped step
 Prepare = Callable[[RunContext, ml_collections.ConfigDict, list, int], None]
 # plots(ctx, config, cell records, out_dir) -> file names of the figures written into out_dir

@@ -70,7 +70,8 @@ def _name(cell: dict) -> str:
     return f"cell-{cell_id(cell)}"
 
 
-def _generalist(ctx, config, seed: int):
+def seed_generalist(ctx, config, seed: int):
+    """The cell's generalist: its seed's with `experiment.generalist_per_seed`, else the run's one."""
     return methods.generalist(ctx, seed if config.experiment.get("generalist_per_seed", False) else None)
 
 
@@ -96,7 +97,7 @@ def run_cell(ctx, config, cell: dict) -> dict[str, float]:
     subset, seed = ctx.groups[cell["group"]], int(cell.get("seed", 0))
     phase = phase_for(config, cell)
     method = cell.get("method", phase.method)
-    gen = _generalist(ctx, config, seed)
+    gen = seed_generalist(ctx, config, seed)
     models = {
         "generalist": methods.restricted(gen, subset),
         "specialist": methods.specialize_from(ctx, gen, subset, method, seed=seed, name=_name(cell), phase=phase),

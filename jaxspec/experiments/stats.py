@@ -15,6 +15,8 @@ import math
 import numpy as np
 from scipy import stats
 
+RESAMPLES = 1_000  # image resamples behind a score's replicates (`replicate_interval`)
+
 
 @dataclasses.dataclass(frozen=True)
 class Interval:
@@ -84,6 +86,35 @@ def unpack_hits(text: str) -> np.ndarray:
     return np.unpackbits(np.frombuffer(base64.b64decode(data), np.uint8))[: int(n)].astype(bool)
 
 
+def pack_floats(values) -> str:
+    """Floats -> a compact string for a cell's JSON record (float32; `unpack_floats` reverses it)."""
+    data = np.asarray(values, np.float32)
+    return f"{len(data)}:" + base64.b64encode(data.tobytes()).decode()
+
+
+def unpack_floats(text: str) -> np.ndarray:
+    n, _, data = text.partition(":")
+    out = np.frombuffer(base64.b64decode(data), np.float32).astype(np.float64)
+    if len(out) != int(n):
+        raise ValueError(f"a packed array says {n} values but holds {len(out)}")
+    return out
+
+
+def replicate_interval(
+    replicates_a, replicates_b, *, observed: float, num_images: int, confidence: float = 0.95
+) -> Interval:
+    """Percentile interval of a - b from each seed's scores under the same image resamples ([seeds, R] each):
+    per resample the seeds' differences are averaged, as the effect is. The paired bootstrap of a score
+    that is not a mean over images; `observed`: the effect itself, `num_images` per seed (`Interval.n`
+    counts all seeds' images, as `paired_bootstrap`'s)."""
+    a, b = np.atleast_2d(replicates_a), np.atleast_2d(replicates_b)
+    if a.shape != b.shape:
+        raise ValueError(f"paired replicates need equal shapes; got {a.shape} and {b.shape}")
+    means = (a - b).mean(axis=0)
+    tail = (1 - confidence) / 2
+    return Interval(observed, float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail)), num_images * len(a))
+
+
 def by_setting(records: list[dict], axis: str = "seed") -> list[tuple[dict, list[dict]]]:
     """Cell records grouped by everything but `axis`: `[(setting, records sorted by seed)]`, settings sorted
     (numbers before names on each axis)."""
@@ -113,9 +144,14 @@ def paired_effect(records: list[dict], metric: str, pair: tuple[str, str]) -> Ef
         return None
     values = tuple(float(rec["metrics"][metric]) for rec in records)
     hits = [rec.get("hits", {}) for rec in records]
+    reps = [rec.get("replicates", {}) for rec in records]
     boot = None
     if all(f"{m}_hits" in h for h in hits for m in pair):
         a, b = (np.concatenate([unpack_hits(h[f"{m}_hits"]) for h in hits]) for m in pair)
         boot = paired_bootstrap(a, b)
+    elif all(m in r for r in reps for m in pair):
+        a, b = (np.stack([unpack_floats(r[m]) for r in reps]) for m in pair)
+        n = int(records[0]["metrics"].get("test_images", 0))
+        boot = replicate_interval(a, b, observed=float(np.mean(values)), num_images=n)
     sd = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
     return Effect(values, t_interval(values), sd, boot)

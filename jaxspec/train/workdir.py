@@ -57,7 +57,7 @@ IGNORED = frozenset(
 )
 # Keys added after workdirs were written, at the values that change nothing: left out of the records
 # there, so a workdir written before they existed still resumes.
-ADDED_DEFAULTS = {f"data.{k}": v for k, v in custom.DEFAULTS.items()}
+ADDED_DEFAULTS = {f"data.{k}": v for k, v in custom.DEFAULTS.items()} | {"specialize.control": False}
 # fields of every training phase section
 ADDED_PHASE_DEFAULTS = {"reestimate_bn": False, "ema_decay": 0.0, "ema_tau": 2000.0}
 # Sections that are off while their switch is 0 (added later, too): then none of their keys changes anything.
