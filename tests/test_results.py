@@ -170,3 +170,33 @@ def test_contrast_between_cells_and_the_pooled_row(tmp_path, monkeypatch):
     t = sps.t.interval(0.95, 2, loc=np.mean(per_seed), scale=sps.sem(per_seed))
     assert f"{100 * np.mean(per_seed):+.2f} points, 95% CI [{100 * t[0]:+.2f}, {100 * t[1]:+.2f}]" in text
     assert "**Verdict: reproduced**" in text  # skd is right wherever scratch is, and on more images
+
+
+def test_a_detector_claim_bootstraps_mean_ap_from_its_replicates(tmp_path, monkeypatch):
+    """mAP is no mean over images: the cells keep each model's F under shared image resamples, and the
+    claim names the two scores its effect compares."""
+    claim = claims.Claim(
+        id="D", title="Detectors", paper="p", grids=("det",), effect="dF", pair=("specialist_F", "generalist_F")
+    )
+    monkeypatch.setattr(results, "CLAIMS", (claim,))
+    (tmp_path / "det" / "cells").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    specialist, generalist = rng.normal(0.52, 0.01, (3, 500)), rng.normal(0.50, 0.01, (3, 500))
+    for seed in range(3):
+        rec = {
+            "cell": {"group": "animals", "seed": seed},
+            "metrics": {"dF": 0.02 + 0.002 * seed, "test_images": 700},
+            "replicates": {
+                "specialist_F": stats.pack_floats(specialist[seed]),
+                "generalist_F": stats.pack_floats(generalist[seed]),
+            },
+        }
+        (tmp_path / "det" / "cells" / f"{seed}.json").write_text(json.dumps(rec))
+    (tmp_path / "det" / "grid.json").write_text(json.dumps({"cells": 3}))
+    (row,) = results.paired_rows(results.load_grid(tmp_path / "det")["cells"], claim.effect, claim.pair)
+    means = (specialist.astype(np.float32) - generalist.astype(np.float32)).mean(axis=0)
+    assert row["effect"].boot.n == 3 * 700
+    assert [row["effect"].boot.low, row["effect"].boot.high] == pytest.approx(np.quantile(means, [0.025, 0.975]))
+    text, _ = results.render(tmp_path)
+    assert f"[{100 * row['effect'].boot.low:+.2f}, {100 * row['effect'].boot.high:+.2f}]" in text
+    assert "**Verdict: reproduced**" in text

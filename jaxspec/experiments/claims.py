@@ -29,6 +29,9 @@ class Claim:
     # for grids that put the compared models in different cells (students, methods, groupings).
     contrast: tuple[str, str, str, str] = ()
     pool: str = ""  # an axis whose values are also averaged per seed into a row "all" (e.g. the groups)
+    # The two models (`*_hits`) or model scores (`replicates`) the effect compares, when its name does not
+    # say (`gain_vs_control_top1` says specialist, control); e.g. ("specialist_F", "generalist_F") for dF.
+    pair: tuple[str, str] = ()
 
 
 CLAIMS = (

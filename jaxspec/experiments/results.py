@@ -77,13 +77,13 @@ def contrasted(records: list[dict], contrast: tuple[str, str, str, str]) -> list
     return out
 
 
-def pooled(records: list[dict], axis: str, effect: str) -> list[dict]:
+def pooled(records: list[dict], axis: str, effect: str, pair: tuple[str, str] = ()) -> list[dict]:
     """Per seed (and other axes), `effect` averaged over the values of `axis`: records with `axis='all'`.
 
     Their per-image outcomes are the seed's images of every value, concatenated, so the bootstrap
     resamples all of them."""
     out = []
-    pair = _pair(effect)
+    pair = pair or _pair(effect)
     for _, recs in stats.by_setting(records, axis):
         if len(recs) < 2:
             continue
@@ -107,15 +107,15 @@ def _means(records: list[dict]) -> dict[str, float]:
     }
 
 
-def paired_rows(records: list[dict], effect: str) -> list[dict]:
+def paired_rows(records: list[dict], effect: str, pair: tuple[str, str] = ()) -> list[dict]:
     """Per setting (cells equal but for the seed): the paired `effect` (`stats.Effect`) and per-cell means.
 
-    The bootstrap needs the effect's two models (`gain_vs_control_top1` -> specialist, control) to have
-    per-image outcomes in every cell.
+    The bootstrap needs the effect's two models (`gain_vs_control_top1` -> specialist, control; else `pair`)
+    to have per-image outcomes, or replicates of their scores under image resamples, in every cell.
     """
     rows = []
     for setting, recs in stats.by_setting(records):
-        e = stats.paired_effect(recs, effect, _pair(effect))
+        e = stats.paired_effect(recs, effect, pair or _pair(effect))
         if e is None:
             raise SystemExit(f"results: a cell of {setting} has no metric {effect!r}")
         rows.append({"setting": setting, "effect": e, "means": _means(recs)})
@@ -245,8 +245,8 @@ def claim_section(claim: Claim, grids: dict[str, dict | None]) -> tuple[list[str
             continue
         records = contrasted(grid["cells"], claim.contrast) if claim.contrast else grid["cells"]
         if claim.pool:
-            records = records + pooled(records, claim.pool, claim.effect)
-        rows = paired_rows(records, claim.effect)
+            records = records + pooled(records, claim.pool, claim.effect, claim.pair)
+        rows = paired_rows(records, claim.effect, claim.pair)
         choosing = i < len(claim.grids) - 1 and "specialist_val_top1" in rows[0]["means"]
         complete = planned is not None and done >= planned
         if choosing and complete:
