@@ -64,7 +64,7 @@ def _phase(steps, decay):
 
 def _train(workdir, phase, extra_eval=None):
     src, val = toy_source(), toy_source(48, seed=1)
-    ctx = _context(workdir)
+    ctx = _context(workdir, jax.devices()[:1])  # one device: the average, not the sharding, is under test
     ctx.config.eval.every_steps = 1
     return driver.train_phase(ctx, "m", specialists()[0], src, val, phase, 1, extra_eval=extra_eval)[1]
 

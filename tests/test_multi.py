@@ -100,8 +100,9 @@ class _NullWriter:
         pass
 
 
-def _context(workdir) -> RunContext:
-    """A run context for training on the toy sources, without opening a dataset."""
+def _context(workdir, devices=None) -> RunContext:
+    """A run context for training on the toy sources, without opening a dataset; on every device or on
+    `devices`."""
     config = ml_collections.ConfigDict(
         {
             "data": data_config(image_size=32, num_threads=1, prefetch=2),
@@ -113,7 +114,7 @@ def _context(workdir) -> RunContext:
     return RunContext(
         config=config,
         workdir=pathlib.Path(workdir),
-        mesh=sharding.make_mesh(),
+        mesh=sharding.make_mesh(devices),
         writer=_NullWriter(),
         task=Classification(),
         train=None,
