@@ -146,6 +146,6 @@ def test_detection_runs(manifest, tmp_path, monkeypatch):
     nb = execute("detection.ipynb", monkeypatch, **_tiny(manifest, tmp_path / "run"))
     markdown = "\n".join(_outputs(nb, "text/markdown"))
     assert "| specialist (suppress), tuned |" in markdown and "| scratch specialist (same data) |" in markdown
-    # scenes, the animal scenes, the specialist's detections and the same scenes' ground truth
-    assert len(_outputs(nb, "image/png")) == 4
+    # scenes, the animal scenes, and the specialist's detections beside the same scenes' ground truth
+    assert len(_outputs(nb, "image/png")) == 3
     assert (tmp_path / "run" / "specialist_boxes.png").exists()

@@ -231,7 +231,7 @@ def test_gradual_vs_direct_grid_at_equal_steps_with_controls_per_seed_generalist
             assert (ckpt / f"{name}-stage0" / str(steps)).is_dir() and (ckpt / f"{name}-stage1" / str(steps)).is_dir()
         else:  # direct: as many steps as the chain's two stages together
             assert (ckpt / f"{name}-stage0" / str(2 * steps)).is_dir()
-        control = ckpt / f"control-group={cell['group']},seed={cell['seed']}"
+        control = ckpt / f"control-{grid.cell_id({'group': cell['group'], 'seed': cell['seed']})}"
         assert (control / str(2 * steps)).is_dir()  # the control trains as long as its specialist
         replicates = {k: stats.unpack_floats(v) for k, v in rec["replicates"].items()}
         assert sorted(replicates) == sorted(

@@ -80,7 +80,8 @@ def test_a_classifier_predicts_what_its_eval_path_computes(setup):
     ref = jax.nn.softmax(setup["animal"](pipeline.normalize(batch["image"], info.mean, info.std)))
     out = predict(setup["dir"] / "animals", _images(setup, 12), top_k=3, batch_size=5)  # batches 8 + 4 padded
     assert isinstance(out, Classification) and out.probabilities.shape == (12, 10)
-    np.testing.assert_allclose(out.probabilities, ref[:12], atol=1e-6)
+    # float32 sums in another order (batches of 5 on 8 devices vs 16 eagerly): up to 4e-6 apart measured
+    np.testing.assert_allclose(out.probabilities, ref[:12], atol=1e-5)
     assert out.names[:2] == ("bear", "bird") and out.classes == tuple(range(10))
     best = np.argmax(ref[:12], axis=1)
     assert [t[0][0] for t in out.top] == [out.names[j] for j in best] and len(out.top[0]) == 3
