@@ -159,7 +159,7 @@ def test_detection_report(tmp_path):
     table = tables.detection(list(stage["test_on_S"].items()), "model (test split, S = animals, 3 classes)")
     assert table in text and report.results_markdown(results) == table
     assert "| model | yolov5n |" in text and "beside a specialist trained from scratch on D_S" in text
-    assert "| generalist | 4 | 8 | adam, lr 0.001, cosine, 1 warm-up step |" in text
+    assert "| generalist | 4 | 8 | adam, lr 0.003, cosine, 1 warm-up step |" in text
     assert "| specialist | 4 | 8 | adam, lr 0.0001, constant | — | — | — |" in text
     assert "the untuned sliced specialist equals its parent restricted to S" in text
     assert "(9 test images, 14 boxes): F 15.00, mAP@0.5 25.00, mAP@0.5:0.95 14.00 (%)" in text
