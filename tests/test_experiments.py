@@ -188,3 +188,23 @@ def test_group_sets_average_each_expanded_grouping():
         f"{grid.AVERAGE} (semantic)": {"animals", "clothing"},
         f"{grid.AVERAGE} (random)": {"random0", "random1"},
     }
+
+
+def test_exclude_drops_the_cells_matching_every_named_axis():
+    r = types.SimpleNamespace(groupings={"semantic": ("animals", "clothing", "digits")})
+    axes = {"group": ["@semantic", "horse"], "method": ["scratch", "suppress"], "seed": [0, 1]}
+    exclude = [{"method": "scratch", "group": ["clothing", "digits", "horse"]}, {"group": "horse", "seed": 1}]
+    cells = grid.expand(axes, r, exclude)
+    assert [(c["group"], c["method"]) for c in cells if c["seed"] == 0] == [
+        ("animals", "scratch"),
+        ("animals", "suppress"),
+        ("clothing", "suppress"),
+        ("digits", "suppress"),
+        ("horse", "suppress"),
+    ]
+    assert len(cells) == 9 and all(c["group"] != "horse" for c in cells if c["seed"] == 1)
+    assert len(grid.expand(axes, r)) == 16
+    with pytest.raises(
+        Exception, match=r"experiment\.exclude=\{'methd': 'scratch'\} is not allowed: a dict of grid axes"
+    ):
+        grid.expand(axes, r, [{"methd": "scratch"}])

@@ -200,3 +200,40 @@ def test_a_detector_claim_bootstraps_mean_ap_from_its_replicates(tmp_path, monke
     text, _ = results.render(tmp_path)
     assert f"[{100 * row['effect'].boot.low:+.2f}, {100 * row['effect'].boot.high:+.2f}]" in text
     assert "**Verdict: reproduced**" in text
+
+
+def test_a_contrast_of_detector_cells_bootstraps_from_both_cells_replicates(tmp_path, monkeypatch):
+    """C8 compares two cells (the chain and direct `horse`, scored on the same test images): the contrast
+    carries each cell's replicates of the compared score, so the difference is bootstrapped per resample."""
+    claim = claims.Claim(
+        id="G",
+        title="Gradual",
+        paper="p",
+        grids=("det",),
+        effect="a>b_vs_b_specialist_F",
+        contrast=("group", "a>b", "b", "specialist_F"),
+        pair=("a>b_specialist_F", "b_specialist_F"),
+    )
+    monkeypatch.setattr(results, "CLAIMS", (claim,))
+    (tmp_path / "det" / "cells").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    scores = {"a>b": rng.normal(0.60, 0.02, (3, 400)), "b": rng.normal(0.58, 0.02, (3, 400))}
+    for group, reps in scores.items():
+        for seed in range(3):
+            rec = {
+                "cell": {"group": group, "method": "suppress", "seed": seed},
+                "metrics": {"specialist_F": float(reps[seed].mean()), "test_images": 90},
+                "replicates": {
+                    "specialist_F": stats.pack_floats(reps[seed]),
+                    "generalist_F": stats.pack_floats(reps[seed]),
+                },
+            }
+            (tmp_path / "det" / "cells" / f"{group}-{seed}.json").write_text(json.dumps(rec))
+    (tmp_path / "det" / "grid.json").write_text(json.dumps({"cells": 6}))
+    records = results.contrasted(results.load_grid(tmp_path / "det")["cells"], claim.contrast)
+    (row,) = results.paired_rows(records, claim.effect, claim.pair)
+    assert row["setting"] == {"method": "suppress"}
+    means = (scores["a>b"].astype(np.float32) - scores["b"].astype(np.float32)).mean(axis=0)
+    assert row["effect"].boot.n == 3 * 90
+    assert [row["effect"].boot.low, row["effect"].boot.high] == pytest.approx(np.quantile(means, [0.025, 0.975]))
+    assert row["effect"].values == pytest.approx(scores["a>b"].mean(axis=1) - scores["b"].mean(axis=1))

@@ -10,9 +10,10 @@ scenes for the specialist's steps, restricted to S), and the differences
 `dF`, `dmAP50`, `dmAP50_95` (specialist - generalist; `..._vs_control`:
 specialist - control), as fractions. `experiment.generalist_per_seed`
 trains one generalist per seed, so seeds replicate the whole pipeline.
-`experiment.equal_steps` (a chain, e.g. `animals>horse`) gives one-stage
-cells as many steps as that chain's stages take together (Table 5 at equal
-total steps). mAP is not a mean over images, so each model's scores under
+`experiment.equal_steps` (a chain, e.g. `animals>horse`) gives the one-stage
+cells of its last subset (direct `horse`) as many steps as the chain's stages
+take together (Table 5 at equal total steps); other groups keep their own.
+mAP is not a mean over images, so each model's scores under
 `stats.RESAMPLES` resamples of the test images (the same for every cell) are
 kept for the paired bootstrap. With `experiment.bars`, `plots` draws dF per group.
 """
@@ -72,9 +73,10 @@ def run_cell(ctx, config, cell: dict) -> dict:
     if method == "scratch" and len(stages) > 1:
         raise ValueError(f"method 'scratch' trains one detector on the final subset; got the chain {cell['group']!r}")
     phase = phase_for(config, cell)
-    equal = config.experiment.get("equal_steps", "")
-    if equal and len(stages) == 1 and method != "scratch":
-        phase = _fixed(phase, _steps(ctx, phase, parse_stages(equal, ctx.info)))
+    chain = parse_stages(config.experiment.equal_steps, ctx.info) if config.experiment.get("equal_steps") else []
+    equal = len(stages) == 1 and method != "scratch" and chain[-1:] == stages
+    if equal:
+        phase = _fixed(phase, _steps(ctx, phase, chain))
     gen = seed_generalist(ctx, config, seed)
     final = stages[-1]
     models = {"generalist": restricted(gen, final)}
@@ -86,7 +88,7 @@ def run_cell(ctx, config, cell: dict) -> dict:
     models["specialist"] = parent
     if config.specialize.get("control", False):
         control = phase_for(config, cell, CONTROL_FIELDS)
-        control = _fixed(control, phase.steps if equal and len(stages) == 1 else _steps(ctx, control, stages))
+        control = _fixed(control, phase.steps if equal else _steps(ctx, control, stages))
         trained = run.continued(ctx, gen, seed=seed, name=_control_name(cell), phase=control)
         models["control"] = restricted(trained, final)
     out, weights = {}, None

@@ -69,8 +69,10 @@ def add_groupings(ctx: RunContext, config: ml_collections.ConfigDict) -> RunCont
     return ctx
 
 
-def expand(grid: dict, ctx: RunContext) -> list[dict]:
-    """The cartesian product of the grid's axes, in axis order, `@grouping` values expanded."""
+def expand(grid: dict, ctx: RunContext, exclude=()) -> list[dict]:
+    """The cartesian product of the grid's axes, in axis order, `@grouping` values expanded, less the cells
+    that match an entry of `exclude` (`{axis: value or [values]}`, every axis named matching): a design that
+    is not a full product, e.g. the expensive scratch detector on one group only."""
     axes = {}
     for axis, values in grid.items():
         vals = []
@@ -82,7 +84,15 @@ def expand(grid: dict, ctx: RunContext) -> list[dict]:
             else:
                 vals.append(v)
         axes[axis] = vals
-    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+    rules = [_exclusion(rule, axes) for rule in exclude]
+    cells = [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+    return [c for c in cells if not any(all(c[k] in vs for k, vs in rule.items()) for rule in rules)]
+
+
+def _exclusion(rule, axes: dict) -> dict[str, list]:
+    if not isinstance(rule, dict) or not rule or set(rule) - set(axes):
+        validate.fail("experiment.exclude", rule, f"a dict of grid axes {list(axes)} to a value or a list of values")
+    return {k: list(v) if isinstance(v, (list, tuple)) else [v] for k, v in rule.items()}
 
 
 def _without(cell: dict, axis: str) -> tuple:
@@ -161,6 +171,8 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str) -> dict:
     validate.check(config)
     if config.experiment.kind not in KINDS:
         validate.fail("experiment.kind", config.experiment.kind, f"one of {list(KINDS)}")
+    for rule in config.experiment.get("exclude", ()):  # before anything trains (a confusion grouping would)
+        _exclusion(rule, config.experiment.grid)
     with wdir.opened(workdir, config.to_dict(), overwrite=config.get("overwrite", False)):
         return _run_grid(config, workdir)
 
@@ -170,7 +182,7 @@ def _run_grid(config: ml_collections.ConfigDict, workdir: str) -> dict:
     kind = load(config.experiment.kind)
     task = Detection() if kind.task == "detect" else Classification()
     ctx = add_groupings(open_context(config, workdir, task), config)
-    cells = expand(config.experiment.grid.to_dict(), ctx)
+    cells = expand(config.experiment.grid.to_dict(), ctx, config.experiment.get("exclude", ()))
     out_dir = ctx.workdir / "cells"
     out_dir.mkdir(exist_ok=True)
     pending = [c for c in cells if not (out_dir / f"{cell_id(c)}.json").exists()]

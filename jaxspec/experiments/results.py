@@ -50,8 +50,9 @@ def load_grid(directory: pathlib.Path) -> dict | None:
 def contrasted(records: list[dict], contrast: tuple[str, str, str, str]) -> list[dict]:
     """Records of `a - b` in `metric` from pairs of cells equal but for `axis` (a's and b's value there).
 
-    Each pair's per-image outcomes (the cells' one `*_hits` entry) become `{a}_hits` and `{b}_hits`, so
-    the difference can be bootstrapped over images like any effect.
+    Each pair's per-image outcomes (the cells' one `*_hits` entry) become `{a}_hits` and `{b}_hits`, and
+    `metric`'s replicates under image resamples (detection) `{a}_{metric}` and `{b}_{metric}`, so the
+    difference can be bootstrapped over images like any effect.
     """
     axis, a, b, metric = contrast
     key = lambda rec: tuple((k, v) for k, v in rec["cell"].items() if k != axis)  # noqa: E731
@@ -73,6 +74,10 @@ def contrasted(records: list[dict], contrast: tuple[str, str, str, str]) -> list
         hits = [next((v for k, v in r.get("hits", {}).items()), None) for r in (rec, other)]
         if None not in hits:
             new["hits"] = {f"{a}_hits": hits[0], f"{b}_hits": hits[1]}
+        reps = [r.get("replicates", {}).get(metric) for r in (rec, other)]
+        if None not in reps:  # both scored on the same test images under the same resamples
+            new["replicates"] = {f"{a}_{metric}": reps[0], f"{b}_{metric}": reps[1]}
+            new["metrics"]["test_images"] = rec["metrics"].get("test_images", 0)
         out.append(new)
     return out
 
@@ -301,7 +306,8 @@ def render(results_dir: pathlib.Path) -> tuple[str, str]:
         "on the embedded data with paired comparisons (same generalist per seed, same test images), 95% "
         "t-intervals over seeds and a paired bootstrap over test images. Verdicts: **reproduced** (the "
         "interval excludes 0 in the paper's direction), **contradicted** (in the other), **inconclusive** "
-        "(it includes 0), **pending** (not run to its budget yet). Effects are in top-1 points.",
+        "(it includes 0), **pending** (not run to its budget yet). Effects are in points (top-1 for "
+        "classifiers, F or mAP for detectors).",
         "",
         f"Total compute so far: {_hours(total)} of wall time on the machines named per grid.",
         "",
