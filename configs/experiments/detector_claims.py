@@ -30,7 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         f"scratch on D_S; `{chain}` against direct `{arg.target}` at equal total steps.",
         "grid": {
             "group": [*GROUPS, arg.target, chain],
-            "method": ["scratch", "suppress", "slice"],
+            "method": ["suppress", "slice", "scratch"],
             "seed": list(range(1 if arg.tiny else arg.seeds)),
         },
         "exclude": [
