@@ -100,18 +100,30 @@ def _match_class(dt_img, dt_box, gt_img, gt_box, gt_crowd, thresholds):
     return tp, ignored
 
 
-def _precision_at_recalls(tp: np.ndarray, fp: np.ndarray, num_gt: int) -> np.ndarray:
-    """tp, fp [T, D] in score order -> interpolated precision [T, R] at RECALL_POINTS."""
-    tp_sum, fp_sum = np.cumsum(tp, axis=1, dtype=float), np.cumsum(fp, axis=1, dtype=float)
-    recall = tp_sum / num_gt
+def _precision_at_recalls(tp: np.ndarray, fp: np.ndarray, num_gt) -> np.ndarray:
+    """tp, fp [..., D] whole-number counts in score order, num_gt [...] > 0 -> interpolated precision
+    [..., R] at RECALL_POINTS, with COCOeval's float comparisons, for every leading index at once."""
+    tp_sum, fp_sum = np.cumsum(tp, axis=-1, dtype=float), np.cumsum(fp, axis=-1, dtype=float)
+    shape, d = tp_sum.shape[:-1], tp_sum.shape[-1]
+    if d == 0:
+        return np.zeros((*shape, len(RECALL_POINTS)))
     precision = tp_sum / (tp_sum + fp_sum + np.spacing(1))
-    precision = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]  # monotone from the right
-    out = np.zeros((len(tp), len(RECALL_POINTS)))
-    for t in range(len(tp)):
-        idx = np.searchsorted(recall[t], RECALL_POINTS, side="left")
-        inside = idx < recall.shape[1]
-        out[t, inside] = precision[t, idx[inside]]
-    return out
+    precision = np.flip(np.maximum.accumulate(np.flip(precision, -1), axis=-1), -1)  # monotone from the right
+    # COCOeval takes, per recall point q, the first detection whose recall tp_sum / num_gt (a float division)
+    # is >= q. As tp_sum counts whole detections, that is the first with tp_sum >= `need`, the fewest true
+    # positives whose recall reaches q; whole numbers can then be searched exactly for all rows at once.
+    n = np.broadcast_to(np.asarray(num_gt, float), shape)[..., None]
+    need = np.ceil(RECALL_POINTS * n)
+    need -= (need >= 1) & ((need - 1) / n >= RECALL_POINTS)
+    need += need / n < RECALL_POINTS
+    rows = int(np.prod(shape))
+    span = max(float(need.max()), float(tp_sum.max())) + 1  # each row's counts stay below the next row's
+    offset = span * np.arange(rows)[:, None]
+    flat = (tp_sum.reshape(rows, d) + offset).ravel()
+    idx = np.searchsorted(flat, (need.reshape(rows, -1) + offset).ravel(), side="left").reshape(rows, -1)
+    idx -= d * np.arange(rows)[:, None]
+    out = np.take_along_axis(precision.reshape(rows, d), np.minimum(idx, d - 1), axis=1)
+    return np.where(idx < d, out, 0.0).reshape(*shape, len(RECALL_POINTS))
 
 
 def _check(name: str, arrays: dict, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict:
@@ -197,10 +209,17 @@ def match(detections: dict, ground_truth: dict, num_classes: int, *, max_dets: i
     return Matches(num_classes, images, counts, ranked)
 
 
+def _weights(weights, num_images: int) -> np.ndarray:
+    w = np.ones(num_images) if weights is None else np.asarray(weights, np.float64)
+    if w.shape[-1:] != (num_images,) or (w < 0).any() or (w != np.round(w)).any():
+        raise ValueError(f"image weights must be whole counts >= 0 for each of the {num_images} images")
+    return w
+
+
 def accumulate(matches: Matches, weights=None) -> dict:
     """`coco_map`'s scores from `match`'s rows; `weights` [I]: how often each image counts (a bootstrap
     resample; None: once each). Equal to matching the resampled images again (`tests/test_det_metrics.py`)."""
-    w = np.ones(len(matches.image_ids)) if weights is None else np.asarray(weights, np.float64)
+    w = _weights(weights, len(matches.image_ids))
     num_gt = w @ matches.gt_counts
     precision = np.full((len(IOU_THRESHOLDS), len(RECALL_POINTS), matches.num_classes), -1.0)
     for k, (rows, tp, fp) in matches.ranked.items():
@@ -242,14 +261,23 @@ def resample_weights(num_images: int, resamples: int, seed: int = 0) -> np.ndarr
     return rng.multinomial(num_images, np.full(num_images, 1.0 / num_images), size=resamples)
 
 
-def bootstrap_scores(matches: Matches, weights: np.ndarray) -> dict[str, np.ndarray]:
-    """mAP50, mAP50_95 and fitness [R] of `matches` under each row of `weights` (`resample_weights`)."""
-    out = {k: np.empty(len(weights)) for k in ("mAP50", "mAP50_95", "fitness")}
-    for r, w in enumerate(weights):
-        scores = accumulate(matches, w)
-        for k in out:
-            out[k][r] = scores[k]
-    return out
+def bootstrap_scores(matches: Matches, weights: np.ndarray, *, chunk: int = 1 << 22) -> dict[str, np.ndarray]:
+    """mAP50, mAP50_95 and fitness [R] of `matches` under each row of `weights` (`resample_weights`): what
+    `accumulate` gives row by row, computed for many resamples at once (`chunk` elements per array)."""
+    w = _weights(weights, len(matches.image_ids))
+    num_gt = w @ matches.gt_counts  # [R, K]
+    has_gt = num_gt > 0
+    ap = np.zeros((len(w), len(IOU_THRESHOLDS), matches.num_classes))  # [R, T, K]; 0 where no ground truth
+    for k, (rows, tp, fp) in matches.ranked.items():
+        step = max(1, chunk // max(1, tp.size))
+        for s in range(0, len(w), step):
+            wk = w[s : s + step, rows][:, None, :]  # [r, 1, D]
+            n = np.where(has_gt[s : s + step, k], num_gt[s : s + step, k], 1.0)[:, None]
+            ap[s : s + step, :, k] = _precision_at_recalls(tp * wk, fp * wk, n).mean(axis=-1)
+    classes = np.maximum(has_gt.sum(axis=1), 1)
+    map50 = np.where(has_gt.any(axis=1), (ap[:, 0] * has_gt).sum(axis=1) / classes, -1.0)
+    map50_95 = np.where(has_gt.any(axis=1), (ap.mean(axis=1) * has_gt).sum(axis=1) / classes, -1.0)
+    return {"mAP50": map50, "mAP50_95": map50_95, "fitness": fitness(map50, map50_95)}
 
 
 class Evaluator:
