@@ -12,15 +12,10 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # The 8 fake devices are threads: on a loaded 2-core machine they can reach a collective far apart, and
-# XLA:CPU aborts the whole process after 40 s by default. Compiling, not running, is most of the suite's time,
-# so the CPU backend skips LLVM's optimisation passes (-O0): executables are built faster, run slower. Notebook
-# kernels and worker processes inherit both.
+# XLA:CPU aborts the whole process after 40 s by default. Notebook kernels and worker processes inherit it.
+# (LLVM -O0 was tried: no faster to compile here, twice as slow to run the overfit test; BENCHMARKS.md.)
 os.environ["XLA_FLAGS"] = " ".join(
-    [
-        os.environ.get("XLA_FLAGS", ""),
-        "--xla_cpu_collective_call_terminate_timeout_seconds=600",
-        "--xla_backend_optimization_level=0",
-    ]
+    [os.environ.get("XLA_FLAGS", ""), "--xla_cpu_collective_call_terminate_timeout_seconds=600"]
 ).strip()
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "jaxspec-test-xla-cache"))
 # Every executable goes to the cache, not only those over a second: a fresh process (a CLI run, a notebook
