@@ -231,7 +231,7 @@ def test_gradual_vs_direct_grid_at_equal_steps_with_controls_per_seed_generalist
             assert (ckpt / f"{name}-stage0" / str(steps)).is_dir() and (ckpt / f"{name}-stage1" / str(steps)).is_dir()
         else:  # direct: as many steps as the chain's two stages together
             assert (ckpt / f"{name}-stage0" / str(2 * steps)).is_dir()
-        control = ckpt / f"control-{grid.cell_id({'group': cell['group'], 'seed': cell['seed']})}"
+        control = ckpt / f"control-seed{cell['seed']}-steps{2 * steps}"
         assert (control / str(2 * steps)).is_dir()  # the control trains as long as its specialist
         replicates = {k: stats.unpack_floats(v) for k, v in rec["replicates"].items()}
         assert sorted(replicates) == sorted(
@@ -239,6 +239,8 @@ def test_gradual_vs_direct_grid_at_equal_steps_with_controls_per_seed_generalist
         )
         assert {len(v) for v in replicates.values()} == {stats.RESAMPLES}
         assert m["test_images"] == with_horses  # every test scene with a horse, resampled
+    # the generalist continued on every class: one control per seed and length, shared by both groups
+    assert sorted(p.name for p in ckpt.glob("control-*")) == [f"control-seed{s}-steps{2 * steps}" for s in (0, 1)]
     paired = {row["cell"]["group"]: row for row in out["paired"]}
     for group, row in paired.items():
         assert row["n"] == 2

@@ -35,7 +35,7 @@ from jaxspec.detection.task import with_steps
 from jaxspec.experiments import stats
 from jaxspec.experiments.grid import cell_id
 from jaxspec.experiments.kind import REPLICATES, Kind
-from jaxspec.experiments.specialize import ALIASES, CONTROL_FIELDS, phase_for, seed_generalist
+from jaxspec.experiments.specialize import CONTROL_FIELDS, control_name, phase_for, seed_generalist
 from jaxspec.methods import restricted
 
 _SHORT = {"fitness": "F", "mAP50": "mAP50", "mAP50_95": "mAP50_95"}
@@ -57,12 +57,6 @@ def _fixed(phase, steps: int) -> ml_collections.ConfigDict:
     out = ml_collections.ConfigDict(phase.to_dict())
     out.steps, out.epochs = steps, 0.0
     return out
-
-
-def _control_name(cell: dict) -> str:
-    """One control per group, seed and length: the methods of a cell share it."""
-    own = {k: v for k, v in cell.items() if k in ("group", "seed") or ALIASES.get(k, k).split(".")[0] in CONTROL_FIELDS}
-    return f"control-{cell_id(own)}"
 
 
 def run_cell(ctx, config, cell: dict) -> dict:
@@ -89,7 +83,7 @@ def run_cell(ctx, config, cell: dict) -> dict:
     if config.specialize.get("control", False):
         control = phase_for(config, cell, CONTROL_FIELDS)
         control = _fixed(control, phase.steps if equal else _steps(ctx, control, stages))
-        trained = run.continued(ctx, gen, seed=seed, name=_control_name(cell), phase=control)
+        trained = run.continued(ctx, gen, seed=seed, name=control_name(cell, seed, control.steps), phase=control)
         models["control"] = restricted(trained, final)
     out, weights = {}, None
     for prefix, trained in models.items():

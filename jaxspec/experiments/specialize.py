@@ -61,9 +61,12 @@ def phase_for(config: ml_collections.ConfigDict, cell: dict, fields=None) -> ml_
     return phase
 
 
-def _control_name(cell: dict, seed: int) -> str:
+def control_name(cell: dict, seed: int, steps: int | None = None) -> str:
+    """The `continued` control's phase. It trains the generalist on every class, so it depends on the seed,
+    its length (`steps`, where groups' lengths differ) and the control fields the cell sets, not on the
+    group or method: cells that agree on those share one control."""
     own = {k: v for k, v in cell.items() if k not in _CELL_AXES and ALIASES.get(k, k).split(".")[0] in CONTROL_FIELDS}
-    return f"control-seed{seed}" + (f"-{cell_id(own)}" if own else "")
+    return f"control-seed{seed}" + (f"-steps{steps}" if steps else "") + (f"-{cell_id(own)}" if own else "")
 
 
 def _name(cell: dict) -> str:
@@ -109,7 +112,7 @@ def run_cell(ctx, config, cell: dict) -> dict[str, float]:
             subset,
             "continued",
             seed=seed,
-            name=_control_name(cell, seed),
+            name=control_name(cell, seed),
             phase=phase_for(config, cell, CONTROL_FIELDS),
         )
     out = {}

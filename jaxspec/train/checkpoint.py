@@ -50,13 +50,13 @@ def _fields(state: TrainState) -> dict:
     return {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if getattr(state, f.name) is not None}
 
 
-
 # Replica-parallel saving splits every replicated array across its replicas, one compiled slice per array shape
 # and device: for models of a few million parameters that costs more (hundreds of compilations on 8 devices)
 # than the parallel write saves.
 ocp.type_handlers.register_type_handler(
     jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
 )
+
 
 class Checkpointer:
     """The checkpoints of one phase, each verified by checksums before it is used.
