@@ -131,8 +131,12 @@ class BatchNorm(nnx.Module):
             var = jnp.maximum(jnp.mean(jnp.square(x.astype(jnp.float32)), axes) - mean**2, 0.0)
             n = x.size // x.shape[-1]
             m = self.momentum
-            self.mean[...] = jax.lax.stop_gradient(m * self.mean[...] + (1 - m) * mean)
-            self.var[...] = jax.lax.stop_gradient(m * self.var[...] + (1 - m) * var * (n / max(n - 1, 1)))
+            new_mean = m * self.mean[...] + (1 - m) * mean
+            new_var = m * self.var[...] + (1 - m) * var * (n / max(n - 1, 1))
+            # `set_value`, not `[...] =`: flax's indexed assignment asks the tracer for its sharding, and the
+            # error it builds and catches walks the whole jaxpr traced so far (a third of tracing a YOLOv5 step).
+            self.mean.set_value(jax.lax.stop_gradient(new_mean).astype(self.mean[...].dtype))
+            self.var.set_value(jax.lax.stop_gradient(new_var).astype(self.var[...].dtype))
         gain = self.scale[...] * jax.lax.rsqrt(var + self.epsilon)
         return (x * gain + (self.bias[...] - mean * gain)).astype(x.dtype)
 

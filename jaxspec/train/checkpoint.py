@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -50,12 +51,21 @@ def _fields(state: TrainState) -> dict:
     return {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if getattr(state, f.name) is not None}
 
 
-# Replica-parallel saving splits every replicated array across its replicas, one compiled slice per array shape
-# and device: for models of a few million parameters that costs more (hundreds of compilations on 8 devices)
-# than the parallel write saves.
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
-)
+def _write_replicated_arrays_whole() -> None:
+    """Replica-parallel saving splits every replicated array across its replicas, one compiled slice per array
+    shape and device: for models of a few million parameters that costs more (hundreds of compilations on 8
+    devices) than the parallel write saves. Orbax warns that its default handler is replaced: that is the point."""
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    finally:
+        absl_logger.setLevel(level)
+
+
+_write_replicated_arrays_whole()
 
 
 class Checkpointer:
