@@ -1,14 +1,20 @@
 """Every shipped config builds; CIFAR-100's tfds pipeline builds under mock data."""
 
+import importlib
+import pathlib
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from configs import animals, cifar100_animals, imagenet_animals
 from configs.common import parse_arg
+from jaxspec import validate
 from jaxspec.data import datasets, pipeline
 from jaxspec.data.constrain import ConstrainedSource
 from jaxspec.data.subsets import resolve_subset
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("module", [animals, cifar100_animals, imagenet_animals])
@@ -41,3 +47,21 @@ def test_tfds_pipelines_build_under_mock_data(module, shape, num_subset):
         assert np.all(np.isin(src.labels[constrained.source_indices], subset))
         ev = next(pipeline.eval_iterator(datasets.get_source(d.name, d.test_split), d, batch_size=8))
         assert ev["image"].shape == shape
+
+
+EXPERIMENTS = sorted(
+    p.stem for p in (ROOT / "configs" / "experiments").glob("*.py") if p.stem not in ("__init__", "base")
+)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_config_builds_with_its_arguments(name):
+    """Default and `:tiny` build, pass the run checks, and name only their grid's axes in `exclude`."""
+    module = importlib.import_module(f"configs.experiments.{name}")
+    for arg in (None, "tiny"):
+        config = module.get_config(arg)
+        validate.check(config)
+        grid = config.experiment.grid.to_dict()
+        assert grid and all(isinstance(v, list) and v for v in grid.values()), (name, arg)
+        for rule in config.experiment.get("exclude", ()):
+            assert set(rule) <= set(grid), (name, rule)
