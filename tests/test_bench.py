@@ -14,11 +14,14 @@ from jaxspec import bench, models
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_quick_cli_writes_json_with_every_benchmark(tmp_path):
+def _quick_cli(tmp_path, *only: str) -> dict[str, list[dict]]:
+    """`python -m jaxspec.bench --quick` (of `only`, or every benchmark): the report's rows by benchmark,
+    after the checks every report must pass."""
     out = tmp_path / "bench.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
+    args = [sys.executable, "-m", "jaxspec.bench", "--quick", f"--out={out}", "--torch_python=/nonexistent"]
     proc = subprocess.run(
-        [sys.executable, "-m", "jaxspec.bench", "--quick", f"--out={out}", "--torch_python=/nonexistent"],
+        args + ([f"--only={','.join(only)}"] if only else []),
         check=False,
         cwd=ROOT,
         env=env,
@@ -35,7 +38,25 @@ def test_quick_cli_writes_json_with_every_benchmark(tmp_path):
     for row in report["results"]:
         by_bench.setdefault(row["benchmark"], []).append(row)
         assert row["jaxspec"] > 0 and row["unit"] == "img/s" and len(row["rounds_seconds"]) == 1
-    assert sorted(by_bench) == sorted(bench.BENCHMARKS)
+    assert sorted(by_bench) == sorted(only or bench.BENCHMARKS)
+    assert report["memory"]["host_peak_rss_mib"] > 0
+    assert "torch worker '/nonexistent' failed" in report["torch_note"]
+    assert "| benchmark | setting |" in proc.stderr
+    return by_bench
+
+
+def test_quick_cli_writes_json_and_the_table(tmp_path):
+    """The command's plumbing on two cheap benchmarks; every benchmark runs in the slow test below."""
+    by_bench = _quick_cli(tmp_path, "eval", "routed")
+    assert len(by_bench["eval"]) == len(by_bench["routed"]) == 2
+    for rt in by_bench["routed"]:  # routed vs generalist: ratio is the routed system's cost in generalist passes
+        assert rt["reference"] == "generalist" and rt["ratio"] == pytest.approx(rt["generalist"] / rt["jaxspec"])
+        assert 1 <= rt["specialist_examples_per_image"] <= 1 + rt["chunk"]
+
+
+@pytest.mark.slow  # ~170 s on 2 cores (a compile per model and size); the CLI itself is tested above
+def test_quick_cli_writes_json_with_every_benchmark(tmp_path):
+    by_bench = _quick_cli(tmp_path)
     assert len(by_bench["train"]) == len(by_bench["eval"]) == 2
     assert all(r["xla_temp_mib"] > 0 and r["compile_seconds"] > 0 for r in by_bench["train"])
     # the in-memory pipelines are compared with the train step at its resolution
@@ -55,10 +76,6 @@ def test_quick_cli_writes_json_with_every_benchmark(tmp_path):
     (m,) = by_bench["multi"]
     assert m["reference"] == "sequential" and m["ratio"] == pytest.approx(1 / m["speedup_vs_sequential"])
     assert m["meets_target"] == (m["ratio"] <= bench.TARGETS["multi"])
-    assert len(by_bench["routed"]) == 2
-    for rt in by_bench["routed"]:  # routed vs generalist: ratio is the routed system's cost in generalist passes
-        assert rt["reference"] == "generalist" and rt["ratio"] == pytest.approx(rt["generalist"] / rt["jaxspec"])
-        assert 1 <= rt["specialist_examples_per_image"] <= 1 + rt["chunk"]
     assert len(by_bench["export"]) == 2
     # the detector's train step and its input pipeline, compared
     (d,), (dp,) = by_bench["detect"], detection
@@ -66,9 +83,6 @@ def test_quick_cli_writes_json_with_every_benchmark(tmp_path):
     for ex in by_bench["export"]:  # LiteRT latency of the exported specialist vs its generalist, and file sizes
         assert ex["reference"] == "generalist" and ex["specialist_ms"] > 0 and ex["generalist_ms"] > 0
         assert ex["specialist_tflite_bytes"] > 0 and ex["generalist_savedmodel_bytes"] > 0
-    assert report["memory"]["host_peak_rss_mib"] > 0
-    assert "torch worker '/nonexistent' failed" in report["torch_note"]
-    assert "| benchmark | setting |" in proc.stderr
 
 
 def test_registry_runs_named_benchmarks_and_rejects_unknown(monkeypatch):

@@ -140,19 +140,27 @@ def test_methods_curves_and_forgetting_plots(fixture_data, tmp_path):
     assert m["end_irrelevant_bias"] < m["start_irrelevant_bias"]
 
 
-def test_routed_table2_cell(fixture_data, tmp_path):
-    config = tiny(table2, fixture_data, grouping=["confusion"], seed=[0])
+# Semantic groups are three of ten classes: their specialists train as one vmapped step. The generalist's confusion
+# clusters may have any sizes, so each trains alone (the same path as test_tiny_grid's specialists, three compiles).
+@pytest.mark.parametrize(
+    "grouping, names",
+    [
+        ("semantic", ["animals", "clothing", "digits"]),
+        pytest.param("confusion", [f"confusion{i}" for i in range(3)], marks=pytest.mark.slow),
+    ],
+)
+def test_routed_table2_cell(fixture_data, tmp_path, grouping, names):
+    config = tiny(table2, fixture_data, grouping=[grouping], seed=[0])
     config.specialize.batch_size = 8  # a confusion cluster may hold only a few of the tiny data's classes
     out = grid.run_grid(config, str(tmp_path))
     m = out["cells"][0]["metrics"]
     assert 0 <= m["routing_accuracy"] <= 1 and 0 <= m["routed_top1"] <= 1
     assert m["gain_top1"] == pytest.approx(m["routed_top1"] - m["generalist_top1"])
-    # the generalist's confusion clusters: 3 groups covering all 30 classes once
-    groups = [out["groups"][f"confusion{i}"] for i in range(3)]
-    assert sorted(c for g in groups for c in g) == list(range(30))
+    # the grouping's 3 groups cover all 30 classes once
+    assert sorted(c for name in names for c in out["groups"][name]) == list(range(30))
     # the three specialists were trained under the names the `specialize` kind uses
-    for i in range(3):
-        assert (tmp_path / "checkpoints" / f"cell-group=confusion{i},method=extract,seed=0").exists()
+    for name in names:
+        assert (tmp_path / "checkpoints" / f"cell-group={name},method=extract,seed=0").exists()
 
 
 def test_grid_errors_name_the_bad_value(fixture_data, tmp_path):

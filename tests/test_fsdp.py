@@ -117,6 +117,9 @@ def test_fsdp_step_equals_data_parallel_step():
     assert max(jax.tree.leaves(moved)) > 1e-2
 
 
+# config.sharding.fsdp through open_run and the driver is also the SKD test's below (default suite), and the
+# classification step split over 'fsdp' is test_fsdp_step_equals_data_parallel_step's.
+@pytest.mark.slow
 def test_runner_trains_the_same_with_config_sharding_fsdp(tmp_path):
     """`config.sharding.fsdp` reaches the run: the state stays split through training and checkpointing."""
     from configs import animals

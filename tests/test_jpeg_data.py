@@ -110,6 +110,7 @@ def test_the_coco_recipes_pipeline_in_worker_processes_is_the_in_process_one(dat
             np.testing.assert_array_equal(a[key], b[key])
 
 
+@pytest.mark.slow  # the JPEG configs' run end to end is test_coco_config_end_to_end; the main job is tiny_main
 def test_imagenet_config_end_to_end(data_dir, tmp_path):
     config = imagenet_animals.get_config("tiny")
     config.data.data_dir = data_dir
