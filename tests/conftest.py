@@ -86,7 +86,6 @@ def tiny_main_run(embedded_manifest, tmp_path_factory) -> types.SimpleNamespace:
 SCHEDULE = (
     "tiny_main",
     "test_workdir.py",
-    "test_bench.py",
     "test_experiments.py",
     "test_multi.py",
     "detect_run",
