@@ -237,3 +237,18 @@ def test_a_contrast_of_detector_cells_bootstraps_from_both_cells_replicates(tmp_
     assert row["effect"].boot.n == 3 * 90
     assert [row["effect"].boot.low, row["effect"].boot.high] == pytest.approx(np.quantile(means, [0.025, 0.975]))
     assert row["effect"].values == pytest.approx(scores["a>b"].mean(axis=1) - scores["b"].mean(axis=1))
+
+
+def test_a_contrast_whose_other_side_has_not_run_is_pending(tmp_path, monkeypatch):
+    """A grid part-way through: cells of one side of the contrast only, so no pair yet; the section says so."""
+    claim = claims.Claim(
+        id="G", title="Gradual", paper="p", grids=("det",), effect="d", contrast=("group", "a>b", "b", "F")
+    )
+    monkeypatch.setattr(results, "CLAIMS", (claim,))
+    (tmp_path / "det" / "cells").mkdir(parents=True)
+    rec = {"cell": {"group": "a", "method": "suppress", "seed": 0}, "metrics": {"F": 0.5}}
+    (tmp_path / "det" / "cells" / "a-0.json").write_text(json.dumps(rec))
+    (tmp_path / "det" / "grid.json").write_text(json.dumps({"cells": 4}))
+    section, verdict = results.claim_section(claim, {"det": results.load_grid(tmp_path / "det")})
+    assert verdict == "pending" and "No cell pair to compare yet for `d`." in section
+    assert "1 of 4 cells" in "\n".join(section)

@@ -140,7 +140,10 @@ CLAIMS = (
         title="Which layers to freeze while specializing a detector",
         paper="Table 7: freezing early layers while specializing changes F little; frozen BatchNorm statistics matter.",
         grids=("t7_freezing",),
-        design="The Table 7 grid on YOLOv5s, as far as the machine affords.",
+        design="`configs/experiments/table7.py:full` on animals: five freezing ranges (none, backbone 0-9, neck "
+        "10-12, neck 10-23, all but the head) x BatchNorm statistics frozen or not, 3 seeds, each seed starting "
+        "from the C7/C8 grid's generalist (YOLOv5n: a YOLOv5s generalist at the results recipe would take "
+        "several hours per seed on 2 cores), with the `continued` control.",
     ),
     Claim(
         id="L",

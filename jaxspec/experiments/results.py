@@ -252,6 +252,9 @@ def claim_section(claim: Claim, grids: dict[str, dict | None]) -> tuple[list[str
         if claim.pool:
             records = records + pooled(records, claim.pool, claim.effect, claim.pair)
         rows = paired_rows(records, claim.effect, claim.pair)
+        if not rows:  # e.g. a contrast whose two sides have not both run yet
+            out += [f"No cell pair to compare yet for `{claim.effect}`.", ""]
+            continue
         choosing = i < len(claim.grids) - 1 and "specialist_val_top1" in rows[0]["means"]
         complete = planned is not None and done >= planned
         if choosing and complete:
