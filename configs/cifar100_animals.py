@@ -21,9 +21,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg = common.parse_arg(arg, seed=0)
     config = ml_collections.ConfigDict()
     config.seed = arg.seed
-    config.model = dict(
-        name="mobilenet_v3_small", width_multiplier=1.0, dropout_rate=0.2, depthwise="auto", dtype="float32"
-    )
+    config.model = common.model()
     config.data = common.data(name="cifar100", train_split="train[:90%]", val_split="train[90%:]", test_split="test")
     batch = 256
     config.generalist = common.phase(

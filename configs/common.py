@@ -33,6 +33,22 @@ def optimizer(**overrides) -> ml_collections.ConfigDict:
     return cfg
 
 
+def model(**overrides) -> ml_collections.ConfigDict:
+    """A classifier section (see `jaxspec.models`)."""
+    cfg = ml_collections.ConfigDict(
+        dict(
+            name="mobilenet_v3_small",  # or mobilenet_v3_large
+            width_multiplier=1.0,
+            num_blocks=ml_collections.FieldReference(None, field_type=int),  # first N blocks; None: all
+            dropout_rate=0.2,
+            depthwise="auto",
+            dtype="float32",  # activations; "bfloat16" is mixed precision for GPUs and TPUs (on CPU float32 is faster)
+        )
+    )
+    cfg.update(overrides)
+    return cfg
+
+
 def data(**overrides) -> ml_collections.ConfigDict:
     """A data section (see `jaxspec.data.pipeline`; own data: `jaxspec.data.custom`, docs/data.md)."""
     cfg = ml_collections.ConfigDict(

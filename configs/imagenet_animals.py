@@ -32,9 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg = common.parse_arg(arg, seed=0, epochs=600, spec_epochs=10, tiny=False)
     config = ml_collections.ConfigDict()
     config.seed = arg.seed
-    config.model = dict(
-        name="mobilenet_v3_small", width_multiplier=1.0, dropout_rate=0.2, depthwise="auto", dtype="float32"
-    )
+    config.model = common.model()
     config.data = common.data(
         name="imagenet2012",
         train_split="train[:99%]",  # 1% of train held out for model selection
@@ -93,6 +91,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     if arg.tiny:  # seconds-long steps on a small real JPEG dataset (`jaxspec.data.synthetic_tfds`), for tests
         config.model.width_multiplier = 0.25
+        config.model.num_blocks = 4  # a third of the compile time; blocks of every kind stay
         config.data.image_size = 64  # crops of the 300-500 px JPEGs, so decoding costs what it costs at 224
         config.data.update(num_workers=0, num_threads=1, prefetch=2)  # worker start-up would dominate
         for phase in (config.generalist, config.specialize, config.scratch):

@@ -22,6 +22,7 @@ def model_spec(config, num_classes: int) -> dict:
         name=config.model.name,
         num_classes=num_classes,
         width_multiplier=config.model.width_multiplier,
+        num_blocks=config.model.get("num_blocks"),
         dropout_rate=config.model.dropout_rate,
     )
 

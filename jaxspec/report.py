@@ -154,7 +154,9 @@ def config_markdown(results: dict) -> str:
             "| | |",
             "|---|---|",
             (f"| data | {d['name']} ({num_classes} classes), {d['image_size']} px, `{d['transform']}` augmentation |"),
-            f"| model | {m['name']}, width {m['width_multiplier']:g}, dropout {m['dropout_rate']:g} |",
+            f"| model | {m['name']}"
+            + (f", its first {m['num_blocks']} blocks" if m.get("num_blocks") else "")
+            + f", width {m['width_multiplier']:g}, dropout {m['dropout_rate']:g} |",
         ]
         method = s["method"] + (", with the `continued` control" if s.get("control") else "")
     for k, stage in enumerate(stages):

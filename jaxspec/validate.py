@@ -20,7 +20,7 @@ import numpy as np
 from jaxspec import methods, models
 from jaxspec.data import custom, datasets, embedded_files
 from jaxspec.data.subsets import resolve_subset
-from jaxspec.models import torchvision
+from jaxspec.models import mobilenet_v3, torchvision
 from jaxspec.train import checkpoint, optimizers
 
 DTYPES = ("float32", "bfloat16")
@@ -250,6 +250,12 @@ def check(config: ml_collections.ConfigDict) -> None:
         fail("model.width_multiplier", m.width_multiplier, "a number > 0")
     if "dropout_rate" in m:
         _number_in("model.dropout_rate", m.dropout_rate, 0.0, 1.0)
+    if m.get("num_blocks") is not None:
+        if m.name not in mobilenet_v3.ARCHS:
+            fail("model.num_blocks", m.num_blocks, f"None: it truncates a MobileNetV3, and {m.name} is not one")
+        n = mobilenet_v3.block_count(m.name)
+        if not (type(m.num_blocks) is int and 1 <= m.num_blocks <= n):
+            fail("model.num_blocks", m.num_blocks, f"None (all {n} blocks of {m.name}) or an integer in 1..{n}")
     check_data(config.data)
     if config.get("task") != "detect":
         check_dataset(config.data)

@@ -22,7 +22,7 @@ def _data(n=64, seed=0):
 
 
 def _trained(mesh, images, labels, num_steps=5):
-    model = models.mobilenet_v3_small(5, rngs=nnx.Rngs(0), width_multiplier=0.25, dropout_rate=0.0)
+    model = models.mobilenet_v3_small(5, rngs=nnx.Rngs(0), width_multiplier=0.25, num_blocks=4, dropout_rate=0.0)
     tx, schedule = optimizers.make_optimizer(optimizer(lr=3e-2), num_steps)
     modeldef, state = create_state(model, tx, 0)
     state = sharding.replicate(state, mesh)

@@ -23,7 +23,7 @@ from tests.synthetic_embedded import on_fixture, write_fixture
 
 def _models_dir(tmp, config, info, images):
     """WORKDIR/models with a generalist (BatchNorm statistics of `images`) and an extracted animal specialist."""
-    generalist = models.mobilenet_v3_small(30, rngs=nnx.Rngs(0), width_multiplier=0.25)
+    generalist = models.mobilenet_v3_small(30, rngs=nnx.Rngs(0), width_multiplier=0.25, num_blocks=4)
     for _, module in nnx.iter_modules(generalist):
         if isinstance(module, layers.BatchNorm):
             module.momentum = 0.0  # one train-mode pass sets the statistics
@@ -89,7 +89,7 @@ def test_a_routed_export_computes_jax_logits_and_routes_like_jaxspec_route(tmp_p
 
 
 def test_native_convolutions_compute_what_the_cpu_forms_do():
-    model = models.mobilenet_v3_small(10, rngs=nnx.Rngs(0), width_multiplier=0.25)
+    model = models.mobilenet_v3_small(10, rngs=nnx.Rngs(0), width_multiplier=0.25, num_blocks=4)
     model.eval()
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
     forward = nnx.jit(lambda m, x: m(x))  # each form compiled whole: eager calls compile every op

@@ -17,7 +17,7 @@ from tests.synthetic_embedded import use_fixture
 
 
 def small_model(num_classes=12, seed=0):
-    model = models.mobilenet_v3_small(num_classes, rngs=nnx.Rngs(seed), width_multiplier=0.25)
+    model = models.mobilenet_v3_small(num_classes, rngs=nnx.Rngs(seed), width_multiplier=0.25, num_blocks=4)
     model.eval()
     return model
 

@@ -91,6 +91,27 @@ def test_width_scales_classifier():
     assert model.width_multiplier == 0.5
 
 
+def test_a_truncated_network_is_the_references_first_blocks_and_rebuilds_from_its_spec():
+    full = _abstract("mobilenet_v3_small", 10, width_multiplier=0.25)
+    short = _abstract("mobilenet_v3_small", 10, width_multiplier=0.25, num_blocks=4)
+    assert short.num_blocks == 4 and full.num_blocks == 11 and len(short.blocks) == 4
+    assert short.layer_names[1:-4] == ("block0", "block1", "block2", "block3")
+    shapes = lambda m: jax.tree.map(jnp.shape, nnx.state(m.blocks))  # noqa: E731
+    assert shapes(short) == jax.tree.map(jnp.shape, nnx.state(nnx.List(list(full.blocks)[:4])))
+    # The last 1x1 conv widens the last kept block's output six-fold, as the reference does its own.
+    assert short.last_conv.conv.kernel.shape[-2:] == (16, 96)
+    spec = models.describe(short)
+    assert spec["num_blocks"] == 4
+    rebuilt = nnx.eval_shape(lambda: models.from_spec(spec, rngs=nnx.Rngs(0)))
+    assert jax.tree.map(jnp.shape, nnx.state(rebuilt)) == jax.tree.map(jnp.shape, nnx.state(short))
+    # A spec written before `num_blocks` existed is the whole network.
+    del spec["num_blocks"]
+    assert nnx.eval_shape(lambda: models.from_spec(spec, rngs=nnx.Rngs(0))).num_blocks == 11
+    for bad in (0, 12, 2.0):
+        with pytest.raises(ValueError, match=f"num_blocks={bad!r}: mobilenet_v3_small has 11 blocks"):
+            mnv3.arch_config("mobilenet_v3_small", num_blocks=bad)
+
+
 def test_intermediates_names_and_shapes():
     model = _small()
     model.eval()

@@ -37,7 +37,9 @@ def specialists():
     # One generalist per specialist (same seed, same values): extracted specialists share the
     # generalist's arrays, and a donated replica on 8 devices can alias them.
     return [
-        specialize.extract(models.mobilenet_v3_small(6, rngs=nnx.Rngs(0), width_multiplier=0.25, dropout_rate=0.5), s)
+        specialize.extract(
+            models.mobilenet_v3_small(6, rngs=nnx.Rngs(0), width_multiplier=0.25, num_blocks=4, dropout_rate=0.5), s
+        )
         for s in SUBSETS
     ]
 
@@ -161,7 +163,7 @@ def test_train_specialists_equals_train_phase_and_resumes(tmp_path):
 
 
 def test_unequal_heads_are_grouped_and_rejected_together():
-    generalist = models.mobilenet_v3_small(6, rngs=nnx.Rngs(0), width_multiplier=0.25)
+    generalist = models.mobilenet_v3_small(6, rngs=nnx.Rngs(0), width_multiplier=0.25, num_blocks=4)
     mixed = [specialize.extract(generalist, s) for s in ([0, 1], [2, 3, 4], [4, 5])]
     assert driver.group_by_structure(mixed) == [[0, 2], [1]]
     with pytest.raises(ValueError, match=r"share one architecture and head size.*\['x', 'z'\]: 2 outputs"):

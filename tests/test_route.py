@@ -22,7 +22,7 @@ BATCH = 48
 
 
 def small_model(num_classes=NUM_CLASSES, seed=0, **kwargs):
-    model = models.mobilenet_v3_small(num_classes, rngs=nnx.Rngs(seed), width_multiplier=0.25, **kwargs)
+    model = models.mobilenet_v3_small(num_classes, rngs=nnx.Rngs(seed), width_multiplier=0.25, num_blocks=4, **kwargs)
     model.eval()
     return model
 

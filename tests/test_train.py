@@ -26,7 +26,7 @@ def toy_source(n=64, seed=0):
 
 
 def make(mesh, lr=1e-3, seed=0, optimizer="adam"):
-    model = models.mobilenet_v3_small(5, rngs=nnx.Rngs(seed), width_multiplier=0.25)
+    model = models.mobilenet_v3_small(5, rngs=nnx.Rngs(seed), width_multiplier=0.25, num_blocks=4)
     tx, schedule = optimizers.make_optimizer(optimizer_config(optimizer=optimizer, lr=lr), 10)
     modeldef, state = create_state(model, tx, seed)
     state = sharding.replicate(state, mesh)

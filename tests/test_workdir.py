@@ -365,6 +365,8 @@ BAD = [
     ("specialize.label_smoothing", 1.5),
     ("model.dtype", "float16"),
     ("model.name", "resnet50"),
+    ("model.num_blocks", 0),
+    ("model.num_blocks", 12),
     ("seed", -1),
     ("data.num_workers", -2),
 ]

@@ -43,9 +43,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg.data == "embedded":
         config.model.width_multiplier = 0.25 if arg.tiny else 0.5
         teacher = {"name": "mobilenet_v3_small", "width_multiplier": 0.5 if arg.tiny else 1.0}
+        teacher["num_blocks"] = config.model.num_blocks  # the smoke run's depth, else all
         layers, sizes = "block2,block7,last_conv", [5, 10, 15, 20]
     else:
-        teacher = {"name": "mobilenet_v3_large", "width_multiplier": 1.0}
+        teacher = {"name": "mobilenet_v3_large", "width_multiplier": 1.0, "num_blocks": None}
         # Large reaches 1/8 and 1/16 resolution at blocks 5 and 11, Small at blocks 2 and 7.
         layers = "block5:block2,block11:block7,last_conv"
         sizes = [NUM_CLASSES[arg.data] * k // 5 for k in (1, 2, 3, 4)]

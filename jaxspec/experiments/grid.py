@@ -264,7 +264,9 @@ def _run_grid(config: ml_collections.ConfigDict, workdir: str) -> dict:
             config.experiment.get("description", ""),
             "",
             f"Data: {ctx.info.name} ({ctx.info.num_classes} classes), model {config.model.name} "
-            f"(width {config.model.get('width_multiplier', '-')}), "
+            f"(width {config.model.get('width_multiplier', '-')}"
+            + (f", first {config.model.num_blocks} blocks" if config.model.get("num_blocks") else "")
+            + "), "
             f"seeds {sorted({c.get('seed') for c in cells})}; "
             "mean ± std over seeds (sample std), accuracies in %.",
             "",

@@ -48,6 +48,7 @@ def teacher(ctx, config) -> methods.Trained:
         n,
         rngs=nnx.Rngs(config.seed),
         width_multiplier=t.width_multiplier,
+        num_blocks=t.get("num_blocks"),
         dropout_rate=config.model.dropout_rate,
         depthwise=config.model.depthwise,
         dtype=config.model.dtype,

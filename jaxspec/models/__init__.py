@@ -35,6 +35,7 @@ def describe(model: nnx.Module) -> dict:
             "name": model.arch,
             "num_classes": model.head.out_features,
             "width_multiplier": model.width_multiplier,
+            "num_blocks": model.num_blocks,
             "dropout_rate": model.dropout.rate,
         }
     if isinstance(model, YOLOv5):
@@ -46,7 +47,7 @@ def describe(model: nnx.Module) -> dict:
 
 def from_spec(spec: dict, *, rngs: nnx.Rngs, **kwargs) -> nnx.Module:
     """A freshly initialized model of the structure `describe` recorded in `spec`."""
-    args = {k: spec[k] for k in ("width_multiplier", "dropout_rate") if k in spec}
+    args = {k: spec[k] for k in ("width_multiplier", "num_blocks", "dropout_rate") if k in spec}
     return get_model(spec["name"], spec["num_classes"], rngs=rngs, **args, **kwargs)
 
 

@@ -99,10 +99,24 @@ def check_arch(arch: str) -> None:
         raise ValueError(f"Unknown architecture {arch!r}; choose from {ARCHS}.")
 
 
-def arch_config(arch: str, width_multiplier: float = 1.0) -> ArchConfig:
-    """Scales the reference table of `arch` by `width_multiplier`."""
+def block_count(arch: str) -> int:
+    """How many inverted-residual blocks the reference `arch` has."""
     check_arch(arch)
+    return len(_TABLES[arch][0])
+
+
+def check_num_blocks(arch: str, num_blocks: int | None) -> None:
+    n = block_count(arch)
+    if num_blocks is not None and not (type(num_blocks) is int and 1 <= num_blocks <= n):
+        raise ValueError(f"num_blocks={num_blocks!r}: {arch} has {n} blocks; use 1..{n}, or None for all")
+
+
+def arch_config(arch: str, width_multiplier: float = 1.0, num_blocks: int | None = None) -> ArchConfig:
+    """Scales the reference table of `arch` by `width_multiplier`, keeping its first `num_blocks` blocks
+    (None: all of them, the reference network)."""
+    check_num_blocks(arch, num_blocks)
     table, last_channel = _TABLES[arch]
+    table = table[:num_blocks]
 
     def scale(channels: int) -> int:
         return make_divisible(channels * width_multiplier)
@@ -141,7 +155,9 @@ class MobileNetV3(nnx.Module):
     """MobileNetV3 classifier on NHWC float inputs of any size >= 32 px.
 
     `model.train()` / `model.eval()` switch BatchNorm statistics and dropout.
-    Layer names for `intermediates` are in `layer_names`. `dtype` is the
+    Layer names for `intermediates` are in `layer_names`. `num_blocks` keeps
+    only the first inverted-residual blocks: a shallow network that compiles
+    in a third of the time, for smoke runs and tests. `dtype` is the
     convolutional trunk's activation dtype (`layers.compute_dtype`); the
     pooled features, the classifier and the logits are always float32, so
     losses and extracted specialists see the same logits either way.
@@ -154,16 +170,18 @@ class MobileNetV3(nnx.Module):
         *,
         rngs: nnx.Rngs,
         width_multiplier: float = 1.0,
+        num_blocks: int | None = None,
         dropout_rate: float = 0.2,
         depthwise: layers.DepthwiseImpl = "auto",
         in_channels: int = 3,
         dtype="float32",
     ):
-        cfg = arch_config(arch, width_multiplier)
+        cfg = arch_config(arch, width_multiplier, num_blocks)
         self.dtype = layers.compute_dtype(dtype)
         self.arch = arch
         self.num_classes = num_classes
         self.width_multiplier = width_multiplier
+        self.num_blocks = len(cfg.blocks)
         stem = cfg.stem_channels
         self.stem = layers.ConvBN(layers.PatchConv(in_channels, stem, 3, stride=2, rngs=rngs), stem, jax.nn.hard_swish)
         self.blocks = nnx.List([InvertedResidual(b, depthwise=depthwise, rngs=rngs) for b in cfg.blocks])
@@ -233,6 +251,7 @@ def mobilenet_v3_small(
     *,
     rngs: nnx.Rngs,
     width_multiplier: float = 1.0,
+    num_blocks: int | None = None,
     dropout_rate: float = 0.2,
     depthwise: layers.DepthwiseImpl = "auto",
     in_channels: int = 3,
@@ -244,6 +263,7 @@ def mobilenet_v3_small(
         num_classes,
         rngs=rngs,
         width_multiplier=width_multiplier,
+        num_blocks=num_blocks,
         dropout_rate=dropout_rate,
         depthwise=depthwise,
         in_channels=in_channels,
@@ -256,6 +276,7 @@ def mobilenet_v3_large(
     *,
     rngs: nnx.Rngs,
     width_multiplier: float = 1.0,
+    num_blocks: int | None = None,
     dropout_rate: float = 0.2,
     depthwise: layers.DepthwiseImpl = "auto",
     in_channels: int = 3,
@@ -267,6 +288,7 @@ def mobilenet_v3_large(
         num_classes,
         rngs=rngs,
         width_multiplier=width_multiplier,
+        num_blocks=num_blocks,
         dropout_rate=dropout_rate,
         depthwise=depthwise,
         in_channels=in_channels,
