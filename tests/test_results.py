@@ -172,6 +172,42 @@ def test_contrast_between_cells_and_the_pooled_row(tmp_path, monkeypatch):
     assert "**Verdict: reproduced**" in text  # skd is right wherever scratch is, and on more images
 
 
+def test_a_method_contrast_bootstraps_the_specialists_hits_not_the_generalists(tmp_path, monkeypatch):
+    """Specialize cells keep three models' per-image outcomes; a contrast of `specialist_top1` between methods
+    must resample the two specialists' (the generalist is the same in both cells: its difference is 0)."""
+    claim = claims.Claim(
+        id="M",
+        title="Methods",
+        paper="p",
+        grids=("m",),
+        effect="extract_vs_fresh_head_specialist_top1",
+        contrast=("method", "extract", "fresh_head", "specialist_top1"),
+        pair=("extract", "fresh_head"),
+    )
+    (tmp_path / "m" / "cells").mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    diffs = []
+    for seed in range(3):
+        generalist = rng.random(300) < 0.5
+        spec = {"extract": rng.random(300) < 0.7, "fresh_head": rng.random(300) < 0.6}
+        diffs.append(spec["extract"].mean() - spec["fresh_head"].mean())
+        for method, hits in spec.items():
+            rec = {
+                "cell": {"group": "animals", "method": method, "seed": seed},
+                "metrics": {"specialist_top1": float(hits.mean()), "generalist_top1": float(generalist.mean())},
+                "hits": {"generalist_hits": stats.pack_hits(generalist), "specialist_hits": stats.pack_hits(hits)},
+            }
+            (tmp_path / "m" / "cells" / f"{seed}-{method}.json").write_text(json.dumps(rec))
+    (tmp_path / "m" / "grid.json").write_text(json.dumps({"cells": 6}))
+    (row,) = results.paired_rows(
+        results.contrasted(results.load_grid(tmp_path / "m")["cells"], claim.contrast), claim.effect, claim.pair
+    )
+    assert row["effect"].values == pytest.approx(diffs)
+    assert row["effect"].boot.n == 3 * 300
+    assert row["effect"].boot.mean == pytest.approx(np.mean(diffs), abs=0.01)
+    assert row["effect"].boot.low > 0  # the generalists' hits would give exactly 0
+
+
 def test_a_detector_claim_bootstraps_mean_ap_from_its_replicates(tmp_path, monkeypatch):
     """mAP is no mean over images: the cells keep each model's F under shared image resamples, and the
     claim names the two scores its effect compares."""

@@ -19,6 +19,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         grid=dict(group=[arg.group], method=METHODS, seed=list(range(1 if arg.tiny else arg.seeds))),
         columns=["generalist_top1", "control_top1", "specialist_top1", "specialist_top2", "gain_top1"],
         curves=True,
+        generalist_per_seed=True,  # seeds replicate the whole pipeline (reproduction C4)
     )
     config.eval.every_steps = max(1, config.specialize.steps // 10)
     return config

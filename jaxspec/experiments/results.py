@@ -50,7 +50,8 @@ def load_grid(directory: pathlib.Path) -> dict | None:
 def contrasted(records: list[dict], contrast: tuple[str, str, str, str]) -> list[dict]:
     """Records of `a - b` in `metric` from pairs of cells equal but for `axis` (a's and b's value there).
 
-    Each pair's per-image outcomes (the cells' one `*_hits` entry) become `{a}_hits` and `{b}_hits`, and
+    Each pair's per-image outcomes (of the model `metric` scores: `specialist_hits` for `specialist_top1`,
+    or the cells' one `*_hits` entry) become `{a}_hits` and `{b}_hits`, and
     `metric`'s replicates under image resamples (detection) `{a}_{metric}` and `{b}_{metric}`, so the
     difference can be bootstrapped over images like any effect.
     """
@@ -71,7 +72,7 @@ def contrasted(records: list[dict], contrast: tuple[str, str, str, str]) -> list
                 f"{b}_{metric}": other["metrics"][metric],
             },
         }
-        hits = [next((v for k, v in r.get("hits", {}).items()), None) for r in (rec, other)]
+        hits = [_hits_of(r, metric) for r in (rec, other)]
         if None not in hits:
             new["hits"] = {f"{a}_hits": hits[0], f"{b}_hits": hits[1]}
         reps = [r.get("replicates", {}).get(metric) for r in (rec, other)]
@@ -80,6 +81,14 @@ def contrasted(records: list[dict], contrast: tuple[str, str, str, str]) -> list
             new["metrics"]["test_images"] = rec["metrics"].get("test_images", 0)
         out.append(new)
     return out
+
+
+def _hits_of(record: dict, metric: str):
+    """The per-image outcomes behind `metric` (`x_top1` -> `x_hits`), or a cell's only ones; else None."""
+    hits = record.get("hits", {})
+    if metric.endswith("top1") and metric[: -len("top1")] + "hits" in hits:
+        return hits[metric[: -len("top1")] + "hits"]
+    return next(iter(hits.values())) if len(hits) == 1 else None
 
 
 def pooled(records: list[dict], axis: str, effect: str, pair: tuple[str, str] = ()) -> list[dict]:
