@@ -208,6 +208,11 @@ def test_skd_cell_end_to_end(tiny_runner, tmp_path):
     assert skd_exp.plots(r, config, results, tmp_path) == ["skd.png"] and (tmp_path / "skd.png").stat().st_size > 0
     with pytest.raises(ValueError, match="Unknown student 'giant'"):
         skd_exp.run_cell(r, config, {**cell, "student": "giant"})
+    # A teacher per seed (`experiment.generalist_per_seed`), so that seeds replicate the whole pipeline.
+    assert config.experiment.generalist_per_seed
+    t0, t1 = (skd_exp.teacher(r, config, seed) for seed in (0, 1))
+    assert (r.workdir / "checkpoints" / "teacher-seed1").exists() and skd_exp.teacher(r, config, 1) is t1
+    assert not np.allclose(jax.tree.leaves(t0.state.params)[0], jax.tree.leaves(t1.state.params)[0])
 
 
 @pytest.mark.xdist_group("distill")
@@ -216,7 +221,7 @@ def test_skd_students_trained_from_scratch_get_reestimated_batchnorm_statistics(
     assert config.scratch.reestimate_bn  # on by default for models trained from scratch
     subset = skd_exp.draw_subset(r.info.num_classes, 4, 0)
     train, val = ConstrainedSource(r.train, subset), ConstrainedSource(r.val, subset)
-    t = skd_exp.teacher(r, config)
+    t = skd_exp.teacher(r, config, config.seed)
     raw_phase = ml_collections.ConfigDict({**config.scratch.to_dict(), "reestimate_bn": False})
     task = distill.Distillation(t.modeldef, t.state, config.skd)
     _, fixed = driver.train_phase(r, "bn-fixed", r.task.new_model(r, 4, 0), train, val, config.scratch, 0, task=task)

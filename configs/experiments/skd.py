@@ -85,6 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "seed": list(range(1 if arg.tiny else arg.seeds)),
         },
         "columns": ["top1", "top2", "params"],
+        "generalist_per_seed": True,  # a teacher and a student-size generalist per seed (reproduction C9)
     }
     if arg.tiny:
         config.skd.layers = "block2,last_conv"

@@ -12,7 +12,9 @@ and every seed draws different ones) and scores on S's test images:
 - skd_finetuned: the finetuned student's start, trained with SKD's loss (`config.specialize` steps).
 
 Every student gets the same steps whatever |S|. Both generalists are
-trained once per workdir (checkpoints `teacher` and `generalist`); students
+trained once per workdir (checkpoints `teacher` and `generalist`), or once
+per seed with `experiment.generalist_per_seed` (`teacher-seed<seed>`,
+`generalist-seed<seed>`), so that seeds replicate the whole pipeline; students
 go to `skd-<student>-<size>-seed<seed>`. Returns top1/top2 (fractions), loss
 and the deployed parameter count, and each test image's top-1 outcome (`model_hits`), so students of one
 seed and subset are compared image by image (`jaxspec.experiments.results`).
@@ -40,42 +42,58 @@ def draw_subset(num_classes: int, size: int, seed: int) -> tuple[int, ...]:
     return tuple(sorted(int(c) for c in np.random.default_rng(seed).permutation(num_classes)[:size]))
 
 
-def teacher(ctx, config) -> methods.Trained:
-    """The large generalist, trained once per workdir (checkpoint `teacher`)."""
+def _per_seed(config, seed: int) -> int:
+    """The seed whose generalists a cell uses: its own with `experiment.generalist_per_seed`, else the run's."""
+    return seed if config.experiment.get("generalist_per_seed", False) else config.seed
+
+
+def teacher(ctx, config, seed: int) -> methods.Trained:
+    """The large generalist of `_per_seed(config, seed)` (checkpoint `teacher`, or `teacher-seed<seed>` for
+    another seed than the run's), computed once per seed."""
+    seed = _per_seed(config, seed)
+    key = ("teacher", seed)
+    if key in ctx.cache:
+        return ctx.cache[key]
     t, n = config.skd.teacher, ctx.info.num_classes
     model = models.get_model(
         t.name,
         n,
-        rngs=nnx.Rngs(config.seed),
+        rngs=nnx.Rngs(seed),
         width_multiplier=t.width_multiplier,
         num_blocks=t.get("num_blocks"),
         dropout_rate=config.model.dropout_rate,
         depthwise=config.model.depthwise,
         dtype=config.model.dtype,
     )
-    d, s = driver.train_phase(ctx, "teacher", model, ctx.train, ctx.val, config.skd.teacher_phase, config.seed)
-    return methods.Trained(d, s, tuple(range(n)))
+    name = "teacher" if seed == config.seed else f"teacher-seed{seed}"
+    d, s = driver.train_phase(ctx, name, model, ctx.train, ctx.val, config.skd.teacher_phase, seed)
+    ctx.cache[key] = methods.Trained(d, s, tuple(range(n)))
+    return ctx.cache[key]
 
 
 def _student(ctx, config, student: str, subset, seed: int) -> methods.Trained:
     train_s, val_s = ConstrainedSource(ctx.train, subset), ConstrainedSource(ctx.val, subset)
     name = f"skd-{student}-{len(subset)}-seed{seed}"
+
+    def generalist() -> methods.Trained:  # the student-size one, trained only for the students that use it
+        return methods.generalist(ctx, _per_seed(config, seed))
+
     if student == "teacher":
-        return methods.restricted(teacher(ctx, config), subset)
+        return methods.restricted(teacher(ctx, config, seed), subset)
     if student == "generalist":
-        return methods.restricted(methods.generalist(ctx), subset)
+        return methods.restricted(generalist(), subset)
     if student == "scratch":
         d, s = driver.train_phase(
             ctx, name, ctx.task.new_model(ctx, len(subset), seed), train_s, val_s, config.scratch, seed
         )
         return methods.Trained(d, s, subset)
     if student == "finetuned":
-        return methods.specialize_from(ctx, methods.generalist(ctx), subset, "extract", seed=seed, name=name)
+        return methods.specialize_from(ctx, generalist(), subset, "extract", seed=seed, name=name)
     if student == "skd":
         start, phase = ctx.task.new_model(ctx, len(subset), seed), config.scratch
     else:
-        start, phase = specialize.extract(methods.generalist(ctx).model, subset), config.specialize
-    t = teacher(ctx, config)
+        start, phase = specialize.extract(generalist().model, subset), config.specialize
+    t = teacher(ctx, config, seed)
     d, s = driver.train_phase(
         ctx, name, start, train_s, val_s, phase, seed, task=distill.Distillation(t.modeldef, t.state, config.skd)
     )
