@@ -330,14 +330,17 @@ def _batch_sums(
     return jax.lax.psum(sums, "data")
 
 
-def evaluate(system: RoutedSystem, source: Source, data_cfg, *, batch_size: int, progress: bool = True) -> dict:
+def evaluate(
+    system: RoutedSystem, source: Source, data_cfg, *, batch_size: int, progress: bool = True, per_example: bool = False
+) -> dict:
     """Routed system vs. generalist over every example of `source` (labels in the generalist's classes).
 
     `routing_accuracy`: how often the generalist's predicted class lies in the
     true class's group (for a class in no group: the prediction is in no group
     either). Per group (by true class; a last entry `None` for classes in no
     group, if any): test images, top-1 of both, routing accuracy, images the
-    generalist sent there and dustbin fallbacks among those.
+    generalist sent there and dustbin fallbacks among those. `per_example` adds `hits` and `generalist_hits`,
+    each image's top-1 outcome in `source`'s order, for a paired bootstrap over images.
     """
     k = system.num_groups
     sums_fn = jax.jit(
@@ -350,10 +353,15 @@ def evaluate(system: RoutedSystem, source: Source, data_cfg, *, batch_size: int,
     )
     num_batches = math.ceil(len(source) / batch_size)
     bar = Progress("routed eval", num_batches, 0, batch_size) if progress else None
-    totals = None
+    totals, hits = None, {"hits": [], "generalist_hits": []}
     for i, batch in enumerate(pipeline.eval_iterator(source, data_cfg, batch_size=batch_size), 1):
         batch = sharding.put_batch(batch, system.mesh)
-        sums = sums_fn(system.predict(batch["image"]), batch["label"], batch["mask"], system.tables["class_to_group"])
+        out = system.predict(batch["image"])
+        sums = sums_fn(out, batch["label"], batch["mask"], system.tables["class_to_group"])
+        if per_example:
+            keep, labels = np.asarray(batch["mask"]), np.asarray(batch["label"])
+            for name, key in (("hits", "pred"), ("generalist_hits", "generalist_pred")):
+                hits[name].append((np.asarray(out[key]) == labels)[keep])
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
         if bar and (i % 50 == 0 or i == num_batches):
             bar.update(i, time.perf_counter(), {})
@@ -389,7 +397,7 @@ def evaluate(system: RoutedSystem, source: Source, data_cfg, *, batch_size: int,
         # padded eval batches included: the specialist work actually done per image
         "specialist_examples_per_image": float(t["chunks"]) * system.chunk_for(batch_size) / (num_batches * batch_size),
         "groups": [group_row(g) for g in range(k + 1 if no_group else k)],
-    }
+    } | ({name: np.concatenate(h) for name, h in hits.items()} if per_example else {})
 
 
 def throughput(system: RoutedSystem, images, *, repeats: int = 10) -> dict:

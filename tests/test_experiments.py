@@ -156,6 +156,11 @@ def test_routed_table2_cell(fixture_data, tmp_path, grouping, names):
     m = out["cells"][0]["metrics"]
     assert 0 <= m["routing_accuracy"] <= 1 and 0 <= m["routed_top1"] <= 1
     assert m["gain_top1"] == pytest.approx(m["routed_top1"] - m["generalist_top1"])
+    # each test image's outcome, for the paired bootstrap of the routed system against the generalist
+    hits = {k: stats.unpack_hits(v) for k, v in out["cells"][0]["hits"].items()}
+    assert len(hits["routed_hits"]) == len(hits["generalist_hits"]) > 0
+    assert hits["routed_hits"].mean() == pytest.approx(m["routed_top1"])
+    assert hits["generalist_hits"].mean() == pytest.approx(m["generalist_top1"])
     # the grouping's 3 groups cover all 30 classes once
     assert sorted(c for name in names for c in out["groups"][name]) == list(range(30))
     # the three specialists were trained under the names the `specialize` kind uses

@@ -186,6 +186,13 @@ def test_evaluate_matches_numpy(parts):
     assert 1.0 <= result["specialist_examples_per_image"] * 3 * BATCH / (out["group"] >= 0).sum()
     table = tables.routed(result, ["big", "dustbin", "small"])
     assert "| dustbin | 2 |" in table and "| no specialist | - |" in table and table.count("\n") == 6
+    # Per image, in the source's order and without the padding: what a paired bootstrap resamples.
+    per_image = route.evaluate(
+        system, ArraySource(images, labels, info), common.data(), batch_size=BATCH, progress=False, per_example=True
+    )
+    np.testing.assert_array_equal(per_image["hits"], out["pred"] == labels)
+    np.testing.assert_array_equal(per_image["generalist_hits"], out["generalist_pred"] == labels)
+    assert "hits" not in result
 
 
 def test_throughput_reports_both_rates(parts):

@@ -23,6 +23,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             seed=list(range(1 if arg.tiny else arg.seeds)),
         ),
         columns=["generalist_top1", "control_top1", "routed_top1", "gain_top1", "routing_accuracy"],
+        generalist_per_seed=True,  # seeds replicate the whole pipeline (reproduction C2)
     )
     config.groupings.confusion = common.grouping("confusion", k=3)  # as many groups as the semantic ones
     return config
