@@ -4,7 +4,8 @@ Each generator returns an ordered `{name: sorted class indices}` dict, ready
 to be the `S` of a specialist:
 
 - `lexicographic`: K contiguous splits of the class index order (Table 1).
-- `random_groups`: disjoint groups of given sizes, seeded (Table 3's control).
+- `random_groups`: disjoint groups of given sizes, seeded (Table 3's control);
+  `random_like`: one group of a named group's size from the same source.
 - `semantic`: the dataset's own hierarchy as a partition (WordNet for ImageNet).
 - `confusion_groups`: Hinton-style clusters of the classes a generalist confuses.
 
@@ -74,6 +75,22 @@ def random_groups(num_classes: int, sizes: Sequence[int], seed: int) -> Groups:
     perm = np.random.default_rng(seed).permutation(num_classes)
     pieces = np.split(perm, np.cumsum(sizes))[: len(sizes)]
     return {f"random{i}": tuple(int(c) for c in np.sort(p)) for i, p in enumerate(pieces)}
+
+
+def random_like(info: DatasetInfo, group: str, seed: int) -> tuple[int, ...]:
+    """A random group of `group`'s size from the same source: drawn by `seed` from the classes of the semantic
+    partition group holding all of `group`'s classes (`tops` -> `clothing`), or from all classes if none does
+    (Table 3's control, inside one source so that it differs from `group` in meaning, not in origin)."""
+    if group not in info.groups:
+        raise ValueError(f"unknown group {group!r}; known: {sorted(info.groups)}")
+    members = set(info.groups[group])
+    try:
+        parents = [tuple(g) for g in semantic(info).values() if members <= set(g)]
+    except ValueError:  # no semantic partition for this dataset
+        parents = []
+    pool = np.array(min(parents, key=len) if parents else range(info.num_classes))
+    seed = _check_count("seed", seed, 0, _MAX_SEED)
+    return tuple(sorted(int(c) for c in np.random.default_rng(seed).choice(pool, len(members), replace=False)))
 
 
 def _cifar100_superclasses(info: DatasetInfo) -> Groups:

@@ -7,10 +7,12 @@ import types
 import numpy as np
 import pytest
 
-from configs.experiments import c1_sweep, forgetting, table1, table2
+from configs.experiments import c1_sweep, c3_semantic, forgetting, table1, table2
 from configs.experiments import methods as methods_cfg
 from jaxspec import tables
+from jaxspec.data.datasets import get_info
 from jaxspec.experiments import grid, stats
+from jaxspec.experiments import specialize as specialize_kind
 from tests.synthetic_embedded import on_fixture
 
 
@@ -121,6 +123,30 @@ def test_c1_sweep_pairs_each_setting_with_its_equal_length_control_per_seed_gene
     assert plan["cells"] == [grid.cell_id(c["cell"]) for c in out["cells"]]
     (run,) = plan["invocations"]
     assert run["cells"] == 4 and run["seconds"] >= sum(c["seconds"] for c in out["cells"])
+
+
+def test_c3_pairs_each_semantic_group_with_a_random_draw_of_its_size_from_its_source(fixture_data, tmp_path):
+    config = tiny(c3_semantic, fixture_data)
+    assert config.experiment.grid.group == ["tops", "footwear"] and config.experiment.grid.draw == [
+        "semantic",
+        "random",
+    ]
+    out = grid.run_grid(config, str(tmp_path))
+    cells = {(c["cell"]["group"], c["cell"]["draw"]): c for c in out["cells"]}
+    assert len(cells) == 4
+    ctx = types.SimpleNamespace(info=get_info("embedded"), groups=get_info("embedded").groups)
+    tops = specialize_kind.subset_of(ctx, {"group": "tops", "draw": "semantic", "seed": 0})
+    drawn = specialize_kind.subset_of(ctx, {"group": "tops", "draw": "random", "seed": 0})
+    assert tops == ctx.groups["tops"] and len(drawn) == 4 and set(drawn) <= set(ctx.groups["clothing"])
+    for (group, draw), cell in cells.items():
+        hits = stats.unpack_hits(cell["hits"]["specialist_hits"])
+        n = 4 * len(ctx.groups[group])  # the fixture's 4 test images per class, of the cell's own classes
+        assert len(hits) == n and hits.mean() == pytest.approx(cell["metrics"]["specialist_top1"])
+        assert (tmp_path / "checkpoints" / f"cell-draw={draw},group={group},method=extract,seed=0").is_dir()
+    # one control serves every cell of the seed: it trains on all classes, whatever S
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("control*")) == ["control-seed0"]
+    with pytest.raises(ValueError, match="grid axis 'draw': 'lexical' is not one of"):
+        specialize_kind.subset_of(ctx, {"group": "tops", "draw": "lexical"})
 
 
 def test_methods_curves_and_forgetting_plots(fixture_data, tmp_path):

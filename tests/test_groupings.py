@@ -106,6 +106,24 @@ def test_semantic_embedded():
     assert {"cat", "dog", "zebra"} <= set(names) and "sneaker" not in names
 
 
+def test_random_like_draws_a_group_of_the_same_size_from_the_same_source():
+    info = get_info("embedded")
+    clothing, digits = set(info.groups["clothing"]), set(info.groups["digits"])
+    draws = [groupings.random_like(info, "tops", seed) for seed in range(200)]
+    assert all(len(d) == 4 and set(d) <= clothing and list(d) == sorted(d) for d in draws)
+    assert groupings.random_like(info, "tops", 7) == draws[7]  # the seed fixes the draw
+    # every 4-of-10 draw is equally likely: each clothing class is in 40% of the draws
+    counts = np.bincount(np.concatenate(draws), minlength=30)[sorted(clothing)]
+    assert counts.sum() == 800 and np.all(np.abs(counts / 200 - 0.4) < 0.12)
+    assert all(set(groupings.random_like(info, "curved_digits", s)) <= digits for s in range(20))
+    # a group that no semantic group holds (here: one straddling two sources) draws from every class
+    mixed = dataclasses.replace(info, groups={**info.groups, "mixed": (0, 10, 20)})
+    spread = set().union(*(groupings.random_like(mixed, "mixed", s) for s in range(50)))
+    assert spread & set(info.groups["animals"]) and spread & clothing and spread & digits
+    with pytest.raises(ValueError, match="unknown group 'nope'"):
+        groupings.random_like(info, "nope", 0)
+
+
 def test_semantic_cifar100_superclasses():
     info = get_info("cifar100")
     groups = groupings.semantic(info)

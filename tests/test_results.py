@@ -208,6 +208,36 @@ def test_a_method_contrast_bootstraps_the_specialists_hits_not_the_generalists(t
     assert row["effect"].boot.low > 0  # the generalists' hits would give exactly 0
 
 
+def test_c3_contrasts_the_draws_and_pools_the_groups_per_seed(tmp_path, monkeypatch):
+    """C3 as the claims list defines it: semantic - random gain over the control, per group and seed, then the
+    mean over groups per seed (row `all`), whose t-interval the verdict reads; no shared images, no bootstrap."""
+    (claim,) = [c for c in claims.CLAIMS if c.id == "C3"]
+    monkeypatch.setattr(results, "CLAIMS", (claim,))
+    cells = tmp_path / "c3_semantic" / "cells"
+    cells.mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    diffs = {}
+    for seed in range(5):
+        for group in ("tops", "footwear", "livestock"):
+            gains = {"semantic": rng.normal(0.02, 0.01), "random": rng.normal(0.0, 0.01)}
+            diffs[seed, group] = gains["semantic"] - gains["random"]
+            for draw, gain in gains.items():
+                rec = {
+                    "cell": {"draw": draw, "group": group, "method": "extract", "seed": seed},
+                    "metrics": {"gain_vs_control_top1": gain, "specialist_top1": 0.9},
+                    "hits": {f"{m}_hits": stats.pack_hits(rng.random(40) < 0.9) for m in ("generalist", "specialist")},
+                }
+                (cells / f"{seed}-{group}-{draw}.json").write_text(json.dumps(rec))
+    (tmp_path / "c3_semantic" / "grid.json").write_text(json.dumps({"cells": 30}))
+    text, _ = results.render(tmp_path)
+    per_seed = [np.mean([diffs[s, g] for g in ("tops", "footwear", "livestock")]) for s in range(5)]
+    t = sps.t.interval(0.95, 4, loc=np.mean(per_seed), scale=sps.sem(per_seed))
+    assert f"{100 * np.mean(per_seed):+.2f} points, 95% CI [{100 * t[0]:+.2f}, {100 * t[1]:+.2f}]" in text
+    row = next(line for line in text.splitlines() if line.startswith("| all |"))
+    assert "| - |" in row  # the two draws score different images: no paired bootstrap
+    assert "**Verdict: reproduced**" in text
+
+
 def test_a_detector_claim_bootstraps_mean_ap_from_its_replicates(tmp_path, monkeypatch):
     """mAP is no mean over images: the cells keep each model's F under shared image resamples, and the
     claim names the two scores its effect compares."""

@@ -14,7 +14,7 @@ def classification(arg: str | None, **defaults) -> tuple[ml_collections.ConfigDi
     `data=embedded` (default; `tiny` for tests), `data=cifar100` or
     `data=imagenet` (the real recipes; not run in CI); `seeds=N`.
     """
-    arg = common.parse_arg(arg, data="embedded", tiny=False, seeds=3, **defaults)
+    arg = common.parse_arg(arg, **{"data": "embedded", "tiny": False, "seeds": 3, **defaults})
     bases = {
         "embedded": lambda: animals.get_config("tiny" if arg.tiny else None),
         "cifar100": cifar100_animals.get_config,

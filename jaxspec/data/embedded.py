@@ -42,6 +42,9 @@ GROUPS: dict[str, tuple[int, ...]] = {
     # Four-legged side views whose silhouettes are easy to mix up.
     "livestock": _ids("cow", "horse", "sheep"),
     "wildlife": _ids("bear", "elephant", "giraffe", "zebra"),
+    # Handwritten digits by shape: open curves, and a straight stroke with a bar or bowl on top.
+    "curved_digits": _ids("digit_3", "digit_5", "digit_8"),
+    "stroke_digits": _ids("digit_4", "digit_7", "digit_9"),
 }
 
 SPLITS = ("train", "validation", "test")

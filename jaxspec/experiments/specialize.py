@@ -1,6 +1,8 @@
 """Experiment kind `specialize`: one specialist per cell, scored beside the generalist and the control.
 
-Cell axes: `group` (a named subset), `method` (see `jaxspec.methods`),
+Cell axes: `group` (a named subset), `draw` (`semantic`, the default: the
+group itself; `random`: a group of its size from the same source, drawn by the
+cell's seed, `groupings.random_like`), `method` (see `jaxspec.methods`),
 `seed`, and any field of `config.specialize` (e.g. `freeze`,
 `freeze_bn_stats`, `dustbin_fraction`; `lr` stands for `optim.lr`) to vary
 it across cells. Metrics on the group's test images: generalist
@@ -30,12 +32,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxspec import methods  # noqa: E402
+from jaxspec import groupings, methods  # noqa: E402
 from jaxspec.experiments.grid import cell_id, score  # noqa: E402
 from jaxspec.experiments.kind import Kind  # noqa: E402
 from jaxspec.train import history  # noqa: E402
 
-_CELL_AXES = ("group", "method", "seed")
+_CELL_AXES = ("group", "draw", "method", "seed")
+DRAWS = ("semantic", "random")
 CONTROL_FIELDS = ("steps", "batch_size", "label_smoothing", "optim", "freeze_bn_stats")
 ALIASES = {"lr": "optim.lr"}  # config keys cannot hold dots, so nested fields get short axis names
 PAIRED = {"gain_top1": ("specialist", "generalist"), "gain_vs_control_top1": ("specialist", "control")}
@@ -73,6 +76,20 @@ def _name(cell: dict) -> str:
     return f"cell-{cell_id(cell)}"
 
 
+def subset_of(ctx, cell: dict) -> tuple[int, ...]:
+    """The classes of the cell's `group` (and `draw`)."""
+    if "group" not in cell:
+        raise ValueError(f"a `specialize` grid needs a `group` axis; got axes {list(cell)}")
+    if cell["group"] not in ctx.groups:
+        raise ValueError(f"unknown group {cell['group']!r}; known: {sorted(ctx.groups)}")
+    draw = cell.get("draw", "semantic")
+    if draw not in DRAWS:
+        raise ValueError(f"grid axis 'draw': {draw!r} is not one of {list(DRAWS)}")
+    if draw == "random":
+        return groupings.random_like(ctx.info, cell["group"], int(cell.get("seed", 0)))
+    return tuple(ctx.groups[cell["group"]])
+
+
 def seed_generalist(ctx, config, seed: int):
     """The cell's generalist: its seed's with `experiment.generalist_per_seed`, else the run's one."""
     return methods.generalist(ctx, seed if config.experiment.get("generalist_per_seed", False) else None)
@@ -83,9 +100,9 @@ def prepare(ctx, config, cells: list[dict], max_k: int) -> None:
     K at a time from each generalist."""
     by_parent: dict[int, list] = {}
     for c in cells:
-        if c.get("group") in ctx.groups:
+        if c.get("group") in ctx.groups and c.get("draw", "semantic") in DRAWS:
             phase, seed = phase_for(config, c), int(c.get("seed", 0))
-            job = methods.Job(tuple(ctx.groups[c["group"]]), c.get("method", phase.method), seed, _name(c), phase)
+            job = methods.Job(subset_of(ctx, c), c.get("method", phase.method), seed, _name(c), phase)
             key = seed if config.experiment.get("generalist_per_seed", False) else None
             by_parent.setdefault(key, []).append(job)
     for key, jobs in by_parent.items():
@@ -93,11 +110,7 @@ def prepare(ctx, config, cells: list[dict], max_k: int) -> None:
 
 
 def run_cell(ctx, config, cell: dict) -> dict[str, float]:
-    if "group" not in cell:
-        raise ValueError(f"a `specialize` grid needs a `group` axis; got axes {list(cell)}")
-    if cell["group"] not in ctx.groups:
-        raise ValueError(f"unknown group {cell['group']!r}; known: {sorted(ctx.groups)}")
-    subset, seed = ctx.groups[cell["group"]], int(cell.get("seed", 0))
+    subset, seed = subset_of(ctx, cell), int(cell.get("seed", 0))
     phase = phase_for(config, cell)
     method = cell.get("method", phase.method)
     gen = seed_generalist(ctx, config, seed)
