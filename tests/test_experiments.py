@@ -7,7 +7,7 @@ import types
 import numpy as np
 import pytest
 
-from configs.experiments import c1_sweep, c3_semantic, forgetting, table1, table2
+from configs.experiments import c1_sweep, c3_semantic, c6_cka, forgetting, table1, table2
 from configs.experiments import methods as methods_cfg
 from jaxspec import tables
 from jaxspec.data.datasets import get_info
@@ -147,6 +147,21 @@ def test_c3_pairs_each_semantic_group_with_a_random_draw_of_its_size_from_its_so
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("control*")) == ["control-seed0"]
     with pytest.raises(ValueError, match="grid axis 'draw': 'lexical' is not one of"):
         specialize_kind.subset_of(ctx, {"group": "tops", "draw": "lexical"})
+
+
+def test_c6_cka_cells_reuse_the_specialize_kinds_specialist_and_draw_the_band(fixture_data, tmp_path):
+    config = tiny(c6_cka, fixture_data, seed=[0, 1])
+    out = grid.run_grid(config, str(tmp_path))
+    layers = ["stem", "block0", "block1", "block2", "block3", "last_conv", "pool", "pre_logits"]
+    for cell in out["cells"]:
+        m = cell["metrics"]
+        assert sorted(m) == sorted([f"cka_{n}" for n in layers] + ["cka_drop"])
+        assert all(-1e-3 <= m[f"cka_{n}"] <= 1 + 1e-3 for n in layers)
+        assert m["cka_drop"] == pytest.approx(m["cka_stem"] - m["cka_pre_logits"])
+        seed = cell["cell"]["seed"]
+        assert (tmp_path / "checkpoints" / f"cell-group=animals,method=extract,seed={seed}").is_dir()
+    assert (tmp_path / "checkpoints" / "generalist-seed1").is_dir()  # one generalist per seed
+    assert "cka.png" in out["plots"] and (tmp_path / "cka.png").stat().st_size > 0
 
 
 def test_methods_curves_and_forgetting_plots(fixture_data, tmp_path):

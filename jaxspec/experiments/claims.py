@@ -133,7 +133,13 @@ CLAIMS = (
         title="Generalist-specialist similarity (CKA) falls with depth",
         paper="Fig. 3: linear CKA between generalist and specialist activations decreases with depth.",
         grids=("c6_cka",),
-        design="Same-layer CKA per layer, band over 3 seeds.",
+        effect="cka_drop",
+        design="`configs/experiments/c6_cka.py`: minibatch linear CKA of each layer of the seed's generalist with "
+        "the same layer of its animals specialist (extracted, fine-tuned), on the animals test images, one "
+        "generalist per seed, 3 seeds, the curve with its band over seeds in the grid's `cka.png`. The effect is "
+        "CKA at the first layer (stem) minus CKA at the last layer both share (pre_logits), per seed; CKA is "
+        "not a mean over images, so the t-interval over seeds is the interval.",
+        columns=("cka_stem", "cka_last_conv", "cka_pre_logits"),
     ),
     Claim(
         id="C7",

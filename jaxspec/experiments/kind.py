@@ -17,7 +17,7 @@ import ml_collections
 
 from jaxspec.train.context import RunContext
 
-KINDS = ("detect", "forgetting", "lesion", "routed", "skd", "specialize")
+KINDS = ("cka", "detect", "forgetting", "lesion", "routed", "skd", "specialize")
 
 # run_cell(ctx, config, cell) -> {metric: number, or `<name>_hits`: each test image's top-1 outcome, or
 # `<name>_replicates`: a score under each of `stats.RESAMPLES` resamples of the test images, the same for
