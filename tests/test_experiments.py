@@ -11,6 +11,7 @@ from configs.experiments import c1_sweep, c3_semantic, c6_cka, forgetting, table
 from configs.experiments import methods as methods_cfg
 from jaxspec import tables
 from jaxspec.data.datasets import get_info
+from jaxspec.experiments import forgetting as forgetting_kind
 from jaxspec.experiments import grid, stats
 from jaxspec.experiments import specialize as specialize_kind
 from tests.synthetic_embedded import on_fixture
@@ -174,11 +175,18 @@ def test_methods_curves_and_forgetting_plots(fixture_data, tmp_path):
     config = tiny(forgetting, fixture_data, seed=[0])
     config.specialize.optim.lr = 0.05
     out = grid.run_grid(config, str(tmp_path / "f"))
-    m = out["cells"][0]["metrics"]
+    cells = {c["cell"]["train"]: c["metrics"] for c in out["cells"]}
+    m = cells["head"]
     assert out["plots"] == ["forgetting.png", "plots/curves.png"]
     # Training only on S with every output in the softmax pushes the other classes down.
     assert m["end_irrelevant_prob"] < m["start_irrelevant_prob"]
     assert m["end_irrelevant_bias"] < m["start_irrelevant_bias"]
+    assert m["end_test_irrelevant_prob"] < m["start_test_irrelevant_prob"]
+    # The whole network trained the same way starts from the same generalist, scored on the same test images.
+    assert cells["full"]["start_test_irrelevant_prob"] == m["start_test_irrelevant_prob"]
+    assert cells["full"]["end_test_irrelevant_prob"] != m["end_test_irrelevant_prob"]
+    with pytest.raises(ValueError, match="grid axis 'train': 'body' is not one of"):
+        forgetting_kind.run_cell(None, config, {"group": "animals", "train": "body"})
 
 
 # Semantic groups are three of ten classes: their specialists train as one vmapped step. The generalist's confusion
