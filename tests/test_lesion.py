@@ -1,6 +1,7 @@
 """Unit lesioning: exact silencing, ranking, held lesions under optimizers, and the experiment end to end."""
 
 import functools
+import json
 import math
 
 import jax
@@ -12,7 +13,7 @@ from flax import nnx
 
 from configs import common
 from configs.experiments import lesion as lesion_config
-from jaxspec import models, sharding
+from jaxspec import methods, models, sharding
 from jaxspec.analysis import lesion
 from jaxspec.data.sources import ArraySource, DatasetInfo
 from jaxspec.experiments import lesion as lesion_exp
@@ -225,7 +226,13 @@ def test_lesion_cell_end_to_end(tiny_runner, tmp_path):
         assert 0 <= m[f"top1_{t}"] <= 1
     assert m["overlap"] == 0.0  # held units are silent, so never re-ranked among A's units
     assert (r.workdir / "checkpoints" / "lesion-always-both-seed0").exists()
-    assert len(list((r.workdir / "lesion").glob("impact-last_conv-*.json"))) == 1
+    # lesion.layer='auto': every candidate scored on validation, the costliest to A used
+    names = lesion_exp.candidates(methods.generalist(r).model)
+    assert names == ["stem", "block0", "block1", "block3", "last_conv", "pre_logits"]  # block2 adds its input
+    impacts = {n: m[f"layer_impact_{n}"] for n in names}
+    chosen = json.loads((r.workdir / "lesion" / "layers-seed0.json").read_text())
+    assert chosen["chosen"] == max(impacts, key=impacts.get) and chosen["impacts"] == pytest.approx(impacts)
+    assert len(list((r.workdir / "lesion").glob("impact-*.json"))) == len(names)  # one ranking per layer
     assert lesion_exp.run_cell(r, config, cell) == m  # finished: restored, same numbers
     results = [{"cell": cell, "metrics": m}, {"cell": {**cell, "seed": 1}, "metrics": {**m, "delta_top1_A": 0.01}}]
     assert lesion_exp.plots(r, config, results, tmp_path) == ["lesion.png"]
@@ -248,7 +255,7 @@ def test_every_condition_shares_the_numbers_before_retraining(tiny_runner):
 
 def test_configs_build():
     config = lesion_config.get_config()
-    assert config.experiment.kind == "lesion" and config.lesion.layer == "last_conv"
+    assert config.experiment.kind == "lesion" and config.lesion.layer == "auto"
     assert set(config.experiment.grid) == {"mode", "retrain", "seed"}
     assert lesion_config.get_config("tiny").model.width_multiplier == 0.25
     assert lesion_config.get_config("epochs=1").lesion.retrain.steps == round(config.lesion.retrain.steps / 5)

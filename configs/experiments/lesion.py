@@ -29,7 +29,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config, arg = base.classification(arg, epochs=5.0)
     batch = 128
     config.lesion = {
-        "layer": "last_conv",  # a layer name or parameter path whose output channels are the units
+        # a layer name or parameter path whose output channels are the units; auto: the candidate whose top
+        # units cost A the most validation accuracy (`jaxspec.experiments.lesion.choose_layer`)
+        "layer": "auto",
+        "candidates": "",  # comma-separated layer names for auto; empty: every layer a lesion can silence
         "task_a": "animals",  # the task whose units are lesioned
         "task_b": "clothing",
         "fraction": 0.2,  # A's units: this share of the layer's units, by lesion impact on A
@@ -67,6 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "impact_diff_top1_after",
             "overlap",
         ],
+        "generalist_per_seed": True,  # seeds replicate the whole pipeline, layer choice included
     }
     if arg.tiny:
         config.lesion.retrain.steps = 10

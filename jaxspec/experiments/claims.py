@@ -199,7 +199,10 @@ CLAIMS = (
         title="Lesioning a task's units and competitive retraining",
         paper="Seed 004: lesioned units of task A are not recovered when retraining on A and B together.",
         grids=("lesion",),
-        design="Default 5 epochs, 3 seeds, on a layer where single units matter (candidate layers ranked by the "
-        "accuracy drop of their top units first).",
+        design="`configs/experiments/lesion.py`: A = animals, B = clothing, retraining 5 epochs, one generalist "
+        "per seed, 3 seeds. The layer is chosen on validation before the cells (`lesion.layer=auto`): every layer "
+        "a parameter lesion can silence is scored by A's accuracy lost when its top 20% of units (ranked one "
+        "unit at a time) are silenced together, and the costliest is used; the scores are the cells' "
+        "`layer_impact_*`.",
     ),
 )

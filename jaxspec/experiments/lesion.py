@@ -23,6 +23,14 @@ as fractions, differences in the same units):
 
 Units are ranked on validation images and accuracies reported on test images, so the
 choice of units is not fit to the reported numbers.
+
+`lesion.layer='auto'` chooses the layer on validation too, before any cell:
+each candidate (`lesion.candidates`, default every layer a parameter lesion can
+silence) is scored by A's validation accuracy lost when its top units are
+silenced together, and the layer losing most is used (`choose_layer`; the
+scores go to each cell as `layer_impact_<layer>` and to `lesion/layers-*.json`).
+`experiment.generalist_per_seed` gives each seed its own generalist (and its own
+ranking and choice).
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from jaxspec.analysis import lesion
 from jaxspec.data.constrain import ConstrainedSource
 from jaxspec.data.subsets import resolve_subset
 from jaxspec.experiments.kind import Kind
+from jaxspec.experiments.specialize import seed_generalist
 from jaxspec.train import driver
 from jaxspec.train.state import to_model
 from jaxspec.train.task import Outputs
@@ -83,9 +92,11 @@ def _evaluators(ctx, trained: methods.Trained, path: str, task_classes: dict) ->
     }
 
 
-def _ranking(ctx, ev: lesion.LesionEval, trained: methods.Trained, path: str, task: tuple[int, ...]) -> np.ndarray:
-    """The generalist's per-unit drops on A's validation data, computed once per workdir."""
-    key = hashlib.sha256(json.dumps([path, list(task)]).encode()).hexdigest()[:12]
+def _ranking(
+    ctx, ev: lesion.LesionEval, trained: methods.Trained, path: str, task: tuple[int, ...], seed: int
+) -> np.ndarray:
+    """The seed's generalist's per-unit drops on A's validation data, computed once per workdir."""
+    key = hashlib.sha256(json.dumps([path, list(task), seed]).encode()).hexdigest()[:12]
     file = pathlib.Path(ctx.workdir) / "lesion" / f"impact-{path.replace('/', '.')}-{key}.json"
     if file.exists():
         return np.asarray(json.loads(file.read_text())["drops"])
@@ -93,6 +104,49 @@ def _ranking(ctx, ev: lesion.LesionEval, trained: methods.Trained, path: str, ta
     file.parent.mkdir(parents=True, exist_ok=True)
     files.write_json(file, {"path": path, "task": list(task), "drops": drops.tolist()})
     return drops
+
+
+def candidates(model, spec: str = "") -> list[str]:
+    """The layers `lesion.layer='auto'` chooses among: `spec`'s (comma-separated), else every layer name a
+    parameter lesion can silence (`pool` is `last_conv`'s units, so it is left out)."""
+    names = [n.strip() for n in spec.split(",") if n.strip()] if spec else list(model.layer_names)
+    out = []
+    for name in names:
+        if name in ("pool", "logits") and not spec:
+            continue
+        try:
+            lesion.unit_layer(model, name)
+        except ValueError:
+            if spec:
+                raise
+            continue
+        out.append(name)
+    return out
+
+
+def choose_layer(ctx, config, gen: methods.Trained, classes: dict, seed: int) -> tuple[str, dict[str, float]]:
+    """`lesion.layer`'s parameter path; for 'auto', the candidate whose top units cost A the most validation
+    accuracy when silenced together, with every candidate's cost."""
+    cfg = config.lesion
+    if cfg.layer != "auto":
+        return lesion.unit_layer(gen.model, cfg.layer), {}
+    file = pathlib.Path(ctx.workdir) / "lesion" / f"layers-seed{seed}.json"
+    if file.exists():
+        record = json.loads(file.read_text())
+        return record["path"], record["impacts"]
+    impacts = {}
+    val_a = ConstrainedSource(ctx.val, classes["A"])
+    for name in candidates(gen.model, cfg.get("candidates", "")):
+        path = lesion.unit_layer(gen.model, name)
+        ev = _evaluators(ctx, gen, path, {"A": classes["A"]})["A"]
+        units = lesion.top_units(_ranking(ctx, ev, gen, path, classes["A"], seed), cfg.fraction)
+        keeps = np.stack([np.ones(ev.num_units, bool), lesion.keep_mask(ev.num_units, units)])
+        intact, lesioned = ev(gen.state, val_a, keeps, f"layer {name}")
+        impacts[name] = float((intact - lesioned).mean())
+    best = max(impacts, key=impacts.get)
+    record = {"chosen": best, "path": lesion.unit_layer(gen.model, best), "impacts": impacts, "seed": seed}
+    files.write_json(file, record)
+    return record["path"], impacts
 
 
 def _per_class(ctx, ev: lesion.LesionEval, state, task, units) -> tuple[np.ndarray, np.ndarray]:
@@ -107,10 +161,10 @@ def run_cell(ctx, config, cell: dict) -> dict[str, float]:
     mode, retrain, seed = _check_cell(cell)
     cfg = config.lesion
     classes = tasks(config, ctx.info)
-    gen = methods.generalist(ctx)
-    path = lesion.unit_layer(gen.model, cfg.layer)
+    gen = seed_generalist(ctx, config, seed)
+    path, impacts = choose_layer(ctx, config, gen, classes, seed)
     evs = _evaluators(ctx, gen, path, classes)
-    units = lesion.top_units(_ranking(ctx, evs["A"], gen, path, classes["A"]), cfg.fraction)
+    units = lesion.top_units(_ranking(ctx, evs["A"], gen, path, classes["A"], seed), cfg.fraction)
 
     before = {t: _per_class(ctx, evs[t], gen.state, classes[t], units) for t in classes}
     start = {
@@ -156,6 +210,7 @@ def run_cell(ctx, config, cell: dict) -> dict[str, float]:
     for when in ("before", "after"):
         out[f"impact_diff_top1_{when}"] = out[f"impact_top1_A_{when}"] - out[f"impact_top1_B_{when}"]
     out["overlap"] = len(np.intersect1d(units, units_after)) / len(units)
+    out |= {f"layer_impact_{name}": v for name, v in impacts.items()}
     return {k: float(v) for k, v in out.items()}
 
 
