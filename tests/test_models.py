@@ -102,6 +102,7 @@ def test_a_truncated_network_is_the_references_first_blocks_and_rebuilds_from_it
     assert short.last_conv.conv.kernel.shape[-2:] == (16, 96)
     spec = models.describe(short)
     assert spec["num_blocks"] == 4
+    assert "num_blocks" not in models.describe(full)  # the whole network's spec is what it was before
     rebuilt = nnx.eval_shape(lambda: models.from_spec(spec, rngs=nnx.Rngs(0)))
     assert jax.tree.map(jnp.shape, nnx.state(rebuilt)) == jax.tree.map(jnp.shape, nnx.state(short))
     # A spec written before `num_blocks` existed is the whole network.

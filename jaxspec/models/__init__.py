@@ -6,6 +6,7 @@ from flax import nnx
 
 from jaxspec.models.mobilenet_v3 import (
     MobileNetV3,
+    block_count,
     mobilenet_v3_large,
     mobilenet_v3_small,
 )
@@ -31,13 +32,16 @@ def describe(model: nnx.Module) -> dict:
     """The constructor arguments that rebuild `model`'s structure (see `from_spec`), read off the model itself."""
     if isinstance(model, MobileNetV3):
         # The head's width, not `num_classes`: an extracted specialist keeps its generalist's attribute.
-        return {
+        spec = {
             "name": model.arch,
             "num_classes": model.head.out_features,
             "width_multiplier": model.width_multiplier,
-            "num_blocks": model.num_blocks,
             "dropout_rate": model.dropout.rate,
         }
+        # Only a truncated network says so: the whole one's spec (and every checkpoint fingerprint) is unchanged.
+        if model.num_blocks != block_count(model.arch):
+            spec["num_blocks"] = model.num_blocks
+        return spec
     if isinstance(model, YOLOv5):
         return {"name": f"yolov5{model.scale}", "num_classes": model.num_classes}
     if isinstance(model, YOLOv5Classifier):
