@@ -20,7 +20,7 @@ from jaxspec import sharding
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
-SCRIPTS = ["common.sh", "gpu.sh", "slurm_gpu.sh", "tpu_pod.sh"]
+SCRIPTS = ["common.sh", "gpu.sh", "reproduce.sh", "slurm_gpu.sh", "tpu_pod.sh"]
 EXTRA = ["--config.seed=3", "--config.note=it's a b"]  # after `--`; the quote and space test quoting
 # Fields of one recorded call, and the end of a call: neither can occur in an argument.
 FIELD, END = "\x1f", "\x1e"
@@ -94,7 +94,7 @@ def test_shellcheck_clean(script):
     assert p.returncode == 0, p.stdout + p.stderr
 
 
-@pytest.mark.parametrize("script", ["gpu.sh", "slurm_gpu.sh", "tpu_pod.sh"])
+@pytest.mark.parametrize("script", ["gpu.sh", "reproduce.sh", "slurm_gpu.sh", "tpu_pod.sh"])
 def test_help(sh, script):
     for flag in ("-h", "--help"):
         p, calls = sh(script, flag)
@@ -105,6 +105,7 @@ def test_help(sh, script):
 def _complete(script, tmp_path):
     return {
         "gpu.sh": [f"--workdir={tmp_path}/w"],
+        "reproduce.sh": [f"--root={tmp_path}/r"],
         "slurm_gpu.sh": [*SLURM_ARGS, f"--workdir={tmp_path}/w"],
         "tpu_pod.sh": TPU_ARGS,
     }[script]
@@ -114,6 +115,7 @@ def _complete(script, tmp_path):
     "script,option",
     [
         ("gpu.sh", "workdir"),
+        ("reproduce.sh", "root"),
         ("slurm_gpu.sh", "nodes"),
         ("slurm_gpu.sh", "gpus-per-node"),
         ("slurm_gpu.sh", "workdir"),
@@ -138,6 +140,8 @@ def test_missing_required_option(sh, tmp_path, script, option):
         ("gpu.sh", "--workdir", "option '--workdir' needs a value"),
         ("gpu.sh", "--python=/no/such/python", "--python '/no/such/python' is not an executable"),
         ("gpu.sh", "stray", "unknown option 'stray'"),
+        ("reproduce.sh", "--only=c1,c7", "--only: unknown grid 'c7'; choose from c1 c9_skd"),
+        ("reproduce.sh", "--seed-from=/no/such/dir", "--seed-from '/no/such/dir' has no checkpoints/ directory"),
         ("slurm_gpu.sh", "--nodes=0", "--nodes must be a positive integer, got '0'"),
         ("slurm_gpu.sh", "--gpus-per-node=four", "--gpus-per-node must be a positive integer, got 'four'"),
         ("slurm_gpu.sh", "--cpus-per-task=-2", "--cpus-per-task must be a positive integer, got '-2'"),
@@ -162,6 +166,43 @@ def test_invalid_argument_is_named(sh, tmp_path, script, bad, message):
     p, calls = sh(script, *_complete(script, tmp_path), bad)
     assert p.returncode == 2 and calls == []
     assert message in p.stderr and f"{script} --help" in p.stderr
+
+
+def test_reproduce_commands(sh, tmp_path):
+    """Each grid, then its collection, in the claims' order; generalists (and C6's specialists) copied from the
+    grid that trained them with the same recipe, never over what a workdir already has."""
+    root = tmp_path / "runs"
+    for d in ("c1/checkpoints/generalist", "c1/checkpoints/generalist-seed1", "c4_methods/checkpoints/generalist"):
+        (root / d).mkdir(parents=True)
+        (root / d / "from").write_text(d.split("/")[0])
+    for d in ("cell-group=animals,method=extract,seed=0", "cell-group=animals,method=scratch,seed=0"):
+        (root / "c4_methods/checkpoints" / d).mkdir(parents=True)
+    _, calls = _same_three_ways(sh, "reproduce.sh", "--root=runs", cwd=tmp_path)
+    grids = ["c1", "c9_skd", "c4_methods", "c3_semantic", "c2_routed", "c5_forgetting", "c6_cka", "lesion"]
+    assert [c[4:6] for c in calls] == [
+        ["-m", m] for _ in grids for m in ("jaxspec.experiments", "jaxspec.experiments.results")
+    ]
+    assert all(c[1] == str(ROOT) for c in calls)  # from the repository root
+    for name, run, collect in zip(grids, calls[::2], calls[1::2]):
+        assert run[6].startswith("--config=configs/experiments/") and run[7] == f"--workdir={root}/{name}"
+        assert collect[6:8] == [f"--collect={root}/{name}", f"--name={name}"]
+        assert collect[8] == f"--command=python -m jaxspec.experiments {run[6]} {run[7]}"
+    have = lambda name: sorted(p.name for p in (root / name / "checkpoints").iterdir())  # noqa: E731
+    assert have("c4_methods")[:2] == [
+        "cell-group=animals,method=extract,seed=0",
+        "cell-group=animals,method=scratch,seed=0",
+    ]
+    assert (root / "c4_methods/checkpoints/generalist/from").read_text() == "c4_methods"  # kept, not overwritten
+    assert (root / "c4_methods/checkpoints/generalist-seed1/from").read_text() == "c1"
+    assert have("c6_cka") == ["cell-group=animals,method=extract,seed=0", "generalist", "generalist-seed1"]
+    assert not (root / "c9_skd/checkpoints").exists()  # another recipe: it trains its own
+    # --seed-from: the sweep's checkpoints into c1; --only runs just the grids named
+    sweep = tmp_path / "sweep" / "checkpoints" / "control-seed0"
+    sweep.mkdir(parents=True)
+    _, calls = _same_three_ways(
+        sh, "reproduce.sh", f"--root={tmp_path}/b", "--seed-from=sweep", "--only=c1", cwd=tmp_path
+    )
+    assert len(calls) == 2 and (tmp_path / "b/c1/checkpoints/control-seed0").is_dir()
 
 
 def test_tpu_pod_commands(sh, tmp_path):

@@ -318,3 +318,16 @@ def test_a_contrast_whose_other_side_has_not_run_is_pending(tmp_path, monkeypatc
     section, verdict = results.claim_section(claim, {"det": results.load_grid(tmp_path / "det")})
     assert verdict == "pending" and "No cell pair to compare yet for `d`." in section
     assert "1 of 4 cells" in "\n".join(section)
+
+
+def test_c1_runs_the_setting_the_committed_sweep_chose():
+    """configs/experiments/c1.py names its setting; it must be the one the committed sweep chose on validation."""
+    from configs.experiments import c1
+
+    sweep = results.load_grid(ROOT / "results" / "c1_sweep")
+    assert len(sweep["cells"]) == sweep["meta"]["cells"]  # the sweep is complete: its choice is final
+    chosen = results.choose(results.paired_rows(sweep["cells"], "gain_vs_control_top1"), "specialist_val_top1")
+    grid = c1.get_config().experiment.grid
+    assert {k: grid[k] for k in ("steps", "lr", "freeze_bn_stats")} == {
+        k: [chosen[k]] for k in ("steps", "lr", "freeze_bn_stats")
+    }
