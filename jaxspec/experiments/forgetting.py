@@ -35,7 +35,7 @@ from jaxspec.train import driver, freeze, history  # noqa: E402
 from jaxspec.train.task import Outputs  # noqa: E402
 
 PROBE_SIZE = 256
-TEST_PROBE = 4096
+TEST_PROBE = 2048  # all of S's test images on the embedded data (200 a class), in one forward pass
 TRAINS = ("head", "full")
 _SERIES = ("irrelevant_bias", "relevant_bias", "irrelevant_prob")
 
