@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import zlib
 from collections.abc import Mapping, Sequence
 
 import ml_collections
@@ -78,9 +79,10 @@ def random_groups(num_classes: int, sizes: Sequence[int], seed: int) -> Groups:
 
 
 def random_like(info: DatasetInfo, group: str, seed: int) -> tuple[int, ...]:
-    """A random group of `group`'s size from the same source: drawn by `seed` from the classes of the semantic
-    partition group holding all of `group`'s classes (`tops` -> `clothing`), or from all classes if none does
-    (Table 3's control, inside one source so that it differs from `group` in meaning, not in origin)."""
+    """A random group of `group`'s size from the same source: drawn by `seed` and `group`'s name (so that two
+    groups of one size and source get different draws) from the classes of the semantic partition group holding
+    all of `group`'s classes (`tops` -> `clothing`), or from all classes if none does (Table 3's control, inside
+    one source so that it differs from `group` in meaning, not in origin)."""
     if group not in info.groups:
         raise ValueError(f"unknown group {group!r}; known: {sorted(info.groups)}")
     members = set(info.groups[group])
@@ -90,7 +92,8 @@ def random_like(info: DatasetInfo, group: str, seed: int) -> tuple[int, ...]:
         parents = []
     pool = np.array(min(parents, key=len) if parents else range(info.num_classes))
     seed = _check_count("seed", seed, 0, _MAX_SEED)
-    return tuple(sorted(int(c) for c in np.random.default_rng(seed).choice(pool, len(members), replace=False)))
+    rng = np.random.default_rng([seed, zlib.crc32(group.encode())])
+    return tuple(sorted(int(c) for c in rng.choice(pool, len(members), replace=False)))
 
 
 def _cifar100_superclasses(info: DatasetInfo) -> Groups:

@@ -116,6 +116,11 @@ def test_random_like_draws_a_group_of_the_same_size_from_the_same_source():
     counts = np.bincount(np.concatenate(draws), minlength=30)[sorted(clothing)]
     assert counts.sum() == 800 and np.all(np.abs(counts / 200 - 0.4) < 0.12)
     assert all(set(groupings.random_like(info, "curved_digits", s)) <= digits for s in range(20))
+    # two groups of one size and source draw differently under the same seed
+    assert any(
+        groupings.random_like(info, "curved_digits", s) != groupings.random_like(info, "stroke_digits", s)
+        for s in range(3)
+    )
     # a group that no semantic group holds (here: one straddling two sources) draws from every class
     mixed = dataclasses.replace(info, groups={**info.groups, "mixed": (0, 10, 20)})
     spread = set().union(*(groupings.random_like(mixed, "mixed", s) for s in range(50)))
