@@ -254,7 +254,9 @@ def check(config: ml_collections.ConfigDict) -> None:
         if m.name not in mobilenet_v3.ARCHS:
             fail("model.num_blocks", m.num_blocks, f"None: it truncates a MobileNetV3, and {m.name} is not one")
         n = mobilenet_v3.block_count(m.name)
-        if not (type(m.num_blocks) is int and 1 <= m.num_blocks <= n):
+        try:
+            mobilenet_v3.check_num_blocks(m.name, m.num_blocks)
+        except ValueError:
             fail("model.num_blocks", m.num_blocks, f"None (all {n} blocks of {m.name}) or an integer in 1..{n}")
     check_data(config.data)
     if config.get("task") != "detect":
