@@ -138,6 +138,11 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def fill_devices(n: int, devices: int) -> int:
+    """`n` rounded up to a multiple of `devices`: a batch size whose examples split evenly over every device."""
+    return -(-n // devices) * devices
+
+
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     """Leading (batch) axis split over every mesh axis: one slice of examples per device."""
     axes = mesh.axis_names

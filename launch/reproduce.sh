@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs the reproduction's classifier grids (RESULTS.md) one after another, each in its own workdir, and
-# collects each finished grid's numbers into results/.
+# Runs the reproduction's grids (RESULTS.md) one after another, each in its own workdir, and collects each
+# grid's numbers into results/.
 # shellcheck source-path=SCRIPTDIR
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -10,20 +10,26 @@ usage() {
 Usage: launch/reproduce.sh --root=DIR [options]
 
 Runs `python -m jaxspec.experiments` for each grid of the reproduction in the
-order the claims are answered (c1 c9_skd c4_methods c3_semantic c2_routed
-c5_forgetting c6_cka lesion), in DIR/<grid>, from the repository root; after
+order the claims are answered (the classifiers' c1 c9_skd c4_methods
+c3_semantic c2_routed c5_forgetting c6_cka lesion, then the detectors'
+detector_claims t7_freezing), in DIR/<grid>, from the repository root; after
 each grid, `python -m jaxspec.experiments.results --collect` copies its cells
-into results/<grid> and rewrites RESULTS.md. A grid's workdir first receives
-copies of the generalists (`checkpoints/generalist*`) that an earlier grid of
-the same recipe trained, so that seeds share one generalist per recipe; each
-phase's fingerprint check refuses a copy that does not match. Rerunning the
-same command resumes at the first unfinished cell.
+into results/<grid> and rewrites RESULTS.md.
+
+A grid's workdir first receives the grid's committed cells (results/<grid>/cells),
+so a fresh machine resumes where the committed numbers end, and copies of the
+generalists (`checkpoints/generalist*`) that an earlier grid of the same recipe
+trained, so that seeds share one generalist per recipe; each phase's
+fingerprint check refuses a copy that does not match. Nothing a workdir already
+has is overwritten: rerunning the same command resumes at the first unfinished cell.
 
 Required:
   --root=DIR             one workdir per grid below DIR (relative: from the current directory)
 
 Options:
   --only=G1,G2           run only these grids (names as above), in the order above
+  --results=DIR          the committed grids to resume from and collect into (default: results/
+                         of this checkout)
   --seed-from=DIR        a C1 sweep workdir whose checkpoints seed DIR/c1 (its seeds' generalists,
                          animals specialists and controls at the chosen setting are then restored)
   --python=PATH          interpreter (default: python3)
@@ -42,14 +48,17 @@ GRIDS=(
   "c5_forgetting|configs/experiments/forgetting.py|c1|generalist*"
   "c6_cka|configs/experiments/c6_cka.py|c4_methods|generalist* cell-group=animals,method=extract,seed=*"
   "lesion|configs/experiments/lesion.py|c1|generalist*"
+  "detector_claims|configs/experiments/detector_claims.py:full||"
+  "t7_freezing|configs/experiments/table7.py:full|detector_claims|backbone generalist*"
 )
 
-ROOT="" ONLY="" SEED_FROM="" PYTHON=python3
+ROOT="" ONLY="" SEED_FROM="" PYTHON=python3 RESULTS=$REPO_ROOT/results
 while (($#)); do
   case "$1" in
     -h | --help) usage; exit 0 ;;
     --root | --root=*) ROOT=$(value_of "$1") ;;
     --only | --only=*) ONLY=$(value_of "$1") ;;
+    --results | --results=*) RESULTS=$(value_of "$1") ;;
     --seed-from | --seed-from=*) SEED_FROM=$(value_of "$1") ;;
     --python | --python=*) PYTHON=$(value_of "$1") ;;
     --dry-run) DRY_RUN=1 ;;
@@ -70,6 +79,7 @@ fi
 [[ -z $SEED_FROM || -d $SEED_FROM/checkpoints ]] || die "--seed-from '$SEED_FROM' has no checkpoints/ directory"
 # The runs start in the repository root: relative paths must still mean what they meant here.
 [[ $ROOT == /* ]] || ROOT=$PWD/$ROOT
+[[ $RESULTS == /* ]] || RESULTS=$PWD/$RESULTS
 [[ -z $SEED_FROM || $SEED_FROM == /* ]] || SEED_FROM=$PWD/$SEED_FROM
 [[ $PYTHON != */* || $PYTHON == /* ]] || PYTHON=$PWD/$PYTHON
 ((DRY_RUN)) || command -v "$PYTHON" >/dev/null || die "--python '$PYTHON' is not an executable on PATH"
@@ -89,11 +99,23 @@ seed_checkpoints() {
   return 0
 }
 
+# Copies the committed cells of grid $1 into workdir $2, keeping the cells $2 already has.
+resume_cells() {
+  local from=$RESULTS/$1/cells to=$2/cells cell
+  [[ -d $from ]] || return 0
+  run mkdir -p "$to"
+  for cell in "$from"/*.json; do
+    [[ -f $cell && ! -e $to/$(basename "$cell") ]] && run cp "$cell" "$to/"
+  done
+  return 0
+}
+
 run cd "$REPO_ROOT"
 for entry in "${GRIDS[@]}"; do
   IFS='|' read -r name config donor patterns <<<"$entry"
   [[ -z $ONLY || ",$ONLY," == *",$name,"* ]] || continue
   workdir=$ROOT/$name
+  resume_cells "$name" "$workdir"
   if [[ $name == c1 && -n $SEED_FROM ]]; then
     seed_checkpoints "$SEED_FROM" "$workdir" "*"
   elif [[ -n $donor ]]; then
@@ -102,5 +124,6 @@ for entry in "${GRIDS[@]}"; do
   fi
   command="python -m jaxspec.experiments --config=$config --workdir=$workdir"
   run "$PYTHON" -m jaxspec.experiments --config="$config" --workdir="$workdir"
-  run "$PYTHON" -m jaxspec.experiments.results --collect="$workdir" --name="$name" --command="$command"
+  run "$PYTHON" -m jaxspec.experiments.results --collect="$workdir" --name="$name" --command="$command" \
+    --results="$RESULTS"
 done

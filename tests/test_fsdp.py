@@ -31,6 +31,11 @@ def test_fsdp_spec(shape, n, want):
     assert sharding.fsdp_spec(shape, n) == want
 
 
+@pytest.mark.parametrize("n,devices,want", [(1, 8, 8), (8, 8, 8), (9, 8, 16), (500, 8, 504), (7, 1, 7)])
+def test_fill_devices_rounds_up_to_whole_device_slices(n, devices, want):
+    assert sharding.fill_devices(n, devices) == want
+
+
 def test_make_mesh_axes_and_errors():
     assert sharding.make_mesh().shape == {"data": 8}
     assert sharding.make_mesh(fsdp=4).shape == {"data": 2, "fsdp": 4}

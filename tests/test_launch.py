@@ -169,16 +169,24 @@ def test_invalid_argument_is_named(sh, tmp_path, script, bad, message):
 
 
 def test_reproduce_commands(sh, tmp_path):
-    """Each grid, then its collection, in the claims' order; generalists (and C6's specialists) copied from the
-    grid that trained them with the same recipe, never over what a workdir already has."""
-    root = tmp_path / "runs"
+    """Each grid, then its collection, in the claims' order; the committed cells and the generalists (and C6's
+    specialists) of the grid that trained them with the same recipe copied in, never over what a workdir has."""
+    root, committed = tmp_path / "runs", tmp_path / "res"
     for d in ("c1/checkpoints/generalist", "c1/checkpoints/generalist-seed1", "c4_methods/checkpoints/generalist"):
         (root / d).mkdir(parents=True)
         (root / d / "from").write_text(d.split("/")[0])
     for d in ("cell-group=animals,method=extract,seed=0", "cell-group=animals,method=scratch,seed=0"):
         (root / "c4_methods/checkpoints" / d).mkdir(parents=True)
-    _, calls = _same_three_ways(sh, "reproduce.sh", "--root=runs", cwd=tmp_path)
+    for where, cell in (
+        (committed / "c9_skd", "seed=0"),
+        (committed / "c9_skd", "seed=1"),
+        (root / "c9_skd", "seed=1"),
+    ):
+        (where / "cells").mkdir(parents=True, exist_ok=True)
+        (where / "cells" / f"{cell}.json").write_text(where.parent.name)
+    _, calls = _same_three_ways(sh, "reproduce.sh", "--root=runs", "--results=res", cwd=tmp_path)
     grids = ["c1", "c9_skd", "c4_methods", "c3_semantic", "c2_routed", "c5_forgetting", "c6_cka", "lesion"]
+    grids += ["detector_claims", "t7_freezing"]
     assert [c[4:6] for c in calls] == [
         ["-m", m] for _ in grids for m in ("jaxspec.experiments", "jaxspec.experiments.results")
     ]
@@ -187,6 +195,10 @@ def test_reproduce_commands(sh, tmp_path):
         assert run[6].startswith("--config=configs/experiments/") and run[7] == f"--workdir={root}/{name}"
         assert collect[6:8] == [f"--collect={root}/{name}", f"--name={name}"]
         assert collect[8] == f"--command=python -m jaxspec.experiments {run[6]} {run[7]}"
+        assert collect[9] == f"--results={committed}"
+    cells = root / "c9_skd" / "cells"
+    assert sorted(p.name for p in cells.iterdir()) == ["seed=0.json", "seed=1.json"]
+    assert (cells / "seed=0.json").read_text() == "res" and (cells / "seed=1.json").read_text() == "runs"
     have = lambda name: sorted(p.name for p in (root / name / "checkpoints").iterdir())  # noqa: E731
     assert have("c4_methods")[:2] == [
         "cell-group=animals,method=extract,seed=0",

@@ -129,6 +129,32 @@ def test_check_fails_when_the_committed_file_is_stale(tmp_path, one_claim):
     assert results.main(["--check", *args]) == 1
 
 
+def test_a_grid_collected_from_two_workdirs_keeps_both_invocations_and_commits(tmp_path, one_claim):
+    """A grid resumed on a fresh machine from its committed cells: the cells, the compute and the commits add up."""
+    _write_grid(tmp_path, "sweep", {(("group", "a"), ("steps", 10)): [0.0, 0.0]})
+    meta_path = tmp_path / "sweep" / "grid.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(
+        json.dumps({**meta, "cells": 3, "invocations": [{"started": "t1", "seconds": 7.0, "cells": 2}]})
+    )
+    wd = tmp_path / "wd"
+    (wd / "cells").mkdir(parents=True)
+    rec = {"cell": {"group": "a", "steps": 10, "seed": 2}, "metrics": {"gain_vs_control_top1": 0.0}, "seconds": 5.0}
+    (wd / "cells" / "2.json").write_text(json.dumps(rec))
+    machine = {"cpus": 2, "processor": "x86_64", "devices": "1 cpu", "commit": "def5678"}
+    run = {"started": "t2", "seconds": 5.0, "cells": 1, "commit": "def5678"}
+    plan = {"cells": ["0", "1", "2"], "machine": machine, "invocations": [run]}
+    (wd / "plan.json").write_text(json.dumps(plan))
+    results.collect(wd, tmp_path / "sweep", "", None)
+    meta = json.loads(meta_path.read_text())
+    assert [r["started"] for r in meta["invocations"]] == ["t1", "t2"]
+    assert [r["commit"] for r in meta["invocations"]] == ["abc1234", "def5678"]
+    grid = results.load_grid(tmp_path / "sweep")
+    assert len(grid["cells"]) == 3 and results.grid_seconds(grid) == 12.0
+    text, _ = results.render(tmp_path)
+    assert "3 of 3 cells; commits abc1234, def5678;" in text
+
+
 def test_contrast_between_cells_and_the_pooled_row(tmp_path, monkeypatch):
     """Students in different cells: skd - scratch per seed and size, and the mean over sizes per seed."""
     claim = claims.Claim(

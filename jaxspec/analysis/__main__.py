@@ -104,7 +104,7 @@ def analyse(
     source = datasets.open_split(data_cfg, split)
     info = source.info
     if not batch_size:  # the run's eval batch, rounded up to fill every device
-        batch_size = -(-config["eval"]["batch_size"] // jax.device_count()) * jax.device_count()
+        batch_size = sharding.fill_devices(config["eval"]["batch_size"], jax.device_count())
     mesh = sharding.make_mesh()
     common = {"mesh": mesh, "data_cfg": data_cfg, "batch_size": batch_size, "mean": info.mean, "std": info.std}
     main = jax.process_index() == 0

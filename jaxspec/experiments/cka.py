@@ -16,7 +16,7 @@ import pathlib
 
 import numpy as np
 
-from jaxspec import methods
+from jaxspec import methods, sharding
 from jaxspec.analysis import cka
 from jaxspec.data.constrain import ConstrainedSource
 from jaxspec.experiments.grid import cell_id
@@ -35,7 +35,7 @@ def run_cell(ctx, config, cell: dict) -> dict[str, float]:
     name = f"cell-{cell_id({'group': cell['group'], 'method': method, 'seed': seed})}"
     spec = methods.specialize_from(ctx, gen, subset, method, seed=seed, name=name)
     layers = [n for n in gen.model.layer_names if n != "logits"]
-    batch = -(-config.eval.batch_size // ctx.mesh.size) * ctx.mesh.size
+    batch = sharding.fill_devices(config.eval.batch_size, ctx.mesh.size)
     result = cka.minibatch_cka(
         gen.model,
         spec.model,

@@ -26,6 +26,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from jaxspec import sharding  # noqa: E402
 from jaxspec.data import pipeline  # noqa: E402
 from jaxspec.data.constrain import ConstrainedSource  # noqa: E402
 from jaxspec.experiments.grid import cell_id  # noqa: E402
@@ -64,7 +65,7 @@ def _probe(ctx, modeldef, subset, images):
 def _images(source, data_cfg, n: int):
     """The first `n` images of `source` (all of them if fewer), as one array."""
     n = min(n, len(source))
-    batch = -(-n // jax.device_count()) * jax.device_count()  # the eval iterator pads it; the padding is cut
+    batch = sharding.fill_devices(n, jax.device_count())  # the eval iterator pads it; the padding is cut
     return next(iter(pipeline.eval_iterator(source, data_cfg, batch_size=batch)))["image"][:n]
 
 

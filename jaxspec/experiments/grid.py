@@ -295,7 +295,8 @@ def _plan(workdir: pathlib.Path, cells: list[dict], where: dict, started: str, s
     plan = json.loads(path.read_text()) if path.exists() else {"invocations": []}
     plan.update(cells=[cell_id(c) for c in cells], machine=where)
     runs = [run for run in plan["invocations"] if run["started"] != started]
-    plan["invocations"] = [*runs, {"started": started, "seconds": seconds, "cells": finished}]
+    run = {"started": started, "seconds": seconds, "cells": finished, "commit": where.get("commit", "")}
+    plan["invocations"] = [*runs, run]
     files.write_json(path, plan, indent=1)
 
 

@@ -30,6 +30,7 @@ from flax import nnx
 from jaxspec import distill, methods, models, specialize
 from jaxspec.data.constrain import ConstrainedSource
 from jaxspec.experiments.kind import Kind
+from jaxspec.experiments.specialize import parent_seed, seed_generalist
 from jaxspec.train import driver
 
 STUDENTS = ("teacher", "generalist", "scratch", "finetuned", "skd", "skd_finetuned")
@@ -42,15 +43,10 @@ def draw_subset(num_classes: int, size: int, seed: int) -> tuple[int, ...]:
     return tuple(sorted(int(c) for c in np.random.default_rng(seed).permutation(num_classes)[:size]))
 
 
-def _per_seed(config, seed: int) -> int:
-    """The seed whose generalists a cell uses: its own with `experiment.generalist_per_seed`, else the run's."""
-    return seed if config.experiment.get("generalist_per_seed", False) else config.seed
-
-
 def teacher(ctx, config, seed: int) -> methods.Trained:
-    """The large generalist of `_per_seed(config, seed)` (checkpoint `teacher`, or `teacher-seed<seed>` for
+    """The large generalist of `parent_seed(config, seed)` (checkpoint `teacher`, or `teacher-seed<seed>` for
     another seed than the run's), computed once per seed."""
-    seed = _per_seed(config, seed)
+    seed = parent_seed(config, seed)
     key = ("teacher", seed)
     if key in ctx.cache:
         return ctx.cache[key]
@@ -76,7 +72,7 @@ def _student(ctx, config, student: str, subset, seed: int) -> methods.Trained:
     name = f"skd-{student}-{len(subset)}-seed{seed}"
 
     def generalist() -> methods.Trained:  # the student-size one, trained only for the students that use it
-        return methods.generalist(ctx, _per_seed(config, seed))
+        return seed_generalist(ctx, config, seed)
 
     if student == "teacher":
         return methods.restricted(teacher(ctx, config, seed), subset)

@@ -90,9 +90,15 @@ def subset_of(ctx, cell: dict) -> tuple[int, ...]:
     return tuple(ctx.groups[cell["group"]])
 
 
+def parent_seed(config, seed: int) -> int:
+    """The seed whose generalists a cell of seed `seed` uses: its own with `experiment.generalist_per_seed`,
+    else the run's (`config.seed`)."""
+    return int(seed) if config.experiment.get("generalist_per_seed", False) else config.seed
+
+
 def seed_generalist(ctx, config, seed: int):
-    """The cell's generalist: its seed's with `experiment.generalist_per_seed`, else the run's one."""
-    return methods.generalist(ctx, seed if config.experiment.get("generalist_per_seed", False) else None)
+    """The cell's generalist: the one of `parent_seed`."""
+    return methods.generalist(ctx, parent_seed(config, seed))
 
 
 def prepare(ctx, config, cells: list[dict], max_k: int) -> None:
@@ -103,8 +109,7 @@ def prepare(ctx, config, cells: list[dict], max_k: int) -> None:
         if c.get("group") in ctx.groups and c.get("draw", "semantic") in DRAWS:
             phase, seed = phase_for(config, c), int(c.get("seed", 0))
             job = methods.Job(subset_of(ctx, c), c.get("method", phase.method), seed, _name(c), phase)
-            key = seed if config.experiment.get("generalist_per_seed", False) else None
-            by_parent.setdefault(key, []).append(job)
+            by_parent.setdefault(parent_seed(config, seed), []).append(job)
     for key, jobs in by_parent.items():
         methods.train_together(ctx, methods.generalist(ctx, key), jobs, max_k)
 

@@ -151,7 +151,7 @@ def _batch_size(requested: int, n: int, devices: int) -> int:
     """The fixed batch: `requested` (fewer when fewer images are given), a multiple of the device count."""
     if requested < 1:
         raise UserError(f"batch_size={requested} must be positive")
-    return -(-min(requested, n) // devices) * devices
+    return sharding.fill_devices(min(requested, n), devices)
 
 
 def _batched(fn, inputs: np.ndarray, batch_size: int, mesh) -> dict[str, np.ndarray]:
