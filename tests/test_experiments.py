@@ -40,6 +40,26 @@ def test_aggregate_is_mean_and_sample_std_over_seeds_with_group_average():
     by_set = {r["cell"]["group"]: r for r in grid.aggregate(results, {"avg (x)": {"a", "b"}, "avg (y)": {"b"}})}
     assert set(by_set) == {"a", "b", "avg (x)"}  # a set with one group has no average
     np.testing.assert_allclose(by_set["avg (x)"]["mean"]["top1"], vals.mean(0).mean())
+    extra = [{"cell": {"group": "a", "method": "extract", "seed": 3}, "metrics": {"top1": 5.0}}]  # group a only
+    rows = {r["cell"]["group"]: r for r in grid.aggregate(results + extra)}
+    assert rows["a"]["n"] == 4 and rows[grid.AVERAGE]["n"] == 3  # seed 3 has no average over the groups
+    np.testing.assert_allclose(rows[grid.AVERAGE]["mean"]["top1"], vals.mean(0).mean())
+
+
+def test_exclusions_expand_groupings_so_some_groups_run_more_seeds():
+    ctx = types.SimpleNamespace(groupings={"lex": ("lex0", "lex1")})
+    cells = grid.expand(
+        {"group": ["animals", "@lex"], "seed": [0, 1, 2]}, ctx, exclude=[{"group": "@lex", "seed": [1, 2]}]
+    )
+    assert [(c["group"], c["seed"]) for c in cells] == [
+        ("animals", 0),
+        ("animals", 1),
+        ("animals", 2),
+        ("lex0", 0),
+        ("lex1", 0),
+    ]
+    with pytest.raises(ValueError, match="unknown grouping '@sem'"):
+        grid.expand({"group": ["animals"], "seed": [0]}, ctx, exclude=[{"group": "@sem"}])
 
 
 def test_cell_ids_are_file_safe_and_distinct():

@@ -352,8 +352,12 @@ def test_c1_runs_the_setting_the_committed_sweep_chose():
 
     sweep = results.load_grid(ROOT / "results" / "c1_sweep")
     assert len(sweep["cells"]) == sweep["meta"]["cells"]  # the sweep is complete: its choice is final
-    chosen = results.choose(results.paired_rows(sweep["cells"], "gain_vs_control_top1"), "specialist_val_top1")
+    rows = results.paired_rows(sweep["cells"], "gain_vs_control_top1")
+    chosen = results.choose(rows, "specialist_val_top1")
     grid = c1.get_config().experiment.grid
     assert {k: grid[k] for k in ("steps", "lr", "freeze_bn_stats")} == {
         k: [chosen[k]] for k in ("steps", "lr", "freeze_bn_stats")
     }
+    # animals' seeds: the target half-width of 0.3 points at the chosen setting's per-seed s.d. in the sweep
+    sd = next(r["effect"].sd for r in rows if r["setting"] == chosen)
+    assert c1.ANIMALS_SEEDS == stats.seeds_to_resolve(sd, 0.003) == len(grid.seed)

@@ -71,22 +71,25 @@ def add_groupings(ctx: RunContext, config: ml_collections.ConfigDict) -> RunCont
 
 def expand(grid: dict, ctx: RunContext, exclude=()) -> list[dict]:
     """The cartesian product of the grid's axes, in axis order, `@grouping` values expanded, less the cells
-    that match an entry of `exclude` (`{axis: value or [values]}`, every axis named matching): a design that
-    is not a full product, e.g. the expensive scratch detector on one group only."""
-    axes = {}
-    for axis, values in grid.items():
-        vals = []
-        for v in values:
-            if isinstance(v, str) and v.startswith("@"):
-                if v[1:] not in ctx.groupings:
-                    raise ValueError(f"grid axis {axis!r}: unknown grouping {v!r}; known: {sorted(ctx.groupings)}")
-                vals.extend(ctx.groupings[v[1:]])
-            else:
-                vals.append(v)
-        axes[axis] = vals
-    rules = [_exclusion(rule, axes) for rule in exclude]
+    that match an entry of `exclude` (`{axis: value or [values]}`, every axis named matching, `@grouping`
+    expanded too): a design that is not a full product, e.g. the expensive scratch detector on one group
+    only, or more seeds on one group than on the others."""
+    axes = {axis: _expanded(axis, values, ctx) for axis, values in grid.items()}
+    rules = [{k: _expanded(k, vs, ctx) for k, vs in _exclusion(rule, axes).items()} for rule in exclude]
     cells = [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
     return [c for c in cells if not any(all(c[k] in vs for k, vs in rule.items()) for rule in rules)]
+
+
+def _expanded(axis: str, values, ctx: RunContext) -> list:
+    out = []
+    for v in values:
+        if isinstance(v, str) and v.startswith("@"):
+            if v[1:] not in ctx.groupings:
+                raise ValueError(f"grid axis {axis!r}: unknown grouping {v!r}; known: {sorted(ctx.groupings)}")
+            out.extend(ctx.groupings[v[1:]])
+        else:
+            out.append(v)
+    return out
 
 
 def _exclusion(rule, axes: dict) -> dict[str, list]:
@@ -131,8 +134,14 @@ def aggregate(results: list[dict], group_sets: dict[str, set] | None = None) -> 
         return rows
     for label, members in (group_sets or {AVERAGE: {r["cell"]["group"] for r in results}}).items():
         sub = [r for r in results if r["cell"]["group"] in members]
-        if len({r["cell"]["group"] for r in sub}) < 2:
+        groups = {r["cell"]["group"] for r in sub}
+        if len(groups) < 2:
             continue
+        # a seed that ran only some groups (e.g. extra seeds on one group) has no average over them
+        have: dict = {}
+        for r in sub:
+            have.setdefault(_without(r["cell"], "group"), set()).add(r["cell"]["group"])
+        sub = [r for r in sub if have[_without(r["cell"], "group")] == groups]
         averaged = [
             {"cell": {k: label if k == "group" else row["cell"][k] for k in axes}, "metrics": row["mean"]}
             for row in _mean_std(sub, lambda c: _without(c, "group"))
