@@ -142,7 +142,7 @@ def test_a_grid_collected_from_two_workdirs_keeps_both_invocations_and_commits(t
     rec = {"cell": {"group": "a", "steps": 10, "seed": 2}, "metrics": {"gain_vs_control_top1": 0.0}, "seconds": 5.0}
     (wd / "cells" / "2.json").write_text(json.dumps(rec))
     machine = {"cpus": 2, "processor": "x86_64", "devices": "1 cpu", "commit": "def5678"}
-    run = {"started": "t2", "seconds": 5.0, "cells": 1, "commit": "def5678"}
+    run = {"started": "t2", "seconds": 5.0, "cells": 1}  # a workdir of before invocations kept their commit
     plan = {"cells": ["0", "1", "2"], "machine": machine, "invocations": [run]}
     (wd / "plan.json").write_text(json.dumps(plan))
     results.collect(wd, tmp_path / "sweep", "", None)

@@ -361,7 +361,9 @@ def collect(workdir: pathlib.Path, out: pathlib.Path, command: str, planned: int
     # A grid may run in several workdirs (machines that did not survive, resumed from the committed cells):
     # their invocations add up, each keeping the commit it ran.
     runs = {r["started"]: {"commit": meta.get("commit", ""), **r} for r in meta.get("invocations", [])}
-    runs |= {r["started"]: r for r in plan.get("invocations", [])}
+    runs |= {
+        r["started"]: {"commit": plan.get("machine", {}).get("commit", ""), **r} for r in plan.get("invocations", [])
+    }
     if runs:
         meta["invocations"] = [runs[k] for k in sorted(runs)]
     if "machine" in plan:
